@@ -1,0 +1,153 @@
+"""What one device does with a task, independent of Flower.
+
+A device holds its own interactions, its personal model state (the user embedding,
+which never leaves it) and its privacy accountant. Given a global model it either
+trains and returns only a delta of the *global* parameters plus metrics, or refuses
+because the round would exceed its budget, or evaluates and returns only metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from shared.config import FedrecConfig
+from shared.data.types import DeviceData
+from shared.metrics import RankResult, full_ranking, sampled_ranking, top_k
+from shared.models.base import Recommender, UserContext
+from shared.models.factory import build_model
+from shared.privacy.accounting import BudgetExhausted, DeviceAccountant
+from shared.seeding import EVAL_SAMPLING, MODEL_INIT, device_seed
+from shared.training import plan_release, train_locally
+
+
+@dataclass
+class DeviceState:
+    """Everything a device keeps between tasks (on the device only)."""
+
+    accountant_history: list[tuple[float, float, int]] = field(default_factory=list)
+    personal: dict[str, torch.Tensor] = field(default_factory=dict)
+    tasks_done: int = 0
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A successful training task's reply: the global-parameter delta and metrics."""
+
+    delta: dict[str, torch.Tensor]
+    num_examples: int
+    loss: float
+    steps: int
+    epsilon: float
+    sample_rate: float
+
+
+@dataclass(frozen=True)
+class RefusalReply:
+    """The device refused a task that would take it past its budget."""
+
+    epsilon_spent: float
+    epsilon_would_reach: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class EvalReply:
+    """On-device evaluation of one global model version: metrics, and optionally the top-k list."""
+
+    full: RankResult
+    sampled: RankResult
+    top_items: np.ndarray
+
+
+class Device:
+    """One device's runtime: its data, its state, and the model code."""
+
+    def __init__(self, cfg: FedrecConfig, data: DeviceData, num_items: int, state: DeviceState) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.num_items = num_items
+        self.state = state
+
+    def _model(self, global_params: dict[str, torch.Tensor]) -> Recommender:
+        # The device's model has a user table of one row: its own user.
+        model = build_model(
+            self.cfg.model, self.num_items, 1, seed=device_seed(self.cfg.seed, self.data.device_id, MODEL_INIT)
+        )
+        local = model.local_parameter_names()
+        unexpected = set(global_params) & local
+        if unexpected:
+            raise ValueError(f"global model must not carry personal parameters: {sorted(unexpected)}")
+        missing = set(model.global_state()) - set(global_params)
+        if missing:
+            raise ValueError(f"global model is missing parameters: {sorted(missing)}")
+        state = {**global_params, **self.state.personal}
+        model.load_state_dict(state, strict=False)
+        return model
+
+    def _accountant(self) -> DeviceAccountant:
+        p = self.cfg.privacy
+        return DeviceAccountant(p.accountant, p.delta, p.epsilon_budget, self.state.accountant_history)
+
+    def epsilon(self) -> float:
+        """Cumulative record-level epsilon spent so far (0 with DP off)."""
+        return self._accountant().epsilon() if self.cfg.privacy.dp else 0.0
+
+    def train(self, global_params: dict[str, torch.Tensor], task_seed: int) -> TrainReply | RefusalReply:
+        """Train on the device's own records; refuse if the budget would be exceeded."""
+        model = self._model(global_params)
+        records = model.build_records(self.data.train_items, 0)
+        num_records = int(records[0].shape[0])
+        accountant = self._accountant() if self.cfg.privacy.dp else None
+        if accountant is not None:
+            release = plan_release(num_records, self.cfg.train, self.cfg.privacy)
+            try:
+                accountant.check(release)
+            except BudgetExhausted as exc:
+                return RefusalReply(exc.spent, exc.would_reach, str(exc))
+        result = train_locally(
+            model, records, self.cfg.train, self.cfg.privacy, accountant,
+            seed=device_seed(self.cfg.seed, self.data.device_id, f"train-{task_seed}"),
+        )
+        trained = model.state_dict()
+        delta = {k: (trained[k] - v).detach().clone() for k, v in global_params.items()}
+        local = model.local_parameter_names()
+        self.state.personal = {k: trained[k].detach().clone() for k in local}
+        if accountant is not None:
+            self.state.accountant_history = accountant.history
+        self.state.tasks_done += 1
+        return TrainReply(
+            delta=delta,
+            num_examples=result.num_records,
+            loss=result.mean_loss,
+            steps=result.steps,
+            epsilon=result.epsilon,
+            sample_rate=result.sample_rate,
+        )
+
+    def evaluate(self, global_params: dict[str, torch.Tensor], split: str, top_k_size: int) -> EvalReply:
+        """Rank the catalogue with the global model plus personal state.
+
+        ``split="valid"`` ranks the validation item given the training history;
+        ``split="test"`` ranks the test item given training history plus the validation
+        item (leave-one-out protocol). Items the user already has are excluded.
+        """
+        if split not in ("valid", "test"):
+            raise ValueError(f"unknown split {split!r}")
+        model = self._model(global_params)
+        model.eval()
+        history = self.data.train_items
+        target = self.data.valid_item
+        if split == "test":
+            history = np.append(history, self.data.valid_item)
+            target = self.data.test_item
+        with torch.no_grad():
+            ctx = UserContext(0, torch.as_tensor(history, dtype=torch.long))
+            scores = model.score_all(ctx).double().numpy()
+        k = self.cfg.eval.top_k
+        rng = np.random.default_rng(device_seed(self.cfg.seed, self.data.device_id, EVAL_SAMPLING))
+        full = full_ranking(scores, target, history, k=k)
+        sampled = sampled_ranking(scores, target, history, rng, num_negatives=self.cfg.eval.sampled_negatives, k=k)
+        return EvalReply(full, sampled, top_k(scores, history, top_k_size))

@@ -1,0 +1,101 @@
+"""fedrec's ServerApp: asynchronous buffered (FedBuff) or synchronous (FedAvg) training.
+
+Thin Flower glue: parse the config once, build the initial global model from the
+public catalogue size, run :class:`server.federation.Federation`, write outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.federation import Federation
+from server.reporting import export_top_k, write_plots, write_summary
+from shared.config import FedrecConfig, parse_config
+from shared.data.partition import prepare_partitions
+from shared.models.factory import build_model, count_parameters
+from shared.results.store import RunStore
+
+log = logging.getLogger("fedrec.server")
+
+
+def run_federation(grid: Grid, cfg: FedrecConfig) -> dict[str, Any]:
+    """Train, evaluate on every device, and write the run's output directory.
+
+    Returns the summary that was written to ``summary.json``.
+    """
+    # The server reads only the public catalogue size and device count; each
+    # device's interactions are read by that device alone (client/app.py).
+    info = prepare_partitions(cfg.data)
+    model = build_model(cfg.model, info.num_items, 1, seed=cfg.seed)
+    initial = {k: v.detach().clone() for k, v in model.global_state().items()}
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    db_path = out / "fedrec.db"
+    if db_path.exists():
+        db_path.unlink()  # one database per run directory: stale rows would mix runs
+    shutil.rmtree(out / "plots", ignore_errors=True)
+    store = RunStore(f"sqlite:///{db_path}")
+    try:
+        fed = Federation(grid, cfg, info.num_devices, info.num_items, initial, store, run_name=out.name)
+        fed.driver.discover(info.num_devices, timeout=300.0)
+        print(
+            f"[fedrec] {info.num_devices} devices, {info.num_items} items ({info.source}); "
+            f"model {cfg.model.name} with {count_parameters(model):,} parameters; "
+            f"mode {cfg.aggregation.mode}, DP {'on' if cfg.privacy.dp else 'off'}",
+            flush=True,
+        )
+        fed.train()
+        fed.driver.drain()
+        final = fed.evaluate(list(range(info.num_devices)), "test", export=cfg.eval.export_top_k != "none")
+        fed.driver.drain()
+        export = export_top_k(out, final.top_lists, cfg.eval.export_top_k, "test")
+        plots = write_plots(
+            out, fed.evaluations, sorted(fed.device_epsilon.values()),
+            cfg.privacy.epsilon_budget if cfg.privacy.dp else None, cfg.privacy.delta,
+        )
+        summary = fed.summary(
+            final.record,
+            {
+                "dataset": info.source,
+                "model-parameters": count_parameters(model),
+                "outputs": {
+                    "database": str(db_path),
+                    "top-k": str(export) if export else None,
+                    "plots": [str(p) for p in plots],
+                },
+            },
+        )
+        store.finish_run(fed.run_id, summary)
+        write_summary(out, summary)
+    finally:
+        store.close()
+    f, p = summary["final"], summary["privacy"]
+    print(
+        f"[fedrec] done: test HR@10 {f['hr@10']:.4f}  NDCG@10 {f['ndcg@10']:.4f}  "
+        f"(sampled-100: HR@10 {f['sampled-hr@10']:.4f}  NDCG@10 {f['sampled-ndcg@10']:.4f})  "
+        f"max device epsilon {p['epsilon-max']:.3f} at delta {p['delta']:g}  -> {out}/summary.json",
+        flush=True,
+    )
+    return summary
+
+
+def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose config is the defaults, then ``context.run_config``, then ``overrides``."""
+    fixed = dict(overrides or {})
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, parse_config({**dict(context.run_config), **fixed}))
+
+    return app
+
+
+app = build_server_app()

@@ -1,0 +1,277 @@
+"""One federated training run: scheduler + Grid driver + evaluation + results.
+
+Data flows one way: the scheduler picks devices and versions, the driver carries
+the global model out and deltas back, the scheduler folds deltas into new
+versions in virtual-time order, and every event is written to the run database.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from server.grid_driver import GridDriver
+from server.scheduler import Completion, Failure, Outcome, Refusal, Scheduler, Task, Update
+from shared.aggregation import StateDict, polynomial_staleness
+from shared.config import FedrecConfig, to_flat
+from shared.fleet import Fleet
+from shared.results.store import EvalRecord, PrivacyRecord, RunStore, TaskRecord, VersionRecord
+
+log = logging.getLogger("fedrec.server")
+
+_DISCOVERY_TIMEOUT = 300.0
+
+
+@dataclass
+class EvalOutcome:
+    """Averages of one on-device evaluation round."""
+
+    record: EvalRecord
+    top_lists: dict[int, list[int]] = field(default_factory=dict)
+
+
+def validate_update(reply: Message, reference: StateDict) -> Outcome:
+    """Turn a train reply into an Update, Refusal or Failure; never trust its content blindly."""
+    if reply.has_error():
+        return Failure("failed", f"device error {reply.error.code}: {reply.error.reason}")
+    content = reply.content
+    try:
+        status = str(content.config_records["status"]["status"])
+    except KeyError:
+        return Failure("failed", "malformed reply: no status")
+    if status == "refused":
+        return Refusal(str(content.config_records["status"].get("reason", "budget exhausted")))
+    if status != "ok":
+        return Failure("failed", f"malformed reply: unknown status {status!r}")
+    try:
+        delta = dict(content.array_records["delta"].to_torch_state_dict())
+        metrics = content.metric_records["metrics"]
+        num_examples = int(metrics["num-examples"])
+        loss = float(metrics["loss"])
+    except (KeyError, ValueError, TypeError) as exc:
+        return Failure("failed", f"malformed reply: {exc}")
+    if set(delta) != set(reference):
+        extra = sorted(set(delta) - set(reference))
+        missing = sorted(set(reference) - set(delta))
+        return Failure("failed", f"corrupt update: unexpected {extra} / missing {missing}")
+    for key, value in delta.items():
+        if value.shape != reference[key].shape:
+            return Failure("failed", f"corrupt update: {key} has shape {tuple(value.shape)}")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            return Failure("failed", f"corrupt update: {key} has non-finite values")
+    if num_examples <= 0:
+        return Failure("failed", f"corrupt update: num-examples = {num_examples}")
+    return Update(delta, num_examples, loss)
+
+
+class Federation:
+    """Runs one training job to completion and records it."""
+
+    def __init__(
+        self, grid: Grid, cfg: FedrecConfig, num_devices: int, num_items: int, initial: StateDict,
+        store: RunStore, run_name: str = "run",
+    ) -> None:
+        self.cfg = cfg
+        self.num_devices = num_devices
+        self.num_items = num_items
+        self.driver = GridDriver(grid, cfg.aggregation.wall_timeout)
+        self.fleet = Fleet(num_devices, cfg.fleet, cfg.seed)
+        self.scheduler = Scheduler(
+            cfg.aggregation, self.fleet, cfg.train.local_steps, initial,
+            polynomial_staleness(cfg.aggregation.staleness_exponent), cfg.seed,
+        )
+        self.store = store
+        self.run_id = store.start_run(run_name, cfg.seed, to_flat(cfg))
+        self.device_epsilon: dict[int, float] = {}
+        self.status_counts: dict[str, int] = {}
+        self.evaluations: list[EvalRecord] = []
+        self._t0 = time.monotonic()
+        rng = np.random.default_rng([cfg.seed, 0xE7A1])
+        n_eval = cfg.eval.eval_devices or num_devices
+        self.eval_subset = sorted(rng.choice(num_devices, size=min(n_eval, num_devices), replace=False).tolist())
+
+    def wall(self) -> float:
+        """Real seconds since the federation started."""
+        return time.monotonic() - self._t0
+
+    # -- messages --------------------------------------------------------------------
+    def _model_record(self) -> ArrayRecord:
+        return ArrayRecord({k: v for k, v in self.scheduler.params.items()})
+
+    def _dispatch(self, task: Task) -> str:
+        content = RecordDict(
+            {
+                "global": self._model_record(),
+                "config": ConfigRecord({"version": task.base_version, "task-seed": task.task_id}),
+            }
+        )
+        return self.driver.send(task.device_id, content, MessageType.TRAIN)
+
+    # -- the loop --------------------------------------------------------------------
+    def train(self) -> None:
+        """Dispatch and complete tasks until the scheduler is finished."""
+        sched = self.scheduler
+        messages: dict[int, str] = {}
+        while not sched.finished:
+            for task in sched.dispatch():
+                messages[task.task_id] = self._dispatch(task)
+            task = sched.next_due()
+            if task is None:
+                continue
+            mid = messages.pop(task.task_id)
+            if task.lost:
+                # The simulated device went away: its reply, whenever it comes, is ignored.
+                self.driver.discard(mid)
+                outcome: Outcome = Failure(task.lost, "simulated " + task.lost)
+                reply = None
+            else:
+                reply = self.driver.wait(mid)
+                outcome = (
+                    Failure("timeout", "no reply within wall-timeout") if reply is None
+                    else validate_update(reply, sched.params)
+                )
+            completion = sched.complete(task, outcome)
+            self._record(completion, reply)
+            if completion.applied_version is not None:
+                self._on_version(completion.applied_version)
+        for mid in messages.values():
+            self.driver.discard(mid)
+
+    def _record(self, c: Completion, reply: Message | None) -> None:
+        self.status_counts[c.status] = self.status_counts.get(c.status, 0) + 1
+        t = c.task
+        self.store.add_task(
+            self.run_id,
+            TaskRecord(t.task_id, t.device_id, t.base_version, t.dispatched_at, t.finish_at, c.status,
+                       c.staleness, c.applied_version, c.num_examples, c.loss),
+        )
+        if c.status == "failed" or reply is None or reply.has_error():
+            if c.status == "failed":
+                log.warning("task %d on device %d failed", t.task_id, t.device_id)
+            return
+        metrics = reply.content.metric_records.get("metrics")
+        if metrics is None or not self.cfg.privacy.dp or "epsilon" not in metrics:
+            return
+        eps = float(metrics["epsilon"])
+        p = self.cfg.privacy
+        refused = c.status == "refused"
+        if not refused:
+            self.device_epsilon[t.device_id] = eps
+        self.store.add_privacy(
+            self.run_id,
+            PrivacyRecord(
+                device_id=t.device_id, task_id=t.task_id, version=t.base_version, epsilon=eps,
+                delta=p.delta, noise_multiplier=p.noise_multiplier,
+                sample_rate=float(metrics.get("sample-rate", 0.0)), steps=int(metrics.get("steps", 0)),
+                clip_norm=p.clip_norm, accountant=p.accountant, status="refused" if refused else "spent",
+            ),
+        )
+
+    def _on_version(self, version: int) -> None:
+        sched = self.scheduler
+        recent = sched.applied_staleness[-self.cfg.aggregation.buffer_size:] or [0]
+        self.store.add_version(
+            self.run_id,
+            VersionRecord(version, sched.now, self.wall(), len(recent), float(np.mean(recent)), int(max(recent))),
+        )
+        if version % self.cfg.eval.eval_every == 0 or version == self.cfg.aggregation.num_versions:
+            result = self.evaluate(self.eval_subset, "valid", export=False)
+            self._progress(result.record)
+
+    def _progress(self, rec: EvalRecord) -> None:
+        eps = max(self.device_epsilon.values(), default=0.0)
+        print(
+            f"[fedrec] v{rec.version:>4}/{self.cfg.aggregation.num_versions}  sim {rec.sim_time:8.0f}s  "
+            f"wall {rec.wall_time:6.0f}s  updates {self.status_counts.get('accepted', 0):>5}  "
+            f"valid NDCG@{rec.k} {rec.ndcg:.4f}  HR@{rec.k} {rec.hr:.4f}  eps max {eps:.2f}",
+            file=sys.stderr, flush=True,
+        )
+
+    # -- evaluation ------------------------------------------------------------------
+    def evaluate(self, devices: list[int], split: str, export: bool) -> EvalOutcome:
+        """On-device evaluation of the current global model on ``devices``."""
+        content_cfg = {"split": split, "version": self.scheduler.version, "export-top-k": export}
+        mids = {}
+        for device in devices:
+            content = RecordDict({"global": self._model_record(), "config": ConfigRecord(content_cfg)})
+            mids[device] = self.driver.send(device, content, MessageType.EVALUATE)
+        sums = {"hit": 0.0, "ndcg": 0.0, "sampled-hit": 0.0, "sampled-ndcg": 0.0}
+        users = 0
+        tops: dict[int, list[int]] = {}
+        for device, mid in mids.items():
+            reply = self.driver.wait(mid)
+            if reply is None or reply.has_error():
+                continue
+            m = reply.content.metric_records["metrics"]
+            for key in sums:
+                sums[key] += float(m[key])
+            users += 1
+            if export and "top-k" in reply.content.config_records:
+                tops[device] = [int(i) for i in reply.content.config_records["top-k"]["items"]]
+        mean = {k: (v / users if users else math.nan) for k, v in sums.items()}
+        coverage = None
+        if tops:
+            seen = {i for lst in tops.values() for i in lst}
+            coverage = len(seen) / self.num_items
+        rec = EvalRecord(
+            version=self.scheduler.version, sim_time=self.scheduler.now, wall_time=self.wall(), split=split,
+            users=users, hr=mean["hit"], ndcg=mean["ndcg"], sampled_hr=mean["sampled-hit"],
+            sampled_ndcg=mean["sampled-ndcg"], coverage=coverage, k=self.cfg.eval.top_k,
+        )
+        self.store.add_evaluation(self.run_id, rec)
+        self.evaluations.append(rec)
+        return EvalOutcome(rec, tops)
+
+    # -- summary ---------------------------------------------------------------------
+    def summary(self, final: EvalRecord, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The run's headline figures (written to summary.json)."""
+        eps = sorted(self.device_epsilon.values())
+        staleness = self.scheduler.applied_staleness
+        counts = self.status_counts
+        return {
+            "final": {
+                "split": final.split, "users": final.users, "k": final.k,
+                "hr@10": final.hr, "ndcg@10": final.ndcg,
+                "sampled-hr@10": final.sampled_hr, "sampled-ndcg@10": final.sampled_ndcg,
+                "coverage@10": final.coverage,
+            },
+            "privacy": {
+                "dp": self.cfg.privacy.dp,
+                "unit": "record (one interaction / training record on a device)",
+                "epsilon-max": eps[-1] if eps else 0.0,
+                "epsilon-median": statistics.median(eps) if eps else 0.0,
+                "delta": self.cfg.privacy.delta,
+                "epsilon-budget": self.cfg.privacy.epsilon_budget,
+                "devices-with-spending": len(eps),
+                "devices-exhausted": counts.get("refused", 0),
+                "accountant": self.cfg.privacy.accountant,
+            },
+            "aggregation": {
+                "mode": self.cfg.aggregation.mode,
+                "versions": self.scheduler.version,
+                "updates-applied": counts.get("accepted", 0),
+                "updates-rejected-stale": counts.get("rejected-stale", 0),
+                "tasks-failed": counts.get("failed", 0),
+                "tasks-dropped": counts.get("dropped", 0),
+                "tasks-timed-out": counts.get("timeout", 0),
+                "tasks-refused": counts.get("refused", 0),
+                "staleness-mean": float(np.mean(staleness)) if staleness else 0.0,
+                "staleness-max": int(max(staleness)) if staleness else 0,
+            },
+            "time": {"simulated-seconds": self.scheduler.now, "wall-seconds": self.wall()},
+            "seed": self.cfg.seed,
+            "devices": self.num_devices,
+            "config": to_flat(self.cfg),
+            **(dict(extra) if extra else {}),
+        }

@@ -1,0 +1,258 @@
+"""The FedBuff / FedAvg engine on a virtual clock, free of any transport.
+
+The scheduler decides which device gets which model version when, and in what
+order replies are folded in. It never waits on real time: each dispatched task's
+completion time comes from the simulated fleet, and tasks are completed strictly
+in that virtual-time order (ties broken by dispatch order). The Flower driver
+(``server/grid_driver.py``) only moves messages; so the same seed and config give
+the same sequence of model versions whatever the machine's load.
+
+Modes:
+
+* ``async`` (FedBuff, Nguyen et al. 2022): keep ``concurrency`` tasks in flight;
+  fold each reply into the buffer with a staleness discount; apply the buffer
+  every ``buffer_size`` accepted updates.
+* ``sync`` (FedAvg): dispatch a cohort of ``concurrency`` devices at once, wait
+  for all of them (or their timeout), apply one buffer of the cohort's updates
+  (staleness is always 0).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+import torch
+
+from shared.aggregation import ServerOptimizer, StalenessFn, StateDict, UpdateBuffer
+from shared.config import AggregationConfig
+from shared.fleet import Fleet
+
+# Simulated seconds the scheduler waits before retrying when no device is reachable.
+_RETRY_SECONDS = 30.0
+
+
+class DeviceStatus(Enum):
+    """Where a device stands with the scheduler."""
+
+    IDLE = "idle"
+    BUSY = "busy"
+    EXHAUSTED = "exhausted"  # refused for budget: never scheduled again
+
+
+@dataclass(order=True)
+class Task:
+    """One dispatched training task."""
+
+    finish_at: float
+    seq: int
+    task_id: int = field(compare=False)
+    device_id: int = field(compare=False)
+    base_version: int = field(compare=False)
+    dispatched_at: float = field(compare=False)
+    lost: str = field(compare=False)  # "", "dropped" or "timeout": no usable reply
+
+
+@dataclass(frozen=True)
+class Update:
+    """A device's reply with a model delta (global parameters only)."""
+
+    delta: Mapping[str, torch.Tensor]
+    num_examples: int
+    loss: float
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The device refused: the task would have exceeded its privacy budget."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The task produced nothing usable (error reply, drop-out, timeout, bad update)."""
+
+    kind: str  # "failed" | "dropped" | "timeout"
+    reason: str
+
+
+Outcome = Update | Refusal | Failure
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What processing one task did, for logging and the results store."""
+
+    task: Task
+    status: str  # accepted | rejected-stale | failed | dropped | timeout | refused
+    staleness: int | None
+    applied_version: int | None  # the version this completion produced, if it applied the buffer
+    num_examples: int | None
+    loss: float | None
+
+
+class Scheduler:
+    """Virtual-time FedBuff/FedAvg scheduler holding the global model.
+
+    Parameters
+    ----------
+    cfg
+        Aggregation settings (mode, concurrency, buffer size, staleness limit...).
+    fleet
+        Simulated device profiles (speed, availability, drop-out).
+    local_steps
+        Steps per task, which sets a task's simulated compute time.
+    initial
+        Initial global parameters.
+    staleness_fn
+        Discount as a function of staleness (pluggable; FedBuff's 1/sqrt(1+s) by default).
+    seed
+        Seeds device selection.
+    """
+
+    def __init__(
+        self,
+        cfg: AggregationConfig,
+        fleet: Fleet,
+        local_steps: int,
+        initial: StateDict,
+        staleness_fn: StalenessFn,
+        seed: int,
+    ) -> None:
+        self.cfg = cfg
+        self.fleet = fleet
+        self.local_steps = local_steps
+        self.params: StateDict = {k: v.clone() for k, v in initial.items()}
+        self.version = 0
+        self.now = 0.0
+        self.optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_learning_rate, cfg.server_momentum)
+        self.buffer = UpdateBuffer(staleness_fn, cfg.max_staleness if cfg.mode == "async" else 0)
+        self.status = [DeviceStatus.IDLE] * len(fleet)
+        self._rng = np.random.default_rng([seed, 0x5C4E])
+        self._in_flight: list[Task] = []
+        self._seq = 0
+        self._tasks_per_device = [0] * len(fleet)
+        self._availability_attempts = [0] * len(fleet)
+        self._cohort_open = 0  # sync mode: tasks of the current cohort not yet completed
+        self.applied_staleness: list[int] = []
+
+    # -- scheduling -------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Number of tasks dispatched and not yet completed."""
+        return len(self._in_flight)
+
+    @property
+    def finished(self) -> bool:
+        """True when the version target or time limit is reached, or nothing can progress."""
+        if self.version >= self.cfg.num_versions:
+            return True
+        if self.cfg.max_sim_seconds and self.now >= self.cfg.max_sim_seconds:
+            return True
+        return not self._in_flight and not self._idle_devices()
+
+    def _idle_devices(self) -> list[int]:
+        return [i for i, s in enumerate(self.status) if s is DeviceStatus.IDLE]
+
+    def _pick(self, idle: list[int]) -> int | None:
+        """Uniformly choose an idle device that is online now (seeded)."""
+        while idle:
+            j = int(self._rng.integers(len(idle)))
+            device = idle[j]
+            self._availability_attempts[device] += 1
+            if self.fleet.is_online(device, self._availability_attempts[device]):
+                return device
+            idle[j] = idle[-1]
+            idle.pop()
+        return None
+
+    def dispatch(self) -> list[Task]:
+        """Tasks to start now, at ``self.now``, on the current global model."""
+        if self.finished:
+            return []
+        if self.cfg.mode == "sync":
+            if self._in_flight:
+                return []
+            want = self.cfg.concurrency
+        else:
+            want = self.cfg.concurrency - len(self._in_flight)
+        idle = self._idle_devices()
+        started: list[Task] = []
+        for _ in range(want):
+            device = self._pick(idle)
+            if device is None:
+                break
+            idle.remove(device)
+            started.append(self._start(device))
+        if self.cfg.mode == "sync":
+            self._cohort_open = len(started)
+        if not started and not self._in_flight:
+            # Every idle device happened to be offline: let simulated time pass.
+            self.now += _RETRY_SECONDS
+        return started
+
+    def _start(self, device: int) -> Task:
+        timing = self.fleet.task_timing(device, self._tasks_per_device[device], self.local_steps)
+        self._tasks_per_device[device] += 1
+        lost = "dropped" if timing.dropped else ("timeout" if timing.duration > self.cfg.task_timeout else "")
+        finish = self.now + (self.cfg.task_timeout if lost else timing.duration)
+        task = Task(
+            finish_at=finish,
+            seq=self._seq,
+            task_id=self._seq,
+            device_id=device,
+            base_version=self.version,
+            dispatched_at=self.now,
+            lost=lost,
+        )
+        self._seq += 1
+        self.status[device] = DeviceStatus.BUSY
+        heapq.heappush(self._in_flight, task)
+        return task
+
+    def next_due(self) -> Task | None:
+        """The in-flight task that completes first in virtual time."""
+        return self._in_flight[0] if self._in_flight else None
+
+    # -- completion -------------------------------------------------------------
+    def complete(self, task: Task, outcome: Outcome) -> Completion:
+        """Process ``task`` (which must be :meth:`next_due`) with its outcome."""
+        head = heapq.heappop(self._in_flight)
+        if head is not task:
+            raise RuntimeError("tasks must be completed in virtual-time order")
+        self.now = max(self.now, task.finish_at)
+        staleness = self.version - task.base_version
+        self.status[task.device_id] = DeviceStatus.IDLE
+        applied: int | None = None
+        num_examples: int | None = None
+        loss: float | None = None
+        if task.lost:
+            status = task.lost
+        elif isinstance(outcome, Refusal):
+            status = "refused"
+            self.status[task.device_id] = DeviceStatus.EXHAUSTED
+        elif isinstance(outcome, Failure):
+            status = outcome.kind
+        else:
+            num_examples, loss = outcome.num_examples, outcome.loss
+            weight = float(outcome.num_examples) if self.cfg.example_weighting else 1.0
+            accepted = self.buffer.add(task.device_id, outcome.delta, weight, staleness)
+            status = "accepted" if accepted else "rejected-stale"
+        if self.cfg.mode == "sync":
+            self._cohort_open -= 1
+            if self._cohort_open == 0 and len(self.buffer):
+                applied = self._apply()
+        elif len(self.buffer) >= self.cfg.buffer_size:
+            applied = self._apply()
+        return Completion(task, status, staleness, applied, num_examples, loss)
+
+    def _apply(self) -> int:
+        self.applied_staleness.extend(e.staleness for e in self.buffer.entries)
+        delta = self.buffer.aggregate()
+        self.params = self.optimizer.apply(self.params, delta)
+        self.version += 1
+        return self.version

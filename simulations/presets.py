@@ -1,0 +1,36 @@
+"""Named simulation presets: each is a set of config overrides on top of the defaults.
+
+The defaults themselves (``[tool.flwr.app.config]``) are the main job: all 943
+MovieLens-100K users as devices, DP on, asynchronous buffered aggregation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {
+        "default": {},
+        "smoke": {
+            "max-devices": 12, "num-versions": 6, "concurrency": 6, "buffer-size": 3,
+            "eval-every": 3, "eval-devices": 6, "local-steps": 3, "output-dir": "runs/smoke",
+        },
+        "no-dp": {"dp": False, "output-dir": "runs/no-dp"},
+        "sync": {"mode": "sync", "output-dir": "runs/sync"},
+        "sasrec": {"model": "sasrec", "output-dir": "runs/sasrec"},
+        "large": {
+            "dataset": "synthetic", "synthetic-users": 500, "synthetic-items": 20000,
+            "embedding-dim": 512, "mlp-layers": "512,256", "batch-size": 8, "num-versions": 20,
+            "concurrency": 20, "buffer-size": 5, "eval-devices": 50, "output-dir": "runs/large",
+        },
+    }
+)
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The overrides of a named preset; raises KeyError listing the known names."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return dict(PRESETS[name])

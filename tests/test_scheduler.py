@@ -1,0 +1,137 @@
+"""The virtual-time FedBuff/FedAvg scheduler, driven directly (it has no transport)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from server.scheduler import Failure, Refusal, Scheduler, Update
+from shared.aggregation import constant_staleness, polynomial_staleness
+from shared.config import AggregationConfig, FleetConfig
+from shared.fleet import Fleet
+
+PARAMS = {"w": torch.zeros(3)}
+
+
+def _scheduler(mode: str = "async", devices: int = 20, **kw: object) -> Scheduler:
+    cfg = AggregationConfig(mode=mode, concurrency=kw.pop("concurrency", 5), buffer_size=kw.pop("buffer_size", 2),
+                            num_versions=kw.pop("num_versions", 10), **kw)  # type: ignore[arg-type]
+    fleet = Fleet(devices, FleetConfig(dropout_rate=0.0, availability_mean=0.9), seed=7)
+    fn = polynomial_staleness(0.5) if mode == "async" else constant_staleness
+    return Scheduler(cfg, fleet, local_steps=5, initial=PARAMS, staleness_fn=fn, seed=3)
+
+
+def _run(s: Scheduler, outcome=lambda task: Update({"w": torch.ones(3)}, 10, 0.5), limit: int = 10_000):
+    log = []
+    while not s.finished and limit:
+        limit -= 1
+        for _ in s.dispatch():
+            assert s.in_flight <= s.cfg.concurrency
+        task = s.next_due()
+        if task is None:
+            continue
+        log.append(s.complete(task, outcome(task)))
+    return log
+
+
+def test_tasks_complete_in_virtual_time_order_and_versions_advance() -> None:
+    s = _scheduler()
+    log = _run(s)
+    times = [c.task.finish_at for c in log]
+    assert times == sorted(times)
+    assert s.version == 10
+    applied = [c for c in log if c.applied_version is not None]
+    assert [c.applied_version for c in applied] == list(range(1, 11))
+    assert all(c.status == "accepted" for c in log)
+
+
+def test_same_seed_same_schedule() -> None:
+    a = [(c.task.device_id, c.task.base_version, c.task.finish_at) for c in _run(_scheduler())]
+    b = [(c.task.device_id, c.task.base_version, c.task.finish_at) for c in _run(_scheduler())]
+    assert a == b
+
+
+def test_sync_mode_has_no_staleness_and_one_version_per_cohort() -> None:
+    s = _scheduler("sync", concurrency=4, num_versions=3)
+    log = _run(s)
+    assert s.version == 3
+    assert {c.staleness for c in log} == {0}
+    assert len(log) == 12  # three cohorts of four
+    # A round ends with its slowest device: the next cohort starts no earlier.
+    first_round_end = max(c.task.finish_at for c in log[:4])
+    assert min(c.task.dispatched_at for c in log[4:]) == first_round_end
+
+
+def test_stale_updates_beyond_the_limit_are_rejected() -> None:
+    s = _scheduler(concurrency=10, buffer_size=1, max_staleness=2, num_versions=30)
+    log = _run(s)
+    rejected = [c for c in log if c.status == "rejected-stale"]
+    assert rejected and all(c.staleness > 2 for c in rejected)
+    assert all(c.staleness <= 2 for c in log if c.status == "accepted")
+
+
+def test_refusing_device_is_never_scheduled_again() -> None:
+    s = _scheduler(num_versions=40)
+    refused_at: dict[int, float] = {}
+
+    def outcome(task):
+        if task.device_id == 4:
+            return Refusal("budget")
+        return Update({"w": torch.ones(3)}, 10, 0.5)
+
+    log = _run(s, outcome)
+    for c in log:
+        if c.status == "refused":
+            refused_at.setdefault(c.task.device_id, c.task.finish_at)
+    assert 4 in refused_at
+    assert sum(c.status == "refused" for c in log) == 1
+    later = [c for c in log if c.task.device_id == 4 and c.task.dispatched_at >= refused_at[4]]
+    assert later == []
+
+
+def test_failures_never_hang_and_do_not_count_as_updates() -> None:
+    s = _scheduler(num_versions=5)
+    flip = {"n": 0}
+
+    def outcome(task):
+        flip["n"] += 1
+        return Failure("failed", "boom") if flip["n"] % 2 else Update({"w": torch.ones(3)}, 1, 0.1)
+
+    log = _run(s, outcome)
+    assert s.version == 5
+    assert sum(c.status == "failed" for c in log) >= 5
+
+
+def test_everyone_exhausted_finishes_the_run() -> None:
+    s = _scheduler(devices=6, num_versions=100)
+    log = _run(s, lambda task: Refusal("budget"))
+    assert s.finished
+    assert s.version == 0
+    assert {c.task.device_id for c in log} == set(range(6))
+
+
+def test_lost_tasks_complete_at_the_timeout() -> None:
+    cfg = AggregationConfig(concurrency=4, buffer_size=2, num_versions=40, task_timeout=100.0)
+    fleet = Fleet(8, FleetConfig(dropout_rate=0.5), seed=1)
+    s = Scheduler(cfg, fleet, 5, PARAMS, polynomial_staleness(0.5), seed=0)
+    log = _run(s)
+    lost = [c for c in log if c.status == "dropped"]
+    assert lost
+    assert all(abs(c.task.finish_at - c.task.dispatched_at - 100.0) < 1e-9 for c in lost)
+
+
+def test_async_reaches_versions_sooner_than_sync_on_a_long_tailed_fleet() -> None:
+    a = _scheduler("async", devices=100, concurrency=20, buffer_size=10, num_versions=20)
+    s = _scheduler("sync", devices=100, concurrency=20, num_versions=10)
+    _run(a)
+    _run(s)
+    # Equal numbers of updates folded (200), async needs far less simulated time.
+    assert a.now < s.now
+
+
+def test_config_is_not_mutated() -> None:
+    s = _scheduler()
+    before = dataclasses.asdict(s.cfg)
+    _run(s)
+    assert dataclasses.asdict(s.cfg) == before
