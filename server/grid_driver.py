@@ -64,7 +64,11 @@ class GridDriver:
             time.sleep(0.2)
         if len(nodes) < expected:
             raise GridError(f"only {len(nodes)} of {expected} devices connected within {timeout:.0f} s")
-        ids = {self._push(Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)): n for n in nodes}
+        ids = {}
+        for node in nodes:
+            mid = self._push(Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY))
+            self._pending[mid] = _Pending(-1, time.monotonic())  # device id not known yet
+            ids[mid] = node
         for mid, node in ids.items():
             reply = self.wait(mid)
             if reply is None or reply.has_error():
@@ -89,8 +93,10 @@ class GridDriver:
         never updated by two tasks at once (a timed-out task may still be running).
         """
         previous = self._device_msg.get(device_id)
-        if previous is not None:
-            self.wait(previous)
+        while previous is not None and previous in self._pending:
+            # Wait for it to arrive without consuming it: its owner will collect it.
+            if not self._pull():
+                time.sleep(self.poll_interval)
         mid = self._push(
             Message(content, dst_node_id=self.node_of[device_id], message_type=message_type,
                     ttl=self.wall_timeout)

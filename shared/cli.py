@@ -40,7 +40,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.runner import simulate
 
-    summary = simulate(_overrides(args), num_actors=args.actors)
+    summary = simulate(_overrides(args), num_actors=args.actors, backend=args.backend)
     final, privacy = summary["final"], summary["privacy"]
     print(json.dumps({"hr@10": final["hr@10"], "ndcg@10": final["ndcg@10"],
                       "epsilon-max": privacy["epsilon-max"], "delta": privacy["delta"]}))
@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run a federated simulation (one virtual device per user)")
     run_options(sim)
     sim.add_argument("--actors", type=int, default=2, help="ClientApps running in parallel (default 2)")
+    sim.add_argument("--backend", choices=("ray", "local"), default="ray",
+                     help="ray: Flower's simulation runtime (default); local: in-process, same numbers")
     sim.set_defaults(func=_cmd_simulate)
 
     cen = sub.add_parser("centralized", help="train the same model centrally without DP (the reference)")

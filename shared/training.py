@@ -101,14 +101,13 @@ def train_locally(
     if privacy.dp:
         if accountant is None:
             raise ValueError("DP training needs the device's accountant")
-        engine = PrivacyEngine(accountant=accountant.mechanism)
-        # Bind the device's persistent accountant before make_private: the optimizer's
-        # step hook is attached to whatever accountant the engine holds at that point.
-        engine.accountant = accountant.opacus
         with warnings.catch_warnings():
             # Opacus warns that secure_mode is off; docs/privacy.md states the RNG choice.
             warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-            warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
+            engine = PrivacyEngine(accountant=accountant.mechanism)
+            # Bind the device's persistent accountant before make_private: the optimizer's
+            # step hook is attached to whatever accountant the engine holds at that point.
+            engine.accountant = accountant.opacus
             private_model, optimizer, loader = engine.make_private(
                 module=model,
                 optimizer=optimizer,
@@ -127,7 +126,8 @@ def train_locally(
     losses: list[float] = []
     steps = 0
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
+        # Opacus's hooks on the input embedding fire without input gradients; harmless (opacus #328).
+        warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
         while steps < train.local_steps:
             for batch in loader:
                 optimizer.zero_grad(set_to_none=True)

@@ -19,7 +19,7 @@ from shared.data.partition import prepare_partitions
 log = logging.getLogger("fedrec.simulate")
 
 
-def simulate(overrides: Mapping[str, Any], num_actors: int = 2) -> dict[str, Any]:
+def simulate(overrides: Mapping[str, Any], num_actors: int = 2, backend: str = "ray") -> dict[str, Any]:
     """Run one simulation and return its summary (also written to ``output-dir``).
 
     Parameters
@@ -28,7 +28,12 @@ def simulate(overrides: Mapping[str, Any], num_actors: int = 2) -> dict[str, Any
         Flat config keys over the defaults (a preset merged with ``--set`` values).
     num_actors
         Ray actors running ClientApps in parallel (each gets ``cpus / num_actors`` CPUs).
+    backend
+        ``"ray"``: Flower's simulation runtime. ``"local"``: :class:`LocalGrid`, the same
+        ServerApp and ClientApp code in this process (same numbers, no Ray start-up).
     """
+    if backend not in ("ray", "local"):
+        raise ValueError(f"backend must be 'ray' or 'local', got {backend!r}")
     cfg: FedrecConfig = parse_config(overrides)
     flat = to_flat(cfg)
     # Quiet Flower's telemetry and update check before it is imported.
@@ -43,6 +48,11 @@ def simulate(overrides: Mapping[str, Any], num_actors: int = 2) -> dict[str, Any
 
     from client.app import build_client_app
     from server.app import run_federation
+
+    if backend == "local":
+        from simulations.local_grid import LocalGrid
+
+        return run_federation(LocalGrid(build_client_app(flat), info.num_devices), cfg)
 
     result: dict[str, Any] = {}
     server_app = ServerApp()

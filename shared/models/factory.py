@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -11,11 +11,35 @@ from shared.models.base import Recommender
 from shared.models.ncf import NCF
 from shared.models.sasrec import SASRec
 
-if TYPE_CHECKING:
-    from shared.config import ModelConfig
+
+class ModelSpec(Protocol):
+    """The fields of ``shared.config.ModelConfig`` the models read.
+
+    A structural type, so the models need not import the config module and tests
+    can pass their own small frozen dataclass.
+    """
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def embedding_dim(self) -> int: ...
+    @property
+    def mlp_layers(self) -> tuple[int, ...]: ...
+    @property
+    def num_negatives(self) -> int: ...
+    @property
+    def max_seq_len(self) -> int: ...
+    @property
+    def num_blocks(self) -> int: ...
+    @property
+    def num_heads(self) -> int: ...
+    @property
+    def dropout(self) -> float: ...
+    @property
+    def init(self) -> str: ...
 
 
-def build_model(cfg: ModelConfig, num_items: int, num_users: int, seed: int) -> Recommender:
+def build_model(cfg: ModelSpec, num_items: int, num_users: int, seed: int) -> Recommender:
     """Construct ``cfg.name`` ("ncf" | "sasrec") with weights determined by ``seed`` alone.
 
     Initialisation runs inside ``torch.random.fork_rng`` with the CPU generator
@@ -25,9 +49,7 @@ def build_model(cfg: ModelConfig, num_items: int, num_users: int, seed: int) -> 
     Parameters
     ----------
     cfg
-        A ``ModelConfig`` (duck-typed: ``name``, ``embedding_dim``, ``mlp_layers``,
-        ``num_negatives``, ``max_seq_len``, ``num_blocks``, ``num_heads``,
-        ``dropout``, ``init``).
+        A ``shared.config.ModelConfig`` or anything with its fields (:class:`ModelSpec`).
     num_items
         Catalogue size V.
     num_users

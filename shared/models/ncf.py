@@ -30,7 +30,7 @@ from torch import nn
 from shared.models.base import Recommender, UserContext
 
 if TYPE_CHECKING:
-    from shared.config import ModelConfig
+    from shared.models.factory import ModelSpec
 
 # Logit given to a sampled negative that happens to equal the positive ("accidental
 # hit"): it would otherwise push the positive's own score down. Finite rather than
@@ -87,6 +87,16 @@ def sampled_softmax_nll(logits: torch.Tensor, hits: torch.Tensor) -> torch.Tenso
     return -F.log_softmax(logits, dim=-1)[..., 0]
 
 
+def batch_mean(per_record: torch.Tensor) -> torch.Tensor:
+    """Mean of a ``B`` vector of per-record losses, B possibly 0.
+
+    ``sum / max(B, 1)`` equals the mean for B >= 1 and, for an empty Poisson
+    batch, is an exact 0 that is still connected to every parameter, so
+    ``backward`` runs and Opacus takes its noise-only step (``mean()`` would be NaN).
+    """
+    return per_record.sum() / max(per_record.shape[0], 1)
+
+
 class NCF(Recommender):
     """NeuMF: a GMF branch ``u * e_i`` and an MLP tower over ``[u, e_i]``, fused by one linear layer.
 
@@ -139,8 +149,8 @@ class NCF(Recommender):
         self.reset_parameters(init)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, num_items: int, num_users: int) -> NCF:
-        """Build from a ``ModelConfig`` (duck-typed: only its fields are read)."""
+    def from_config(cls, cfg: ModelSpec, num_items: int, num_users: int) -> NCF:
+        """Build from a ``shared.config.ModelConfig`` (or any :class:`~shared.models.factory.ModelSpec`)."""
         return cls(
             num_items=num_items,
             num_users=num_users,
@@ -225,12 +235,10 @@ class NCF(Recommender):
         Uniform sampling uses no data, so each record's loss depends on that
         record alone (what record-level DP-SGD assumes).
         """
-        return torch.randint(
-            0, self.num_items, (batch_size, self.num_negatives), generator=generator, dtype=torch.long
-        )
+        return torch.randint(0, self.num_items, (batch_size, self.num_negatives), generator=generator, dtype=torch.long)
 
-    def loss_with_negatives(self, batch: tuple[torch.Tensor, ...], negatives: torch.Tensor) -> torch.Tensor:
-        """Mean sampled-softmax loss over a batch with given negatives.
+    def loss_per_record(self, batch: tuple[torch.Tensor, ...], negatives: torch.Tensor) -> torch.Tensor:
+        """Sampled-softmax loss of each record with given negatives.
 
         Parameters
         ----------
@@ -242,19 +250,20 @@ class NCF(Recommender):
         Returns
         -------
         torch.Tensor
-            Scalar: the mean over records of ``-log softmax([pos, negs])[pos]``.
-            For B == 0 it is a zero still connected to every parameter, so
-            ``backward`` and Opacus's empty-batch step work.
+            ``B``: ``-log softmax([pos, negs])[pos]`` per record (what ghost
+            clipping's ``DPTensorFastGradientClipping`` takes).
         """
         users, items = batch[0], batch[1]
         b = users.shape[0]
         pos = items.reshape(b, 1)
-        negatives = negatives.reshape(b, -1)
+        negatives = negatives.reshape(b, negatives.shape[-1])  # explicit K: -1 is ambiguous when B == 0
         candidates = torch.cat([pos, negatives], dim=1).contiguous()  # B x (1 + K)
         logits = self._logits(users, candidates)
-        per_record = sampled_softmax_nll(logits, negatives == pos)  # B
-        # sum / max(B, 1) is the mean for B >= 1 and an exact, differentiable 0 for B == 0.
-        return per_record.sum() / max(b, 1)
+        return sampled_softmax_nll(logits, negatives == pos)
+
+    def loss_with_negatives(self, batch: tuple[torch.Tensor, ...], negatives: torch.Tensor) -> torch.Tensor:
+        """Mean over records of :meth:`loss_per_record` (scalar; a connected 0 when B == 0)."""
+        return batch_mean(self.loss_per_record(batch, negatives))
 
     def loss(self, batch: tuple[torch.Tensor, ...], generator: torch.Generator) -> torch.Tensor:
         """Mean sampled-softmax loss, negatives drawn with ``generator``."""

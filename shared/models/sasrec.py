@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.models.base import Recommender, UserContext
-from shared.models.ncf import init_embedding, init_linear, sampled_softmax_nll
+from shared.models.ncf import batch_mean, init_embedding, init_linear, sampled_softmax_nll
 
 if TYPE_CHECKING:
-    from shared.config import ModelConfig
+    from shared.models.factory import ModelSpec
 
 
 class CausalSelfAttentionBlock(nn.Module):
@@ -137,8 +137,8 @@ class SASRec(Recommender):
         self.reset_parameters(init)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, num_items: int) -> SASRec:
-        """Build from a ``ModelConfig`` (duck-typed: only its fields are read)."""
+    def from_config(cls, cfg: ModelSpec, num_items: int) -> SASRec:
+        """Build from a ``shared.config.ModelConfig`` (or any :class:`~shared.models.factory.ModelSpec`)."""
         return cls(
             num_items=num_items,
             embedding_dim=cfg.embedding_dim,
@@ -167,7 +167,7 @@ class SASRec(Recommender):
     def _left_pad(self, shifted: np.ndarray) -> np.ndarray:
         out = np.zeros(self.max_seq_len, dtype=np.int64)
         if len(shifted):
-            out[-len(shifted):] = shifted
+            out[-len(shifted) :] = shifted
         return out
 
     def build_records(self, history: np.ndarray, user_index: int) -> tuple[torch.Tensor, ...]:
@@ -201,7 +201,7 @@ class SASRec(Recommender):
         seqs: list[np.ndarray] = []
         targets: list[np.ndarray] = []
         for end in range(len(shifted), 1, -span):
-            chunk = shifted[max(0, end - span):end]
+            chunk = shifted[max(0, end - span) : end]
             if len(chunk) < 2:
                 break
             seqs.append(self._left_pad(chunk[:-1]))
@@ -265,8 +265,8 @@ class SASRec(Recommender):
             dtype=torch.long,
         )
 
-    def loss_with_negatives(self, batch: tuple[torch.Tensor, ...], negatives: torch.Tensor) -> torch.Tensor:
-        """Mean sampled-softmax next-item loss with given negatives.
+    def loss_per_record(self, batch: tuple[torch.Tensor, ...], negatives: torch.Tensor) -> torch.Tensor:
+        """Sampled-softmax next-item loss of each record with given negatives.
 
         Parameters
         ----------
@@ -278,9 +278,8 @@ class SASRec(Recommender):
         Returns
         -------
         torch.Tensor
-            Scalar: per record, the mean over its non-padded target positions of
-            ``-log softmax([target, negs])[target]``; then the mean over records.
-            For B == 0 it is a zero still connected to every parameter.
+            ``B``: per record, the mean over its non-padded target positions of
+            ``-log softmax([target, negs])[target]``.
         """
         seq, targets = batch[0], batch[1]
         b, length = seq.shape
@@ -290,14 +289,16 @@ class SASRec(Recommender):
         ids = torch.cat([seq, candidates.reshape(b, length * (1 + k))], dim=1).contiguous()
         emb = self.item_embedding(ids)  # B x (L + L(1 + K)) x D
         seq_emb = emb[:, :length]
-        cand_emb = emb[:, length:].reshape(b, length, 1 + k, -1)  # B x L x (1 + K) x D
+        cand_emb = emb[:, length:].reshape(b, length, 1 + k, emb.shape[-1])  # B x L x (1 + K) x D
         hidden = self._encode(seq, seq_emb)  # B x L x D
         logits = torch.einsum("bld,blcd->blc", hidden, cand_emb)  # B x L x (1 + K)
         nll = sampled_softmax_nll(logits, negatives == targets.unsqueeze(-1))  # B x L
         valid = (targets != 0).to(nll.dtype)
-        per_record = (nll * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)  # B
-        # sum / max(B, 1): the mean for B >= 1, a differentiable exact 0 for B == 0.
-        return per_record.sum() / max(b, 1)
+        return (nll * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
+
+    def loss_with_negatives(self, batch: tuple[torch.Tensor, ...], negatives: torch.Tensor) -> torch.Tensor:
+        """Mean over records of :meth:`loss_per_record` (scalar; a connected 0 when B == 0)."""
+        return batch_mean(self.loss_per_record(batch, negatives))
 
     def loss(self, batch: tuple[torch.Tensor, ...], generator: torch.Generator) -> torch.Tensor:
         """Mean sampled-softmax loss, negatives drawn with ``generator``."""
@@ -307,10 +308,10 @@ class SASRec(Recommender):
 
     def _user_state(self, ctx: UserContext) -> torch.Tensor:
         """``D`` hidden state after the last ``L`` items of ``ctx.history``."""
-        recent = ctx.history.reshape(-1)[-self.max_seq_len:].to(torch.long) + 1
+        recent = ctx.history.reshape(-1)[-self.max_seq_len :].to(torch.long) + 1
         seq = torch.zeros(1, self.max_seq_len, dtype=torch.long)
         if recent.numel():
-            seq[0, -recent.numel():] = recent
+            seq[0, -recent.numel() :] = recent
         return self._encode(seq, self.item_embedding(seq))[0, -1]
 
     @torch.no_grad()

@@ -1,0 +1,147 @@
+"""The device: cumulative accounting, refusal by budget, and what its messages carry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import build_client_app
+from client.device import Device, DeviceState, RefusalReply, TrainReply
+from shared.config import parse_config
+from shared.data.partition import load_device, prepare_partitions
+from shared.models.factory import build_model
+from shared.privacy.accounting import DeviceAccountant, Release
+from shared.training import plan_release, train_locally
+
+
+@pytest.fixture()
+def overrides(tmp_path: Path) -> dict[str, object]:
+    return {
+        "dataset": "synthetic", "synthetic-users": 6, "synthetic-items": 60, "synthetic-interactions": 30,
+        "cache-dir": str(tmp_path / "cache"), "embedding-dim": 8, "mlp-layers": "8", "num-negatives": 4,
+        "local-steps": 4, "batch-size": 8, "noise-multiplier": 1.0, "epsilon-budget": 50.0,
+    }
+
+
+def _device(overrides: dict[str, object], index: int = 0, **extra: object) -> Device:
+    cfg = parse_config({**overrides, **{k.replace("_", "-"): v for k, v in extra.items()}})
+    info = prepare_partitions(cfg.data)
+    return Device(cfg, load_device(info.path, index), info.num_items, DeviceState())
+
+
+def _global(device: Device) -> dict[str, torch.Tensor]:
+    model = build_model(device.cfg.model, device.num_items, 1, seed=123)
+    return {k: v.clone() for k, v in model.global_state().items()}
+
+
+def test_accountant_resumed_across_rounds_equals_one_continuous_accountant(overrides: dict[str, object]) -> None:
+    device = _device(overrides)
+    params = _global(device)
+    rounds = 5
+    for r in range(rounds):
+        reply = device.train(params, task_seed=r)
+        assert isinstance(reply, TrainReply)
+    steps = device.cfg.train.local_steps
+    release = plan_release(len(device.data.train_items), device.cfg.train, device.cfg.privacy)
+    continuous = DeviceAccountant("rdp", device.cfg.privacy.delta, 1e9)
+    for _ in range(rounds * steps):
+        continuous.opacus.step(noise_multiplier=release.noise_multiplier, sample_rate=release.sample_rate)
+    assert device.epsilon() == continuous.epsilon()
+    # A fresh accountant per round (the trap) would report only one round's epsilon.
+    one_round = DeviceAccountant("rdp", device.cfg.privacy.delta, 1e9)
+    one_round.opacus.history = [(release.noise_multiplier, release.sample_rate, steps)]
+    assert one_round.epsilon() < device.epsilon()
+
+
+def test_training_charges_the_persistent_accountant_through_opacus(overrides: dict[str, object]) -> None:
+    cfg = parse_config(overrides)
+    info = prepare_partitions(cfg.data)
+    data = load_device(info.path, 1)
+    model = build_model(cfg.model, info.num_items, 1, seed=0)
+    records = model.build_records(data.train_items, 0)
+    acc = DeviceAccountant("rdp", 1e-5, 100.0)
+    result = train_locally(model, records, cfg.train, cfg.privacy, acc, seed=0)
+    assert result.steps == cfg.train.local_steps
+    assert acc.history == [(cfg.privacy.noise_multiplier, result.sample_rate, cfg.train.local_steps)]
+    # Same module can be made private again (hooks were removed).
+    train_locally(model, records, cfg.train, cfg.privacy, acc, seed=1)
+    assert acc.history[0][2] == 2 * cfg.train.local_steps
+
+
+def test_device_refuses_the_round_that_would_exceed_its_budget(overrides: dict[str, object]) -> None:
+    probe = _device(overrides)
+    release = plan_release(len(probe.data.train_items), probe.cfg.train, probe.cfg.privacy)
+    acc = DeviceAccountant("rdp", 1e-5, 1e9)
+    eps_after = []
+    for n in range(1, 4):
+        eps_after.append(acc.epsilon_if(Release(release.noise_multiplier, release.sample_rate, n * release.steps)))
+    # Budget allows exactly two rounds.
+    budget = (eps_after[1] + eps_after[2]) / 2
+    device = _device(overrides, epsilon_budget=budget)
+    params = _global(device)
+    assert isinstance(device.train(params, 0), TrainReply)
+    assert isinstance(device.train(params, 1), TrainReply)
+    spent = device.epsilon()
+    history = list(device.state.accountant_history)
+    personal = {k: v.clone() for k, v in device.state.personal.items()}
+    refusal = device.train(params, 2)
+    assert isinstance(refusal, RefusalReply)
+    assert refusal.epsilon_would_reach > budget >= spent
+    assert "budget" in refusal.reason
+    # Refusing spends nothing and changes nothing.
+    assert device.state.accountant_history == history
+    assert device.epsilon() == spent
+    for k, v in personal.items():
+        torch.testing.assert_close(device.state.personal[k], v)
+
+
+def test_dp_off_spends_nothing(overrides: dict[str, object]) -> None:
+    device = _device(overrides, dp=False)
+    reply = device.train(_global(device), 0)
+    assert isinstance(reply, TrainReply)
+    assert reply.epsilon == 0.0
+    assert device.state.accountant_history == []
+
+
+def _all_floats(content: RecordDict) -> list[torch.Tensor]:
+    out = []
+    for record in content.array_records.values():
+        out.extend(torch.as_tensor(a.numpy()).flatten() for a in record.values())
+    for record in content.metric_records.values():
+        out.append(torch.tensor([float(v) for v in record.values() if isinstance(v, (int, float))]))
+    return out
+
+
+def test_client_messages_never_carry_the_user_embedding(overrides: dict[str, object]) -> None:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    app = build_client_app(overrides)
+    cfg = parse_config(overrides)
+    info = prepare_partitions(cfg.data)
+    model = build_model(cfg.model, info.num_items, 1, seed=5)
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 2}, state=RecordDict(), run_config={})
+    outgoing: list[Message] = []
+    for step, kind in enumerate([MessageType.TRAIN, MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY]):
+        conf = {"version": step, "task-seed": step, "split": "valid", "export-top-k": False}
+        msg = Message(RecordDict({"global": ArrayRecord(model.global_state()), "config": ConfigRecord(conf)}),
+                      dst_node_id=7, message_type=kind)
+        outgoing.append(app(msg, context))
+    personal = context.state.array_records["fedrec-personal"].to_torch_state_dict()
+    assert set(personal) == {"user_embedding.weight"}
+    user_vec = personal["user_embedding.weight"].flatten()
+    for reply in outgoing:
+        assert not reply.has_error(), reply.error if reply.has_error() else None
+        for record in reply.content.array_records.values():
+            assert not any("user" in key for key in record)
+        flat = torch.cat([t.float() for t in _all_floats(reply.content)]) if _all_floats(reply.content) else None
+        if flat is None:
+            continue
+        # No coordinate of the personal embedding appears anywhere in what is sent.
+        for value in user_vec.tolist():
+            assert not torch.isclose(flat, torch.tensor(value), atol=0, rtol=0).any()
+    train_reply = outgoing[0].content
+    assert set(train_reply.array_records) == {"delta"}
+    assert set(train_reply.array_records["delta"]) == set(model.global_state())
