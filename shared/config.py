@@ -44,7 +44,7 @@ class DataConfig:
         _at_least("max-devices", self.max_devices, 0)
         _at_least("synthetic-users", self.synthetic_users, 1)
         _at_least("synthetic-items", self.synthetic_items, 2)
-        _at_least("synthetic-interactions", self.synthetic_interactions, 3)
+        _at_least("synthetic-interactions", self.synthetic_interactions, 5)
 
 
 @dataclass(frozen=True)

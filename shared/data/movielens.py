@@ -181,9 +181,14 @@ def _parse_chunk_fast(lines: Sequence[str], cols: _Columns) -> tuple[np.ndarray,
     # loadtxt ignores columns outside ``usecols``, so field counts are checked here.
     if any(line.count(cols.sep) != nsep for line in lines if line.strip()):
         return None
-    # loadtxt only takes single-character delimiters; a stray tab would then show as
-    # an extra field and send the chunk to the slow path, which reports it.
-    text = [line.replace(cols.sep, "\t") for line in lines] if len(cols.sep) > 1 else lines
+    text = lines
+    if len(cols.sep) > 1:
+        # loadtxt only takes single-character delimiters, so '::' becomes a tab; a
+        # tab already in a line would then split a field unnoticed (loadtxt ignores
+        # columns beyond usecols), so such chunks go to the slow path.
+        if any("\t" in line for line in lines):
+            return None
+        text = [line.replace(cols.sep, "\t") for line in lines]
     used = sorted({cols.user, cols.item, cols.time, *cols.numeric})
     dtype = [(f"f{i}", np.int64 if i in (cols.user, cols.item) else np.float64) for i in used]
     try:
@@ -325,8 +330,8 @@ def _dense_log(
         user_ids=user_ids.astype(np.int64, copy=False).reshape(-1),
         item_ids=item_ids.astype(np.int64, copy=False).reshape(-1),
         timestamps=times.astype(np.float64, copy=False),
-        num_users=int(len(user_values)),
-        num_items=int(len(item_values)),
+        num_users=len(user_values),
+        num_items=len(item_values),
         item_titles=item_titles,
         source=f"{source}: {len(users)} interactions, {len(user_values)} users, {len(item_values)} items",
     )
