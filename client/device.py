@@ -127,6 +127,31 @@ class Device:
             sample_rate=result.sample_rate,
         )
 
+    def _personalize(self, model: Recommender, history: np.ndarray) -> None:
+        """Fit the personal parameters to the current global model, for ranking only.
+
+        A device ranks with a user embedding fitted (all records, items frozen) to the
+        global model it just received, rather than the one it kept from its last
+        training task, which was fitted to an older global model. The fitted copy is
+        used for this ranking and thrown away: it never feeds a release, so it needs no
+        DP, and it never leaves the device.
+        """
+        steps = self.cfg.eval.personalize_steps
+        local = model.local_parameter_names()
+        if steps == 0 or not local:
+            return
+        mine = [p for name, p in model.named_parameters() if name in local]
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in local)
+        records = model.build_records(history, 0)
+        generator = torch.Generator().manual_seed(device_seed(self.cfg.seed, self.data.device_id, "personalize"))
+        optimizer = torch.optim.Adam(mine, lr=self.cfg.eval.personalize_learning_rate)
+        model.train()
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            model.loss(records, generator).backward()
+            optimizer.step()
+
     def evaluate(self, global_params: dict[str, torch.Tensor], split: str, top_k_size: int) -> EvalReply:
         """Rank the catalogue with the global model plus personal state.
 
@@ -143,6 +168,8 @@ class Device:
         if split == "test":
             history = np.append(history, self.data.valid_item)
             target = self.data.test_item
+        self._personalize(model, history)
+        model.eval()
         with torch.no_grad():
             ctx = UserContext(0, torch.as_tensor(history, dtype=torch.long))
             scores = model.score_all(ctx).double().numpy()

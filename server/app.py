@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -53,6 +54,8 @@ def run_federation(grid: Grid, cfg: FedrecConfig) -> dict[str, Any]:
         )
         fed.train()
         fed.driver.drain()
+        model_path = out / "global_model.pt"
+        torch.save({"version": fed.scheduler.version, "params": fed.scheduler.params}, model_path)
         final = fed.evaluate(list(range(info.num_devices)), "test", export=cfg.eval.export_top_k != "none")
         fed.driver.drain()
         export = export_top_k(out, final.top_lists, cfg.eval.export_top_k, "test")
@@ -67,6 +70,7 @@ def run_federation(grid: Grid, cfg: FedrecConfig) -> dict[str, Any]:
                 "model-parameters": count_parameters(model),
                 "outputs": {
                     "database": str(db_path),
+                    "global-model": str(model_path),
                     "top-k": str(export) if export else None,
                     "plots": [str(p) for p in plots],
                 },

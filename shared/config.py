@@ -60,9 +60,11 @@ class ModelConfig:
     num_heads: int = 2
     dropout: float = 0.0
     init: str = "xavier"
+    user_init: str = "zero"
 
     def __post_init__(self) -> None:
         _choice("model", self.name, ("ncf", "sasrec"))
+        _choice("user-init", self.user_init, ("zero", "random"))
         _at_least("embedding-dim", self.embedding_dim, 1)
         for width in self.mlp_layers:
             if width < 1:
@@ -185,6 +187,8 @@ class EvalConfig:
     top_k: int = 10
     sampled_negatives: int = 100
     export_top_k: str = "csv"
+    personalize_steps: int = 50
+    personalize_learning_rate: float = 0.05
 
     def __post_init__(self) -> None:
         _at_least("eval-every", self.eval_every, 1)
@@ -192,6 +196,8 @@ class EvalConfig:
         _at_least("top-k", self.top_k, 1)
         _at_least("sampled-negatives", self.sampled_negatives, 1)
         _choice("export-top-k", self.export_top_k, ("csv", "parquet", "none"))
+        _at_least("personalize-steps", self.personalize_steps, 0)
+        _positive("personalize-learning-rate", self.personalize_learning_rate)
 
 
 @dataclass(frozen=True)

@@ -127,8 +127,12 @@ class NCF(Recommender):
         mlp_layers: tuple[int, ...] = (),
         num_negatives: int = 32,
         init: str = "xavier",
+        user_init: str = "zero",
     ) -> None:
         super().__init__()
+        if user_init not in ("zero", "random"):
+            raise ValueError(f"unknown user_init {user_init!r}")
+        self.user_init = user_init
         if num_items < 2 or num_users < 1:
             raise ValueError(f"need num_items >= 2 and num_users >= 1, got {num_items}, {num_users}")
         self.num_items = num_items
@@ -158,13 +162,21 @@ class NCF(Recommender):
             mlp_layers=tuple(cfg.mlp_layers),
             num_negatives=cfg.num_negatives,
             init=cfg.init,
+            user_init=getattr(cfg, "user_init", "zero"),
         )
 
     def reset_parameters(self, init: str) -> None:
         """(Re)initialise every parameter with the given scheme; item biases start at zero."""
         if init not in ("xavier", "normal"):
             raise ValueError(f"unknown init {init!r}")
-        init_embedding(self.user_embedding, init)
+        if self.user_init == "zero":
+            # A user starts at the origin: its first gradient step points it at the
+            # (weighted) centroid of its own items, in the items' current coordinates.
+            # Random starting points of rarely-trained personal vectors instead pull the
+            # shared item table in unrelated directions on every device.
+            nn.init.zeros_(self.user_embedding.weight)
+        else:
+            init_embedding(self.user_embedding, init)
         init_embedding(self.item_embedding, init)
         nn.init.zeros_(self.item_bias.weight)
         for module in self.mlp:
