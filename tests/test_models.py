@@ -248,6 +248,8 @@ def test_score_shapes_and_consistency(cfg: ModelConfig) -> None:
 
 def test_ncf_scores_use_the_users_row() -> None:
     model = make(NCF_CFG, num_users=NUM_USERS)
+    with torch.no_grad():  # users start at zero; give them distinct rows
+        model.user_embedding.weight.normal_(generator=torch.Generator().manual_seed(0))
     h = torch.from_numpy(history(5))
     assert not torch.allclose(model.score_all(UserContext(0, h)), model.score_all(UserContext(1, h)))
 

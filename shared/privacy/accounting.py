@@ -8,14 +8,42 @@ device's lifetime; a fresh accountant each round would under-report it.
 
 from __future__ import annotations
 
-import copy
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
+from opacus.accountants.rdp import RDPAccountant
 
 HistoryEntry = tuple[float, float, int]
+
+
+@functools.lru_cache(maxsize=4096)
+def _unit_rdp_curve(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
+    """RDP of ONE subsampled Gaussian step at each of Opacus's default orders.
+
+    This is Opacus's own ``compute_rdp`` with ``steps=1``; its result for ``steps=n`` is
+    exactly this curve times ``n``. It is a pure function and dominates the cost of
+    accounting, and devices share few distinct (sigma, q), so it is memoised.
+    """
+    curve = rdp_analysis.compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+    )
+    return tuple(float(v) for v in np.atleast_1d(curve))
+
+
+def rdp_epsilon(history: Sequence[Sequence[float]], delta: float) -> float:
+    """Epsilon of a composition ``[(sigma, q, steps), ...]`` exactly as Opacus's RDPAccountant computes it."""
+    if not history:
+        return 0.0
+    total = np.zeros(len(RDPAccountant.DEFAULT_ALPHAS))
+    for sigma, q, steps in history:
+        total = total + np.asarray(_unit_rdp_curve(float(sigma), float(q))) * int(steps)
+    eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=total, delta=delta)
+    return float(eps)
 
 
 class BudgetExhausted(RuntimeError):
@@ -77,15 +105,21 @@ class DeviceAccountant:
 
     def epsilon(self) -> float:
         """Epsilon spent so far at ``delta`` (0.0 before any release)."""
-        if not self.opacus.history:
+        return self._epsilon_of(self.opacus.history)
+
+    def _epsilon_of(self, history: Sequence[Sequence[float]]) -> float:
+        if not history:
             return 0.0
-        return float(self.opacus.get_epsilon(delta=self.delta))
+        if self.mechanism == "rdp":
+            return rdp_epsilon(history, self.delta)
+        accountant = create_accountant(self.mechanism)
+        accountant.history = [tuple(h) for h in history]
+        return float(accountant.get_epsilon(delta=self.delta))
 
     def epsilon_if(self, release: Release) -> float:
         """Epsilon the device would reach after ``release``, without spending anything."""
-        hypothetical = copy.deepcopy(self.opacus)
-        hypothetical.history.append((release.noise_multiplier, release.sample_rate, release.steps))
-        return float(hypothetical.get_epsilon(delta=self.delta))
+        hypothetical = [*self.opacus.history, (release.noise_multiplier, release.sample_rate, release.steps)]
+        return self._epsilon_of(hypothetical)
 
     def check(self, release: Release) -> float:
         """Return the epsilon ``release`` would reach, or raise :class:`BudgetExhausted`.
