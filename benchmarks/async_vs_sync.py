@@ -69,7 +69,8 @@ def main() -> None:
         print(f"{mode:6s} best NDCG@10 {best[mode]:.4f}  reached target at "
               f"{'never' if r is None else f'{r:,.0f} simulated s'}  "
               f"(run: {s['time']['simulated-seconds']:,.0f} simulated s, {s['time']['wall-seconds']:.0f} wall s, "
-              f"{s['aggregation']['updates-applied']} updates, staleness mean {s['aggregation']['staleness-mean']:.2f})")
+              f"{s['aggregation']['updates-applied']} updates, "
+              f"staleness mean {s['aggregation']['staleness-mean']:.2f})")
     speedup = None
     if reach["async"] and reach["sync"]:
         speedup = reach["sync"] / reach["async"]

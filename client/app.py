@@ -27,6 +27,7 @@ from flwr.clientapp import ClientApp
 from client.device import Device, DeviceState, EvalReply, RefusalReply
 from shared.config import FedrecConfig, parse_config
 from shared.data.partition import load_device, prepare_partitions
+from shared.records import get_int
 
 _STATE_KEY = "fedrec-device"
 _PERSONAL_KEY = "fedrec-personal"
@@ -35,7 +36,7 @@ _PERSONAL_KEY = "fedrec-personal"
 def _device_index(context: Context) -> int:
     for key in ("device-id", "partition-id"):
         if key in context.node_config:
-            return int(context.node_config[key])
+            return get_int(context.node_config, key)
     raise KeyError("node config has neither 'device-id' nor 'partition-id'")
 
 
@@ -43,9 +44,11 @@ def _load_state(context: Context) -> DeviceState:
     state = DeviceState()
     if _STATE_KEY in context.state.config_records:
         rec = context.state.config_records[_STATE_KEY]
-        sigmas, rates, steps = (list(rec.get(k, [])) for k in ("acc-sigma", "acc-rate", "acc-steps"))
-        state.accountant_history = [(float(s), float(q), int(n)) for s, q, n in zip(sigmas, rates, steps)]
-        state.tasks_done = int(rec.get("tasks-done", 0))
+        sigmas: list[Any] = list(rec["acc-sigma"])  # type: ignore[arg-type]
+        rates: list[Any] = list(rec["acc-rate"])  # type: ignore[arg-type]
+        steps: list[Any] = list(rec["acc-steps"])  # type: ignore[arg-type]
+        state.accountant_history = [(float(s), float(q), int(n)) for s, q, n in zip(sigmas, rates, steps, strict=True)]
+        state.tasks_done = get_int(rec, "tasks-done")
     if _PERSONAL_KEY in context.state.array_records:
         state.personal = dict(context.state.array_records[_PERSONAL_KEY].to_torch_state_dict())
     return state
@@ -91,7 +94,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         cfg = config_of(context)
         device = _device(cfg, context)
-        task_seed = int(msg.content.config_records["config"]["task-seed"])
+        task_seed = get_int(msg.content.config_records["config"], "task-seed")
         reply = device.train(_global_params(msg), task_seed)
         if isinstance(reply, RefusalReply):
             content = RecordDict(

@@ -26,6 +26,7 @@ from server.scheduler import Completion, Failure, Outcome, Refusal, Scheduler, T
 from shared.aggregation import StateDict, polynomial_staleness
 from shared.config import FedrecConfig, to_flat
 from shared.fleet import Fleet
+from shared.records import get_float, get_int, get_int_list
 from shared.results.store import EvalRecord, PrivacyRecord, RunStore, TaskRecord, VersionRecord
 
 log = logging.getLogger("fedrec.server")
@@ -57,8 +58,8 @@ def validate_update(reply: Message, reference: StateDict) -> Outcome:
     try:
         delta = dict(content.array_records["delta"].to_torch_state_dict())
         metrics = content.metric_records["metrics"]
-        num_examples = int(metrics["num-examples"])
-        loss = float(metrics["loss"])
+        num_examples = get_int(metrics, "num-examples")
+        loss = get_float(metrics, "loss")
     except (KeyError, ValueError, TypeError) as exc:
         return Failure("failed", f"malformed reply: {exc}")
     if set(delta) != set(reference):
@@ -126,9 +127,10 @@ class Federation:
         while not sched.finished:
             for task in sched.dispatch():
                 messages[task.task_id] = self._dispatch(task)
-            task = sched.next_due()
-            if task is None:
+            due = sched.next_due()
+            if due is None:
                 continue
+            task = due
             mid = messages.pop(task.task_id)
             if task.lost:
                 # The simulated device went away: its reply, whenever it comes, is ignored.
@@ -163,7 +165,7 @@ class Federation:
         metrics = reply.content.metric_records.get("metrics")
         if metrics is None or not self.cfg.privacy.dp or "epsilon" not in metrics:
             return
-        eps = float(metrics["epsilon"])
+        eps = get_float(metrics, "epsilon")
         p = self.cfg.privacy
         refused = c.status == "refused"
         if not refused:
@@ -173,7 +175,8 @@ class Federation:
             PrivacyRecord(
                 device_id=t.device_id, task_id=t.task_id, version=t.base_version, epsilon=eps,
                 delta=p.delta, noise_multiplier=p.noise_multiplier,
-                sample_rate=float(metrics.get("sample-rate", 0.0)), steps=int(metrics.get("steps", 0)),
+                sample_rate=get_float(metrics, "sample-rate", 0.0),
+                steps=get_int(metrics, "steps") if "steps" in metrics else 0,
                 clip_norm=p.clip_norm, accountant=p.accountant, status="refused" if refused else "spent",
             ),
         )
@@ -201,10 +204,10 @@ class Federation:
     # -- evaluation ------------------------------------------------------------------
     def evaluate(self, devices: list[int], split: str, export: bool) -> EvalOutcome:
         """On-device evaluation of the current global model on ``devices``."""
-        content_cfg = {"split": split, "version": self.scheduler.version, "export-top-k": export}
+        content_cfg: dict[str, Any] = {"split": split, "version": self.scheduler.version, "export-top-k": export}
         mids = {}
         for device in devices:
-            content = RecordDict({"global": self._model_record(), "config": ConfigRecord(content_cfg)})
+            content = RecordDict({"global": self._model_record(), "config": ConfigRecord(dict(content_cfg))})
             mids[device] = self.driver.send(device, content, MessageType.EVALUATE)
         sums = {"hit": 0.0, "ndcg": 0.0, "sampled-hit": 0.0, "sampled-ndcg": 0.0}
         users = 0
@@ -215,10 +218,10 @@ class Federation:
                 continue
             m = reply.content.metric_records["metrics"]
             for key in sums:
-                sums[key] += float(m[key])
+                sums[key] += get_float(m, key)
             users += 1
             if export and "top-k" in reply.content.config_records:
-                tops[device] = [int(i) for i in reply.content.config_records["top-k"]["items"]]
+                tops[device] = get_int_list(reply.content.config_records["top-k"], "items")
         mean = {k: (v / users if users else math.nan) for k, v in sums.items()}
         coverage = None
         if tops:

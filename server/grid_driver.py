@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from shared.records import get_int
+
 log = logging.getLogger("fedrec.server")
 
 
@@ -73,7 +75,7 @@ class GridDriver:
             reply = self.wait(mid)
             if reply is None or reply.has_error():
                 raise GridError(f"node {node} did not answer the device-id query")
-            device = int(reply.content.config_records["status"]["device-id"])
+            device = get_int(reply.content.config_records["status"], "device-id")
             if device in self.node_of:
                 raise GridError(f"two nodes claim device id {device}")
             self.node_of[device] = node

@@ -18,12 +18,12 @@ def test_no_staleness_buffer_is_exactly_example_weighted_fedavg() -> None:
     clients = _models(1, 3)
     examples = [10, 30, 60]
     buf = UpdateBuffer(constant_staleness, max_staleness=0)
-    for i, (client, n) in enumerate(zip(clients, examples)):
+    for i, (client, n) in enumerate(zip(clients, examples, strict=False)):
         delta = {k: client[k] - global_model[k] for k in client}
         assert buf.add(i, delta, float(n), staleness=0)
     new = ServerOptimizer("sgd", 1.0).apply(global_model, buf.aggregate())
     for k in global_model:
-        fedavg = sum(n * c[k].double() for c, n in zip(clients, examples)) / sum(examples)
+        fedavg = sum(n * c[k].double() for c, n in zip(clients, examples, strict=False)) / sum(examples)
         torch.testing.assert_close(new[k].double(), fedavg.float().double(), rtol=0, atol=1e-6)
 
 
