@@ -4,7 +4,11 @@ Prints a table and the two acceptance ratios; asserts nothing. All runs share
 the data split, model code and seed. Federated runs use the in-process backend
 (``--backend ray`` gives the same numbers, more slowly).
 
-    python benchmarks/quality.py [--set key=value ...] [--json out.json]
+    python benchmarks/quality.py [--set key=value ...] [--nodp-set key=value ...] [--dp-set ...] [--json out.json]
+
+``--set`` applies to every run (data, model, seed); ``--nodp-set`` / ``--dp-set`` only
+to the federated run without / with DP (their training settings are tuned apart:
+noise changes which server optimizer and learning rates work).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from simulations.runner import simulate
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every run")
+    parser.add_argument("--nodp-set", action="append", metavar="KEY=VALUE", help="federated run without DP only")
+    parser.add_argument("--dp-set", action="append", metavar="KEY=VALUE", help="federated run with DP only")
     parser.add_argument("--epochs", type=int, default=15, help="centralized epochs (best on validation is kept)")
     parser.add_argument("--backend", default="local", choices=("local", "ray"))
     parser.add_argument("--out", default="runs/bench-quality", help="output directory root")
@@ -45,13 +51,13 @@ def main() -> None:
     seconds["centralized (no DP)"] = time.monotonic() - t
 
     runs = {
-        "federated (no DP)": {"dp": False},
-        f"federated + DP (eps <= {cfg.privacy.epsilon_budget:g})": {},
+        "federated (no DP)": {**parse_sets(args.nodp_set), "dp": False},
+        f"federated + DP (eps <= {cfg.privacy.epsilon_budget:g})": {**parse_sets(args.dp_set), "dp": True},
     }
     eps_max = 0.0
     for name, extra in runs.items():
         t = time.monotonic()
-        out = f"{args.out}/{'dp' if not extra else 'nodp'}"
+        out = f"{args.out}/{'dp' if extra['dp'] else 'nodp'}"
         summary = simulate({**common, **extra, "output-dir": out}, backend=args.backend)
         seconds[name] = time.monotonic() - t
         rows[name] = {k: summary["final"][k] for k in ("hr@10", "ndcg@10", "sampled-hr@10", "sampled-ndcg@10")}
@@ -68,8 +74,10 @@ def main() -> None:
     ratio_dp = dp["ndcg@10"] / rows["popularity"]["ndcg@10"]
     print(f"\nfederated / centralized NDCG@10 = {ratio_fed:.3f}  (target >= 0.90)")
     print(f"federated+DP / popularity NDCG@10 = {ratio_dp:.3f}  (target >= 1.50), max device eps = {eps_max:.3f}")
+    print(f"overrides: all runs {common}; no-DP {runs['federated (no DP)']}; DP {runs[list(runs)[1]]}")
     dump(args.json, {"rows": rows, "seconds": seconds, "fed_over_central": ratio_fed,
-                     "dp_over_popularity": ratio_dp, "epsilon_max": eps_max, "overrides": common})
+                     "dp_over_popularity": ratio_dp, "epsilon_max": eps_max, "overrides": common,
+                     "run_overrides": runs})
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ class TrainConfig:
     """Local training on a device."""
 
     local_steps: int = 10
-    batch_size: int = 16
+    batch_size: int = 8
     optimizer: str = "sgd"
     learning_rate: float = 0.1
     momentum: float = 0.0
@@ -127,15 +127,15 @@ class AggregationConfig:
     """Server-side aggregation: FedBuff (async) or FedAvg (sync) on one engine."""
 
     mode: str = "async"
-    concurrency: int = 50
-    buffer_size: int = 10
+    concurrency: int = 100
+    buffer_size: int = 50
     staleness_exponent: float = 0.5
     max_staleness: int = 40
     example_weighting: bool = True
     server_optimizer: str = "sgd"
     server_learning_rate: float = 1.0
     server_momentum: float = 0.0
-    num_versions: int = 150
+    num_versions: int = 100
     max_sim_seconds: float = 0.0
     task_timeout: float = 900.0
     wall_timeout: float = 600.0
@@ -182,12 +182,12 @@ class FleetConfig:
 class EvalConfig:
     """On-device evaluation of global models."""
 
-    eval_every: int = 10
+    eval_every: int = 20
     eval_devices: int = 200
     top_k: int = 10
     sampled_negatives: int = 100
     export_top_k: str = "csv"
-    personalize_steps: int = 50
+    personalize_steps: int = 0
     personalize_learning_rate: float = 0.05
 
     def __post_init__(self) -> None:

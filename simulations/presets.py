@@ -18,7 +18,7 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
             "eval-every": 3, "eval-devices": 6, "local-steps": 3, "output-dir": "runs/smoke",
         },
         "no-dp": {"dp": False, "output-dir": "runs/no-dp"},
-        "sync": {"mode": "sync", "output-dir": "runs/sync"},
+        "sync": {"mode": "sync", "num-versions": 50, "output-dir": "runs/sync"},
         "sasrec": {"model": "sasrec", "output-dir": "runs/sasrec"},
         "large": {
             "dataset": "synthetic", "synthetic-users": 500, "synthetic-items": 20000,
