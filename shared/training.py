@@ -7,6 +7,7 @@ non-private results come from the same code.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -85,6 +86,9 @@ def train_locally(
     seed
         Seeds batch sampling, negative sampling and DP noise (reproducible simulation).
     """
+    # Empty Poisson batches are expected on small devices and handled (see below);
+    # Opacus would log a warning for each one.
+    logging.getLogger("opacus.data_loader").setLevel(logging.ERROR)
     num_records = int(records[0].shape[0])
     if num_records == 0:
         raise ValueError("a device with no training records cannot train")
