@@ -31,24 +31,10 @@ from opacus import PrivacyEngine
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch.utils.data import DataLoader, TensorDataset
 
+from shared.config import ModelConfig
 from shared.models import NCF, SASRec, build_model, count_parameters
 
 MODES = ("plain", "hooks", "ghost")
-
-
-@dataclass(frozen=True)
-class BenchModel:
-    """Model shape used for the benchmark (the fields of ``shared.config.ModelConfig``)."""
-
-    name: str
-    embedding_dim: int = 64
-    mlp_layers: tuple[int, ...] = (64,)
-    num_negatives: int = 32
-    max_seq_len: int = 50
-    num_blocks: int = 2
-    num_heads: int = 2
-    dropout: float = 0.0
-    init: str = "xavier"
 
 
 def make_records(model: NCF | SASRec, batch_size: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -132,7 +118,7 @@ class BenchResult:
         return f"{self.medians[mode] / self.medians['plain']:7.1f}x"
 
 
-def bench_one(cfg: BenchModel, num_items: int, batch_size: int, repeats: int) -> BenchResult:
+def bench_one(cfg: ModelConfig, num_items: int, batch_size: int, repeats: int) -> BenchResult:
     """Median seconds per step for each mode, interleaved over ``repeats`` rounds."""
     base = build_model(cfg, num_items, 1, seed=0)
     assert isinstance(base, NCF | SASRec)
@@ -167,7 +153,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
     warnings.filterwarnings("ignore", message=".*backward hook.*")
 
-    configs = [BenchModel(name="ncf"), BenchModel(name="sasrec")]
+    configs = [ModelConfig(name="ncf"), ModelConfig(name="sasrec")]
     print(
         f"torch {torch.__version__}, threads={args.threads}, batch={args.batch_size}, "
         f"repeats={args.repeats} (median s/step; interleaved)"
