@@ -22,8 +22,9 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
         "sasrec": {"model": "sasrec", "output-dir": "runs/sasrec"},
         "large": {
             "dataset": "synthetic", "synthetic-users": 500, "synthetic-items": 20000,
-            "embedding-dim": 512, "mlp-layers": "512,256", "batch-size": 8, "num-versions": 20,
-            "concurrency": 20, "buffer-size": 5, "eval-devices": 50, "output-dir": "runs/large",
+            "embedding-dim": 512, "mlp-layers": "512,256", "batch-size": 8, "local-steps": 2,
+            "num-versions": 10, "concurrency": 10, "buffer-size": 5, "eval-every": 5, "eval-devices": 20,
+            "output-dir": "runs/large",
         },
     }
 )
