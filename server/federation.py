@@ -98,6 +98,8 @@ class Federation:
         self.status_counts: dict[str, int] = {}
         self.evaluations: list[EvalRecord] = []
         self._t0 = time.monotonic()
+        self._model_rec: ArrayRecord | None = None
+        self._model_rec_version = -1
         rng = np.random.default_rng([cfg.seed, 0xE7A1])
         n_eval = cfg.eval.eval_devices or num_devices
         self.eval_subset = sorted(rng.choice(num_devices, size=min(n_eval, num_devices), replace=False).tolist())
@@ -108,7 +110,12 @@ class Federation:
 
     # -- messages --------------------------------------------------------------------
     def _model_record(self) -> ArrayRecord:
-        return ArrayRecord({k: v for k, v in self.scheduler.params.items()})
+        # One record per model version, shared by every message that carries it: a copy
+        # per message would hold concurrency x model size in memory (GBs for large models).
+        if self._model_rec_version != self.scheduler.version or self._model_rec is None:
+            self._model_rec = ArrayRecord({k: v for k, v in self.scheduler.params.items()})
+            self._model_rec_version = self.scheduler.version
+        return self._model_rec
 
     def _dispatch(self, task: Task) -> str:
         content = RecordDict(
@@ -205,15 +212,19 @@ class Federation:
     def evaluate(self, devices: list[int], split: str, export: bool) -> EvalOutcome:
         """On-device evaluation of the current global model on ``devices``."""
         content_cfg: dict[str, Any] = {"split": split, "version": self.scheduler.version, "export-top-k": export}
-        mids = {}
-        for device in devices:
-            content = RecordDict({"global": self._model_record(), "config": ConfigRecord(dict(content_cfg))})
-            mids[device] = self.driver.send(device, content, MessageType.EVALUATE)
         sums = {"hit": 0.0, "ndcg": 0.0, "sampled-hit": 0.0, "sampled-ndcg": 0.0}
         users = 0
         tops: dict[int, list[int]] = {}
-        for device, mid in mids.items():
-            reply = self.driver.wait(mid)
+        replies: list[tuple[int, Message | None]] = []
+        wave = self.cfg.aggregation.concurrency
+        # In waves of `concurrency` devices, so pending messages stay bounded.
+        for start in range(0, len(devices), wave):
+            mids = {}
+            for device in devices[start:start + wave]:
+                content = RecordDict({"global": self._model_record(), "config": ConfigRecord(dict(content_cfg))})
+                mids[device] = self.driver.send(device, content, MessageType.EVALUATE)
+            replies.extend((device, self.driver.wait(mid)) for device, mid in mids.items())
+        for device, reply in replies:
             if reply is None or reply.has_error():
                 continue
             m = reply.content.metric_records["metrics"]

@@ -90,7 +90,7 @@ class TrainConfig:
     optimizer: str = "sgd"
     learning_rate: float = 0.1
     momentum: float = 0.0
-    weight_decay: float = 0.0
+    weight_decay: float = 0.05
     l1: float = 0.0
 
     def __post_init__(self) -> None:
