@@ -4,8 +4,8 @@ Message contract (see docs/architecture.md):
 
 * ``train`` in: ``global`` (ArrayRecord, global parameters only), ``config``
   (ConfigRecord: ``version``, ``task-seed``). Out: ``delta`` (ArrayRecord),
-  ``metrics`` (MetricRecord: num-examples, loss, steps, epsilon, delta,
-  sample-rate), ``status`` (ConfigRecord: ``status`` = ok | refused).
+  ``metrics`` (MetricRecord: num-examples, steps, epsilon, delta,
+  sample-rate, and loss only with DP off), ``status`` (ConfigRecord: ``status`` = ok | refused).
 * ``evaluate`` in: ``global``, ``config`` (``split``, ``export-top-k``). Out:
   ``metrics`` (hits and NDCG under both protocols) and, when asked, ``top-k``.
 * ``query`` out: ``status`` with this device's ``device-id``.
@@ -108,19 +108,21 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             )
             return Message(content, reply_to=msg)
         _save_state(context, device.state)
+        metrics: dict[str, int | float] = {
+            "num-examples": reply.num_examples,
+            "steps": reply.steps,
+            "epsilon": reply.epsilon,
+            "delta": cfg.privacy.delta if cfg.privacy.dp else 0.0,
+            "sample-rate": reply.sample_rate,
+        }
+        if not cfg.privacy.dp:
+            # The mean training loss is a function of the records that DP-SGD does not
+            # privatise; with DP on it stays on the device.
+            metrics["loss"] = reply.loss
         content = RecordDict(
             {
                 "delta": ArrayRecord(reply.delta),
-                "metrics": MetricRecord(
-                    {
-                        "num-examples": reply.num_examples,
-                        "loss": reply.loss,
-                        "steps": reply.steps,
-                        "epsilon": reply.epsilon,
-                        "delta": cfg.privacy.delta if cfg.privacy.dp else 0.0,
-                        "sample-rate": reply.sample_rate,
-                    }
-                ),
+                "metrics": MetricRecord(metrics),
                 "status": ConfigRecord({"status": "ok"}),
             }
         )

@@ -8,6 +8,7 @@ because the round would exceed its budget, or evaluates and returns only metrics
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,6 +96,18 @@ class Device:
         """Cumulative record-level epsilon spent so far (0 with DP off)."""
         return self._accountant().epsilon() if self.cfg.privacy.dp else 0.0
 
+    def _training_seed(self, task_seed: int) -> int:
+        """Seed of batch sampling, negatives and DP noise for one task.
+
+        Derived from values the server knows (run seed, device id, task id) only in
+        simulation with ``reproducible-noise``: a server that can regenerate the
+        noise can subtract it, which voids the DP guarantee. Otherwise it comes from
+        the operating system's entropy and is never stored or sent.
+        """
+        if self.cfg.privacy.dp and not self.cfg.privacy.reproducible_noise:
+            return secrets.randbits(62)
+        return device_seed(self.cfg.seed, self.data.device_id, f"train-{task_seed}")
+
     def train(self, global_params: dict[str, torch.Tensor], task_seed: int) -> TrainReply | RefusalReply:
         """Train on the device's own records; refuse if the budget would be exceeded."""
         model = self._model(global_params)
@@ -108,8 +121,7 @@ class Device:
             except BudgetExhausted as exc:
                 return RefusalReply(exc.spent, exc.would_reach, str(exc))
         result = train_locally(
-            model, records, self.cfg.train, self.cfg.privacy, accountant,
-            seed=device_seed(self.cfg.seed, self.data.device_id, f"train-{task_seed}"),
+            model, records, self.cfg.train, self.cfg.privacy, accountant, seed=self._training_seed(task_seed)
         )
         trained = model.state_dict()
         delta = {k: (trained[k] - v).detach().clone() for k, v in global_params.items()}

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from server.grid_driver import GridDriver
-from server.scheduler import Completion, Failure, Outcome, Refusal, Scheduler, Task, Update
+from server.scheduler import Completion, DeviceStatus, Failure, Outcome, Refusal, Scheduler, Task, Update
 from shared.aggregation import StateDict, polynomial_staleness
 from shared.config import FedrecConfig, to_flat
 from shared.fleet import Fleet
@@ -59,7 +59,9 @@ def validate_update(reply: Message, reference: StateDict) -> Outcome:
         delta = dict(content.array_records["delta"].to_torch_state_dict())
         metrics = content.metric_records["metrics"]
         num_examples = get_int(metrics, "num-examples")
-        loss = get_float(metrics, "loss")
+        # Under DP the device does not report its training loss (it is computed from
+        # its records and is not covered by the DP guarantee).
+        loss = get_float(metrics, "loss") if "loss" in metrics else None
     except (KeyError, ValueError, TypeError) as exc:
         return Failure("failed", f"malformed reply: {exc}")
     if set(delta) != set(reference):
@@ -86,7 +88,7 @@ class Federation:
         self.cfg = cfg
         self.num_devices = num_devices
         self.num_items = num_items
-        self.driver = GridDriver(grid, cfg.aggregation.wall_timeout)
+        self.driver = GridDriver(grid, cfg.aggregation.wall_timeout, on_late_reply=self._late_reply)
         self.fleet = Fleet(num_devices, cfg.fleet, cfg.seed)
         self.scheduler = Scheduler(
             cfg.aggregation, self.fleet, cfg.train.local_steps, initial,
@@ -100,6 +102,7 @@ class Federation:
         self._t0 = time.monotonic()
         self._model_rec: ArrayRecord | None = None
         self._model_rec_version = -1
+        self._lost: dict[int, Task] = {}  # device -> its task resolved as lost, reply still due
         rng = np.random.default_rng([cfg.seed, 0xE7A1])
         n_eval = cfg.eval.eval_devices or num_devices
         self.eval_subset = sorted(rng.choice(num_devices, size=min(n_eval, num_devices), replace=False).tolist())
@@ -130,17 +133,18 @@ class Federation:
     def train(self) -> None:
         """Dispatch and complete tasks until the scheduler is finished."""
         sched = self.scheduler
-        messages: dict[int, str] = {}
+        messages: dict[int, tuple[Task, str]] = {}
         while not sched.finished:
             for task in sched.dispatch():
-                messages[task.task_id] = self._dispatch(task)
+                messages[task.task_id] = (task, self._dispatch(task))
             due = sched.next_due()
             if due is None:
                 continue
             task = due
-            mid = messages.pop(task.task_id)
+            mid = messages.pop(task.task_id)[1]
             if task.lost:
                 # The simulated device went away: its reply, whenever it comes, is ignored.
+                self._lost[task.device_id] = task
                 self.driver.discard(mid)
                 outcome: Outcome = Failure(task.lost, "simulated " + task.lost)
                 reply = None
@@ -154,8 +158,48 @@ class Federation:
             self._record(completion, reply)
             if completion.applied_version is not None:
                 self._on_version(completion.applied_version)
-        for mid in messages.values():
+        # Tasks still running when the run ends: their updates are not used, but the
+        # devices train and spend privacy, which their late replies record.
+        for task, mid in messages.values():
+            self._lost[task.device_id] = task
             self.driver.discard(mid)
+
+    def _note_epsilon(self, device_id: int, epsilon: float) -> None:
+        """Keep the highest cumulative epsilon any reply of the device has reported.
+
+        Cumulative epsilon only grows, so the maximum is the latest; replies of
+        lost tasks and evaluation replies count too, since the device spent the
+        budget whether or not the server used its update.
+        """
+        if self.cfg.privacy.dp and epsilon > self.device_epsilon.get(device_id, 0.0):
+            self.device_epsilon[device_id] = epsilon
+
+    def _late_reply(self, device_id: int, reply: Message) -> None:
+        """A reply to a task already resolved as lost: record its privacy spending only."""
+        task = self._lost.pop(device_id, None)
+        if reply.has_error() or "metrics" not in reply.content.metric_records:
+            return
+        metrics = reply.content.metric_records["metrics"]
+        if not self.cfg.privacy.dp or "epsilon" not in metrics or task is None:
+            return
+        status = reply.content.config_records.get("status")
+        if status is None or str(status.get("status", "")) != "ok":
+            return  # a late refusal spent nothing
+        self._note_epsilon(device_id, get_float(metrics, "epsilon"))
+        self._add_privacy(task, metrics, "spent")
+
+    def _add_privacy(self, t: Task, metrics: MetricRecord, status: str) -> None:
+        p = self.cfg.privacy
+        self.store.add_privacy(
+            self.run_id,
+            PrivacyRecord(
+                device_id=t.device_id, task_id=t.task_id, version=t.base_version,
+                epsilon=get_float(metrics, "epsilon"), delta=p.delta, noise_multiplier=p.noise_multiplier,
+                sample_rate=get_float(metrics, "sample-rate", 0.0),
+                steps=get_int(metrics, "steps") if "steps" in metrics else 0,
+                clip_norm=p.clip_norm, accountant=p.accountant, status=status,
+            ),
+        )
 
     def _record(self, c: Completion, reply: Message | None) -> None:
         self.status_counts[c.status] = self.status_counts.get(c.status, 0) + 1
@@ -172,21 +216,8 @@ class Federation:
         metrics = reply.content.metric_records.get("metrics")
         if metrics is None or not self.cfg.privacy.dp or "epsilon" not in metrics:
             return
-        eps = get_float(metrics, "epsilon")
-        p = self.cfg.privacy
-        refused = c.status == "refused"
-        if not refused:
-            self.device_epsilon[t.device_id] = eps
-        self.store.add_privacy(
-            self.run_id,
-            PrivacyRecord(
-                device_id=t.device_id, task_id=t.task_id, version=t.base_version, epsilon=eps,
-                delta=p.delta, noise_multiplier=p.noise_multiplier,
-                sample_rate=get_float(metrics, "sample-rate", 0.0),
-                steps=get_int(metrics, "steps") if "steps" in metrics else 0,
-                clip_norm=p.clip_norm, accountant=p.accountant, status="refused" if refused else "spent",
-            ),
-        )
+        self._note_epsilon(t.device_id, get_float(metrics, "epsilon"))
+        self._add_privacy(t, metrics, "refused" if c.status == "refused" else "spent")
 
     def _on_version(self, version: int) -> None:
         sched = self.scheduler
@@ -228,6 +259,8 @@ class Federation:
             if reply is None or reply.has_error():
                 continue
             m = reply.content.metric_records["metrics"]
+            if "epsilon" in m:
+                self._note_epsilon(device, get_float(m, "epsilon"))
             for key in sums:
                 sums[key] += get_float(m, key)
             users += 1
@@ -280,6 +313,7 @@ class Federation:
                 "tasks-dropped": counts.get("dropped", 0),
                 "tasks-timed-out": counts.get("timeout", 0),
                 "tasks-refused": counts.get("refused", 0),
+                "devices-retired": sum(s is DeviceStatus.RETIRED for s in self.scheduler.status),
                 "staleness-mean": float(np.mean(staleness)) if staleness else 0.0,
                 "staleness-max": int(max(staleness)) if staleness else 0,
             },

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from flwr.app import Message, MessageType, RecordDict
@@ -42,15 +43,23 @@ class GridDriver:
         Real seconds after which an unanswered message is given up.
     poll_interval
         Real seconds between pulls when nothing has arrived.
+    on_late_reply
+        Called with ``(device_id, reply)`` for a reply that arrives after its task was
+        given up (:meth:`discard`). The device still trained and spent privacy; the
+        server must still record that spending even though it ignores the update.
     """
 
-    def __init__(self, grid: Grid, wall_timeout: float, poll_interval: float = 0.02) -> None:
+    def __init__(
+        self, grid: Grid, wall_timeout: float, poll_interval: float = 0.02,
+        on_late_reply: Callable[[int, Message], None] | None = None,
+    ) -> None:
+        self.on_late_reply = on_late_reply
         self.grid = grid
         self.wall_timeout = wall_timeout
         self.poll_interval = poll_interval
         self.node_of: dict[int, int] = {}
         self._pending: dict[str, _Pending] = {}
-        self._arrived: dict[str, Message] = {}
+        self._arrived: dict[str, tuple[int, Message]] = {}
         self._device_msg: dict[int, str] = {}
         self._discarded: set[str] = set()
 
@@ -119,8 +128,10 @@ class GridDriver:
                 continue
             if mid in self._discarded:
                 self._discarded.discard(mid)
+                if self.on_late_reply is not None:
+                    self.on_late_reply(pending.device_id, reply)
             else:
-                self._arrived[mid] = reply
+                self._arrived[mid] = (pending.device_id, reply)
             if self._device_msg.get(pending.device_id) == mid:
                 del self._device_msg[pending.device_id]
             got += 1
@@ -139,7 +150,7 @@ class GridDriver:
         """Block until the reply to ``mid`` arrives (or is given up: returns None)."""
         while True:
             if mid in self._arrived:
-                return self._arrived.pop(mid)
+                return self._arrived.pop(mid)[1]
             if mid not in self._pending:
                 return None
             if not self._pull():
@@ -147,7 +158,11 @@ class GridDriver:
 
     def discard(self, mid: str) -> None:
         """Forget the reply to ``mid`` whenever it comes (a task already resolved as lost)."""
-        if self._arrived.pop(mid, None) is None and mid in self._pending:
+        early = self._arrived.pop(mid, None)
+        if early is not None:
+            if self.on_late_reply is not None:
+                self.on_late_reply(early[0], early[1])
+        elif mid in self._pending:
             self._discarded.add(mid)
 
     def drain(self) -> None:

@@ -41,6 +41,7 @@ class DeviceStatus(Enum):
     IDLE = "idle"
     BUSY = "busy"
     EXHAUSTED = "exhausted"  # refused for budget: never scheduled again
+    RETIRED = "retired"  # unresponsive or failing repeatedly: never scheduled again
 
 
 @dataclass(order=True)
@@ -62,7 +63,7 @@ class Update:
 
     delta: Mapping[str, torch.Tensor]
     num_examples: int
-    loss: float
+    loss: float | None  # None under DP: the device does not report it
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ class Scheduler:
         self._seq = 0
         self._tasks_per_device = [0] * len(fleet)
         self._availability_attempts = [0] * len(fleet)
+        self._consecutive_failures = [0] * len(fleet)
         self._cohort_open = 0  # sync mode: tasks of the current cohort not yet completed
         self.applied_staleness: list[int] = []
 
@@ -237,7 +239,15 @@ class Scheduler:
             self.status[task.device_id] = DeviceStatus.EXHAUSTED
         elif isinstance(outcome, Failure):
             status = outcome.kind
+            self._consecutive_failures[task.device_id] += 1
+            # A real (not simulated) timeout means the device may still be running the
+            # task: sending it another could have two tasks update its state at once.
+            if outcome.kind == "timeout" or (
+                self._consecutive_failures[task.device_id] >= self.cfg.max_device_failures
+            ):
+                self.status[task.device_id] = DeviceStatus.RETIRED
         else:
+            self._consecutive_failures[task.device_id] = 0
             num_examples, loss = outcome.num_examples, outcome.loss
             weight = float(outcome.num_examples) if self.cfg.example_weighting else 1.0
             accepted = self.buffer.add(task.device_id, outcome.delta, weight, staleness)

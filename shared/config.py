@@ -113,6 +113,9 @@ class PrivacyConfig:
     delta: float = 1e-5
     epsilon_budget: float = 8.0
     accountant: str = "rdp"
+    # Seed DP noise and Poisson sampling from the run seed (simulation only): whoever
+    # knows the seed can subtract the noise, so real devices must draw from OS entropy.
+    reproducible_noise: bool = False
 
     def __post_init__(self) -> None:
         _positive("noise-multiplier", self.noise_multiplier)
@@ -139,6 +142,7 @@ class AggregationConfig:
     max_sim_seconds: float = 0.0
     task_timeout: float = 900.0
     wall_timeout: float = 600.0
+    max_device_failures: int = 3
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, ("async", "sync"))
@@ -158,6 +162,7 @@ class AggregationConfig:
         _in_range("max-sim-seconds", self.max_sim_seconds, 0.0, math.inf)
         _positive("task-timeout", self.task_timeout)
         _positive("wall-timeout", self.wall_timeout)
+        _at_least("max-device-failures", self.max_device_failures, 1)
 
 
 @dataclass(frozen=True)

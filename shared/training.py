@@ -56,10 +56,24 @@ def apply_l1_proximal(params: list[torch.nn.Parameter], lr: float, l1: float) ->
             p.copy_(torch.sign(p) * torch.clamp(p.abs() - lr * l1, min=0.0))
 
 
+def opacus_sample_rate(num_records: int, batch_size: int) -> float:
+    """The Poisson rate Opacus's accountant will record for ``num_records`` at ``batch_size``.
+
+    ``make_private`` takes ``1 / len(loader)`` = ``1 / ceil(N / B)`` to build the
+    DPDataLoader, whose length is ``int(1 / rate)``, and then charges
+    ``1 / len(dp_loader)``. Floating-point rounding makes the two differ for some N
+    (N = 737, B = 8: 1/93 becomes 1/92), so the budget check must mirror the
+    whole chain, not the formula.
+    """
+    batches = max(1, math.ceil(num_records / batch_size))
+    return 1.0 / int(1.0 / (1.0 / batches))
+
+
 def plan_release(num_records: int, train: TrainConfig, privacy: PrivacyConfig) -> Release:
-    """The DP-SGD release a task will make: Opacus's Poisson rate is 1/ceil(N/B) per step."""
-    batches = max(1, math.ceil(num_records / train.batch_size))
-    return Release(privacy.noise_multiplier, 1.0 / batches, train.local_steps)
+    """The DP-SGD release a task will make (exactly the rate and steps Opacus will charge)."""
+    return Release(
+        privacy.noise_multiplier, opacus_sample_rate(num_records, train.batch_size), train.local_steps
+    )
 
 
 def train_locally(

@@ -34,7 +34,9 @@ def simulate(overrides: Mapping[str, Any], num_actors: int = 2, backend: str = "
     """
     if backend not in ("ray", "local"):
         raise ValueError(f"backend must be 'ray' or 'local', got {backend!r}")
-    cfg: FedrecConfig = parse_config(overrides)
+    # A simulation is reproducible unless asked otherwise: same seed, same numbers.
+    # (Deployed devices keep the default, noise from OS entropy.)
+    cfg: FedrecConfig = parse_config({"reproducible-noise": True, **overrides})
     flat = to_flat(cfg)
     # Quiet Flower's telemetry and update check before it is imported.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

@@ -145,3 +145,57 @@ def test_client_messages_never_carry_the_user_embedding(overrides: dict[str, obj
     train_reply = outgoing[0].content
     assert set(train_reply.array_records) == {"delta"}
     assert set(train_reply.array_records["delta"]) == set(model.global_state())
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8, 32])
+def test_planned_sample_rate_is_exactly_what_opacus_charges(batch_size: int) -> None:
+    """The budget check must predict Opacus's rate bit for bit, rounding quirks included."""
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from shared.training import opacus_sample_rate
+
+    mismatches_of_naive_formula = 0
+    for n in range(1, 2001):
+        loader = DataLoader(TensorDataset(torch.zeros(n)), batch_size=batch_size)
+        dp_loader = DPDataLoader.from_data_loader(loader)
+        charged = 1 / len(dp_loader)  # what PrivacyEngine.make_private hands the accountant
+        assert opacus_sample_rate(n, batch_size) == charged, n
+        mismatches_of_naive_formula += charged != 1 / len(loader)
+    if batch_size == 8:
+        # The case that motivated mirroring the chain (N = 737: 1/93 -> 1/92) really occurs.
+        assert mismatches_of_naive_formula > 0
+
+
+@pytest.mark.parametrize("reproducible", [True, False])
+def test_dp_noise_is_reproducible_only_when_asked(overrides: dict[str, object], reproducible: bool) -> None:
+    """By default the noise must not be derivable from what the server knows (seed, device, task)."""
+    deltas = []
+    for _ in range(2):
+        device = _device(overrides, reproducible_noise=reproducible)
+        reply = device.train(_global(device), task_seed=0)
+        assert isinstance(reply, TrainReply)
+        deltas.append(reply.delta)
+    same = all(torch.equal(deltas[0][k], deltas[1][k]) for k in deltas[0])
+    assert same is reproducible
+
+
+def _train_reply(overrides: dict[str, object]) -> Message:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    app = build_client_app(overrides)
+    info = prepare_partitions(parse_config(overrides).data)
+    model = build_model(parse_config(overrides).model, info.num_items, 1, seed=5)
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    msg = Message(
+        RecordDict({"global": ArrayRecord(model.global_state()),
+                    "config": ConfigRecord({"version": 0, "task-seed": 0})}),
+        dst_node_id=7, message_type=MessageType.TRAIN,
+    )
+    return app(msg, context)
+
+
+def test_training_reply_carries_no_loss_under_dp(overrides: dict[str, object]) -> None:
+    """The mean loss is computed from the records outside DP-SGD: it stays on the device."""
+    private = _train_reply(overrides).content.metric_records["metrics"]
+    assert "loss" not in private and private["epsilon"] > 0
+    assert "loss" in _train_reply({**overrides, "dp": False}).content.metric_records["metrics"]

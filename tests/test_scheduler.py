@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from server.scheduler import Failure, Refusal, Scheduler, Update
+from server.scheduler import DeviceStatus, Failure, Refusal, Scheduler, Update
 from shared.aggregation import constant_staleness, polynomial_staleness
 from shared.config import AggregationConfig, FleetConfig
 from shared.fleet import Fleet
@@ -135,3 +135,56 @@ def test_config_is_not_mutated() -> None:
     before = dataclasses.asdict(s.cfg)
     _run(s)
     assert dataclasses.asdict(s.cfg) == before
+
+
+def test_a_device_failing_repeatedly_is_retired() -> None:
+    broken = {0, 1, 2}
+
+    def outcome(task):
+        if task.device_id in broken:
+            return Failure("failed", "device error")
+        return Update({"w": torch.ones(3)}, 10, None)
+
+    s = _scheduler(devices=6, concurrency=3, num_versions=10_000, max_device_failures=2)
+    log = _run(s, outcome, limit=5_000)
+    for device in broken:
+        failures = [c for c in log if c.task.device_id == device]
+        assert len(failures) == 2, "retired after exactly max-device-failures consecutive failures"
+        assert s.status[device] is DeviceStatus.RETIRED
+    assert all(s.status[d] is not DeviceStatus.RETIRED for d in range(3, 6))
+
+
+def test_a_fleet_that_always_fails_ends_the_run_instead_of_looping() -> None:
+    s = _scheduler(devices=5, concurrency=3, num_versions=10, max_device_failures=3)
+    log = _run(s, lambda task: Failure("failed", "broken build"), limit=1_000)
+    assert s.finished and s.version == 0
+    assert len(log) == 15 and set(s.status) == {DeviceStatus.RETIRED}
+
+
+def test_success_resets_the_failure_count() -> None:
+    seen: dict[int, int] = {}
+
+    def outcome(task):  # every device alternates failure and success: never retired
+        seen[task.device_id] = seen.get(task.device_id, 0) + 1
+        if seen[task.device_id] % 2:
+            return Failure("failed", "flaky")
+        return Update({"w": torch.ones(3)}, 10, None)
+
+    s = _scheduler(devices=6, concurrency=3, num_versions=5, max_device_failures=2)
+    _run(s, outcome)
+    assert s.version == 5
+    assert DeviceStatus.RETIRED not in s.status
+
+
+def test_an_unresponsive_device_is_retired_at_once() -> None:
+    """After a real timeout the device may still be busy: it must never get a second task."""
+
+    def outcome(task):
+        if task.device_id == 0:
+            return Failure("timeout", "no reply within wall-timeout")
+        return Update({"w": torch.ones(3)}, 10, None)
+
+    s = _scheduler(devices=4, concurrency=2, num_versions=20, max_device_failures=5)
+    log = _run(s, outcome)
+    assert [c.status for c in log if c.task.device_id == 0] == ["timeout"]
+    assert s.status[0] is DeviceStatus.RETIRED

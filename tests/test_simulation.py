@@ -118,3 +118,33 @@ def test_same_seed_same_numbers_and_a_new_seed_changes_them(tmp_path: Path) -> N
     c = simulate(_overrides(tmp_path, "c", seed=7), backend="local")
     assert _comparable(a) == _comparable(b)
     assert _comparable(a) != _comparable(c)
+
+
+def test_reported_epsilon_is_every_devices_true_spending_even_for_lost_tasks(tmp_path: Path) -> None:
+    """Dropped tasks still train on the device; the summary must not under-report their epsilon."""
+    from client.app import _load_state, build_client_app
+    from server.app import run_federation
+    from shared.config import parse_config
+    from shared.privacy.accounting import DeviceAccountant
+    from simulations.local_grid import LocalGrid
+
+    flat = {**_overrides(tmp_path, "lossy", dropout_rate=0.4, num_versions=6), "reproducible-noise": True}
+    cfg = parse_config(flat)
+    grid = LocalGrid(build_client_app(flat), 8)
+    summary = run_federation(grid, cfg)
+    assert summary["aggregation"]["tasks-dropped"] > 0
+    true_eps = {}
+    for node, context in grid._contexts.items():
+        history = _load_state(context).accountant_history
+        true_eps[node - 1] = DeviceAccountant("rdp", cfg.privacy.delta, 1e9, history).epsilon() if history else 0.0
+    spent = sorted(e for e in true_eps.values() if e > 0)
+    assert summary["privacy"]["epsilon-max"] == pytest.approx(max(spent), rel=1e-12)
+    assert summary["privacy"]["devices-with-spending"] == len(spent)
+    store = RunStore(f"sqlite:///{tmp_path / 'lossy' / 'fedrec.db'}")
+    try:
+        logged = store.device_epsilons(store.run_ids()[-1])
+    finally:
+        store.close()
+    # The database records each lost task's release too, from its late reply.
+    for device, eps in true_eps.items():
+        assert logged.get(device, 0.0) == pytest.approx(eps, rel=1e-12), device
