@@ -108,7 +108,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             )
             return Message(content, reply_to=msg)
         _save_state(context, device.state)
-        metrics: dict[str, int | float] = {
+        metrics: dict[str, int | float | list[int] | list[float]] = {
             "num-examples": reply.num_examples,
             "steps": reply.steps,
             "epsilon": reply.epsilon,
