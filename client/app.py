@@ -17,16 +17,20 @@ never put into a reply.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.device import Device, DeviceState, EvalReply, RefusalReply
+from client.device import Device, DeviceState, EvalReply, RefusalReply, TrainReply
+from client.ledger_store import DeviceLedgerStore
 from shared.config import FedrecConfig, parse_config
 from shared.data.partition import load_device, prepare_partitions
+from shared.privacy.ledger import entry_to_json
 from shared.records import get_int
 
 _STATE_KEY = "fedrec-device"
@@ -68,10 +72,65 @@ def _save_state(context: Context, state: DeviceState) -> None:
         context.state.array_records[_PERSONAL_KEY] = ArrayRecord(state.personal)
 
 
-def _device(cfg: FedrecConfig, context: Context) -> Device:
+def _store_path(cfg: FedrecConfig, context: Context) -> Path:
+    """This device's local store: the node config's ``store``, else one file per simulated device."""
+    if "store" in context.node_config:
+        return Path(str(context.node_config["store"]))
+    root = Path(cfg.privacy.device_store_dir or Path(cfg.output_dir) / "devices")
+    return root / f"device-{_device_index(context)}.db"
+
+
+def _open_store(cfg: FedrecConfig, context: Context) -> DeviceLedgerStore:
+    path = _store_path(cfg, context)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return DeviceLedgerStore(path, device_id=_device_index(context))
+
+
+def _device(cfg: FedrecConfig, context: Context, store: DeviceLedgerStore | None = None) -> Device:
     info = prepare_partitions(cfg.data)
     data = load_device(info.path, _device_index(context))
-    return Device(cfg, data, info.num_items, _load_state(context))
+    state = _load_state(context)
+    if store is not None:
+        # The signed ledger is the source of truth for what this device has spent: the
+        # accountant is rebuilt from it, so it survives restarts of the device process.
+        entries = store.entries()
+        state.accountant_history = [
+            (e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.unit == "record"
+        ]
+        state.user_contributions = sum(1 for e in entries if e.unit == "user")
+    return Device(cfg, data, info.num_items, state)
+
+
+def _record_releases(
+    store: DeviceLedgerStore, cfg: FedrecConfig, reply: TrainReply, conf: ConfigRecord
+) -> None:
+    """Append this task's releases to the device's signed ledger (before anything is sent)."""
+    p = cfg.privacy
+    common: dict[str, Any] = {
+        "run": str(conf.get("run", "")),
+        "version": get_int(conf, "version"),
+        "task_id": get_int(conf, "task-seed"),
+        "delta": p.delta,
+        "timestamp": time.time(),
+    }
+    if p.dp:
+        store.append(
+            unit="record", mechanism="subsampled-gaussian", noise_multiplier=p.noise_multiplier,
+            sample_rate=reply.sample_rate, steps=reply.steps, clip_norm=p.clip_norm,
+            accountant=p.accountant, epsilon=reply.epsilon, **common,
+        )
+    if p.user_dp and reply.user_epsilon is not None:
+        store.append(
+            unit="user", mechanism="gaussian-server-noise", noise_multiplier=p.user_noise_multiplier,
+            sample_rate=1.0, steps=1, clip_norm=p.user_clip_norm, accountant="rdp-filter",
+            epsilon=reply.user_epsilon, **common,
+        )
+
+
+def _ledger_record(store: DeviceLedgerStore, conf: ConfigRecord) -> ConfigRecord:
+    """The entries the server has not seen yet (it sends the last seq it holds)."""
+    known = get_int(conf, "ledger-head") if "ledger-head" in conf else -1
+    return ConfigRecord({"entries": [entry_to_json(e) for e in store.entries(after_seq=known)]})
 
 
 def _global_params(msg: Message) -> dict[str, torch.Tensor]:
@@ -93,8 +152,18 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg = config_of(context)
-        device = _device(cfg, context)
-        task_seed = get_int(msg.content.config_records["config"], "task-seed")
+        conf = msg.content.config_records["config"]
+        store = _open_store(cfg, context)
+        try:
+            return _train(cfg, msg, context, store, conf)
+        finally:
+            store.close()
+
+    def _train(
+        cfg: FedrecConfig, msg: Message, context: Context, store: DeviceLedgerStore, conf: ConfigRecord
+    ) -> Message:
+        device = _device(cfg, context, store)
+        task_seed = get_int(conf, "task-seed")
         reply = device.train(_global_params(msg), task_seed)
         if isinstance(reply, RefusalReply):
             content = RecordDict(
@@ -107,6 +176,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
                 }
             )
             return Message(content, reply_to=msg)
+        _record_releases(store, cfg, reply, conf)
         _save_state(context, device.state)
         metrics: dict[str, int | float | list[int] | list[float]] = {
             "num-examples": reply.num_examples,
@@ -124,6 +194,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
                 "delta": ArrayRecord(reply.delta),
                 "metrics": MetricRecord(metrics),
                 "status": ConfigRecord({"status": "ok"}),
+                "ledger": _ledger_record(store, conf),
             }
         )
         return Message(content, reply_to=msg)
@@ -151,9 +222,13 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        return Message(
-            RecordDict({"status": ConfigRecord({"device-id": _device_index(context)})}), reply_to=msg
-        )
+        store = _open_store(config_of(context), context)
+        try:
+            public_key = store.identity().public_key  # created on first use, kept on the device
+        finally:
+            store.close()
+        status = ConfigRecord({"device-id": _device_index(context), "public-key": public_key})
+        return Message(RecordDict({"status": status}), reply_to=msg)
 
     return app
 

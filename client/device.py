@@ -20,6 +20,7 @@ from shared.metrics import RankResult, full_ranking, sampled_ranking, top_k
 from shared.models.base import Recommender, UserContext
 from shared.models.factory import build_model
 from shared.privacy.accounting import BudgetExhausted, DeviceAccountant
+from shared.privacy.user_level import RenyiFilter, clip_update
 from shared.seeding import EVAL_SAMPLING, MODEL_INIT, device_seed
 from shared.training import plan_release, train_locally
 
@@ -31,6 +32,7 @@ class DeviceState:
     accountant_history: list[tuple[float, float, int]] = field(default_factory=list)
     personal: dict[str, torch.Tensor] = field(default_factory=dict)
     tasks_done: int = 0
+    user_contributions: int = 0  # updates sent under user-level DP (each charged at full weight)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class TrainReply:
     steps: int
     epsilon: float
     sample_rate: float
+    user_epsilon: float | None = None  # user-level, conservative (full weight per update sent)
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,22 @@ class Device:
         p = self.cfg.privacy
         return DeviceAccountant(p.accountant, p.delta, p.epsilon_budget, self.state.accountant_history)
 
+    def _user_filter(self) -> RenyiFilter | None:
+        """The device's own, conservative view of its user-level spending (None without user DP).
+
+        The server charges each device the staleness weight (<= 1) of updates it actually
+        applied; the device cannot know which, so it charges full weight for every update
+        it sends and refuses once that would exceed its budget. Its figure is therefore
+        an upper bound of the server's.
+        """
+        p = self.cfg.privacy
+        if not p.user_dp:
+            return None
+        user_filter = RenyiFilter(p.user_noise_multiplier, p.delta, p.user_epsilon_budget)
+        for _ in range(self.state.user_contributions):
+            user_filter.charge(0, 1.0)
+        return user_filter
+
     def epsilon(self) -> float:
         """Cumulative record-level epsilon spent so far (0 with DP off)."""
         return self._accountant().epsilon() if self.cfg.privacy.dp else 0.0
@@ -120,11 +139,26 @@ class Device:
                 accountant.check(release)
             except BudgetExhausted as exc:
                 return RefusalReply(exc.spent, exc.would_reach, str(exc))
+        user_filter = self._user_filter()
+        if user_filter is not None and not user_filter.admits(0, 1.0):
+            spent = user_filter.epsilon(0)
+            return RefusalReply(
+                self.epsilon(), spent,
+                f"user-level privacy budget exhausted: {self.state.user_contributions} updates sent, "
+                f"epsilon {spent:.4f}; one more would exceed {self.cfg.privacy.user_epsilon_budget:g}",
+            )
         result = train_locally(
             model, records, self.cfg.train, self.cfg.privacy, accountant, seed=self._training_seed(task_seed)
         )
         trained = model.state_dict()
         delta = {k: (trained[k] - v).detach().clone() for k, v in global_params.items()}
+        user_epsilon = None
+        if user_filter is not None:
+            # User-level sensitivity: the whole update is bounded here (and again by the server).
+            delta, _norm = clip_update(delta, self.cfg.privacy.user_clip_norm)
+            user_filter.charge(0, 1.0)
+            user_epsilon = user_filter.epsilon(0)
+            self.state.user_contributions += 1
         local = model.local_parameter_names()
         self.state.personal = {k: trained[k].detach().clone() for k in local}
         if accountant is not None:
@@ -137,6 +171,7 @@ class Device:
             steps=result.steps,
             epsilon=result.epsilon,
             sample_rate=result.sample_rate,
+            user_epsilon=user_epsilon,
         )
 
     def _personalize(self, model: Recommender, history: np.ndarray) -> None:

@@ -17,6 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.federation import Federation
+from server.privacy_store import PrivacyStore
 from server.reporting import export_top_k, write_plots, write_summary
 from shared.config import FedrecConfig, parse_config
 from shared.data.partition import prepare_partitions
@@ -42,10 +43,19 @@ def run_federation(grid: Grid, cfg: FedrecConfig) -> dict[str, Any]:
     if db_path.exists():
         db_path.unlink()  # one database per run directory: stale rows would mix runs
     shutil.rmtree(out / "plots", ignore_errors=True)
+    if not cfg.privacy.device_store_dir:
+        # Simulated devices keep their stores under the run directory; a new run is a new fleet.
+        shutil.rmtree(out / "devices", ignore_errors=True)
     store = RunStore(f"sqlite:///{db_path}")
+    privacy_store = PrivacyStore(f"sqlite:///{db_path}")
     try:
-        fed = Federation(grid, cfg, info.num_devices, info.num_items, initial, store, run_name=out.name)
+        fed = Federation(
+            grid, cfg, info.num_devices, info.num_items, initial, store, run_name=out.name,
+            privacy_store=privacy_store,
+        )
         fed.driver.discover(info.num_devices, timeout=300.0)
+        for device in range(info.num_devices):
+            fed.intake.register(device, fed.driver.public_keys.get(device))  # type: ignore[union-attr]
         print(
             f"[fedrec] {info.num_devices} devices, {info.num_items} items ({info.source}); "
             f"model {cfg.model.name} with {count_parameters(model):,} parameters; "
@@ -80,6 +90,7 @@ def run_federation(grid: Grid, cfg: FedrecConfig) -> dict[str, Any]:
         write_summary(out, summary)
     finally:
         store.close()
+        privacy_store.close()
     f, p = summary["final"], summary["privacy"]
     print(
         f"[fedrec] done: test HR@10 {f['hr@10']:.4f}  NDCG@10 {f['ndcg@10']:.4f}  "

@@ -22,12 +22,21 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 
 from server.grid_driver import GridDriver
+from server.ledger_intake import LedgerIntake
+from server.privacy_store import PrivacyStore
 from server.scheduler import Completion, DeviceStatus, Failure, Outcome, Refusal, Scheduler, Task, Update
 from shared.aggregation import StateDict, polynomial_staleness
 from shared.config import FedrecConfig, to_flat
 from shared.fleet import Fleet
 from shared.records import get_float, get_int, get_int_list
-from shared.results.store import EvalRecord, PrivacyRecord, RunStore, TaskRecord, VersionRecord
+from shared.results.store import (
+    EvalRecord,
+    PrivacyRecord,
+    RunStore,
+    TaskRecord,
+    UserReleaseRecord,
+    VersionRecord,
+)
 
 log = logging.getLogger("fedrec.server")
 
@@ -83,19 +92,27 @@ class Federation:
 
     def __init__(
         self, grid: Grid, cfg: FedrecConfig, num_devices: int, num_items: int, initial: StateDict,
-        store: RunStore, run_name: str = "run",
+        store: RunStore, run_name: str = "run", privacy_store: PrivacyStore | None = None,
     ) -> None:
         self.cfg = cfg
         self.num_devices = num_devices
         self.num_items = num_items
         self.driver = GridDriver(grid, cfg.aggregation.wall_timeout, on_late_reply=self._late_reply)
         self.fleet = Fleet(num_devices, cfg.fleet, cfg.seed)
+        user_level = None
+        if cfg.privacy.user_dp:
+            from server.user_dp import UserLevelMechanism
+
+            user_level = UserLevelMechanism(cfg.privacy, seed=cfg.seed)
         self.scheduler = Scheduler(
             cfg.aggregation, self.fleet, cfg.train.local_steps, initial,
-            polynomial_staleness(cfg.aggregation.staleness_exponent), cfg.seed,
+            polynomial_staleness(cfg.aggregation.staleness_exponent), cfg.seed, user_level,
         )
+        self.device_user_epsilon: dict[int, float] = {}
         self.store = store
         self.run_id = store.start_run(run_name, cfg.seed, to_flat(cfg))
+        self.run_label = f"{run_name}#{self.run_id}"
+        self.intake = LedgerIntake(cfg, privacy_store) if privacy_store is not None else None
         self.device_epsilon: dict[int, float] = {}
         self.status_counts: dict[str, int] = {}
         self.evaluations: list[EvalRecord] = []
@@ -124,7 +141,10 @@ class Federation:
         content = RecordDict(
             {
                 "global": self._model_record(),
-                "config": ConfigRecord({"version": task.base_version, "task-seed": task.task_id}),
+                "config": ConfigRecord({
+                    "version": task.base_version, "task-seed": task.task_id, "run": self.run_label,
+                    "ledger-head": self.intake.head_seq(task.device_id) if self.intake else -1,
+                }),
             }
         )
         return self.driver.send(task.device_id, content, MessageType.TRAIN)
@@ -154,6 +174,11 @@ class Federation:
                     Failure("timeout", "no reply within wall-timeout") if reply is None
                     else validate_update(reply, sched.params)
                 )
+                if isinstance(outcome, Update) and reply is not None and self.intake is not None:
+                    intake = self.intake.check(task.device_id, task.task_id, reply, outcome.num_examples)
+                    if not intake.accepted:
+                        log.warning("device %d: ledger rejected: %s", task.device_id, "; ".join(intake.problems))
+                        outcome = Failure("rejected-ledger", "; ".join(intake.problems))
             completion = sched.complete(task, outcome)
             self._record(completion, reply)
             if completion.applied_version is not None:
@@ -185,6 +210,9 @@ class Federation:
         status = reply.content.config_records.get("status")
         if status is None or str(status.get("status", "")) != "ok":
             return  # a late refusal spent nothing
+        if self.intake is not None:
+            examples = get_int(metrics, "num-examples") if "num-examples" in metrics else None
+            self.intake.check(device_id, None, reply, examples)
         self._note_epsilon(device_id, get_float(metrics, "epsilon"))
         self._add_privacy(task, metrics, "spent")
 
@@ -209,7 +237,7 @@ class Federation:
             TaskRecord(t.task_id, t.device_id, t.base_version, t.dispatched_at, t.finish_at, c.status,
                        c.staleness, c.applied_version, c.num_examples, c.loss),
         )
-        if c.status == "failed" or reply is None or reply.has_error():
+        if c.status in ("failed", "rejected-ledger") or reply is None or reply.has_error():
             if c.status == "failed":
                 log.warning("task %d on device %d failed", t.task_id, t.device_id)
             return
@@ -221,6 +249,15 @@ class Federation:
 
     def _on_version(self, version: int) -> None:
         sched = self.scheduler
+        mech = sched.user_level
+        if mech is not None:
+            for rel in sched.last_user_releases:
+                self.device_user_epsilon[rel.device_id] = rel.epsilon
+                self.store.add_user_release(
+                    self.run_id,
+                    UserReleaseRecord(version, rel.device_id, rel.weight, mech.noise_multiplier, mech.clip,
+                                      mech.order, rel.epsilon, mech.delta),
+                )
         recent = sched.applied_staleness[-self.cfg.aggregation.buffer_size:] or [0]
         self.store.add_version(
             self.run_id,
@@ -281,6 +318,27 @@ class Federation:
         return EvalOutcome(rec, tops)
 
     # -- summary ---------------------------------------------------------------------
+    def _user_level_summary(self) -> dict[str, Any]:
+        mech = self.scheduler.user_level
+        if mech is None:
+            return {"enabled": False}
+        eps = sorted(self.device_user_epsilon.values())
+        return {
+            "enabled": True,
+            "unit": "user (a device's whole history), server-side Gaussian noise per buffer",
+            "epsilon-max": eps[-1] if eps else 0.0,
+            "epsilon-median": statistics.median(eps) if eps else 0.0,
+            "delta": mech.delta,
+            "epsilon-budget": mech.budget,
+            "noise-multiplier": mech.noise_multiplier,
+            "clip-norm": mech.clip,
+            "renyi-order": mech.order,
+            "devices-contributing": len(eps),
+            "devices-stopped-by-filter": sum(
+                s is DeviceStatus.USER_EXHAUSTED for s in self.scheduler.status
+            ),
+        }
+
     def summary(self, final: EvalRecord, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The run's headline figures (written to summary.json)."""
         eps = sorted(self.device_epsilon.values())
@@ -303,6 +361,7 @@ class Federation:
                 "devices-with-spending": len(eps),
                 "devices-exhausted": counts.get("refused", 0),
                 "accountant": self.cfg.privacy.accountant,
+                "user-level": self._user_level_summary(),
             },
             "aggregation": {
                 "mode": self.cfg.aggregation.mode,
@@ -310,6 +369,7 @@ class Federation:
                 "updates-applied": counts.get("accepted", 0),
                 "updates-rejected-stale": counts.get("rejected-stale", 0),
                 "tasks-failed": counts.get("failed", 0),
+                "updates-rejected-ledger": counts.get("rejected-ledger", 0),
                 "tasks-dropped": counts.get("dropped", 0),
                 "tasks-timed-out": counts.get("timeout", 0),
                 "tasks-refused": counts.get("refused", 0),

@@ -58,6 +58,7 @@ class GridDriver:
         self.wall_timeout = wall_timeout
         self.poll_interval = poll_interval
         self.node_of: dict[int, int] = {}
+        self.public_keys: dict[int, str] = {}  # as each device presented it at discovery
         self._pending: dict[str, _Pending] = {}
         self._arrived: dict[str, tuple[int, Message]] = {}
         self._device_msg: dict[int, str] = {}
@@ -84,10 +85,13 @@ class GridDriver:
             reply = self.wait(mid)
             if reply is None or reply.has_error():
                 raise GridError(f"node {node} did not answer the device-id query")
-            device = get_int(reply.content.config_records["status"], "device-id")
+            status = reply.content.config_records["status"]
+            device = get_int(status, "device-id")
             if device in self.node_of:
                 raise GridError(f"two nodes claim device id {device}")
             self.node_of[device] = node
+            if "public-key" in status:
+                self.public_keys[device] = str(status["public-key"])
         return dict(self.node_of)
 
     # -- sending -------------------------------------------------------------------

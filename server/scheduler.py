@@ -23,6 +23,7 @@ import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ import torch
 from shared.aggregation import ServerOptimizer, StalenessFn, StateDict, UpdateBuffer
 from shared.config import AggregationConfig
 from shared.fleet import Fleet
+
+if TYPE_CHECKING:
+    from server.user_dp import UserLevelMechanism, UserRelease
 
 # Simulated seconds the scheduler waits before retrying when no device is reachable.
 _RETRY_SECONDS = 30.0
@@ -42,6 +46,8 @@ class DeviceStatus(Enum):
     BUSY = "busy"
     EXHAUSTED = "exhausted"  # refused for budget: never scheduled again
     RETIRED = "retired"  # unresponsive or failing repeatedly: never scheduled again
+    BUFFERED = "buffered"  # user-level DP: its update waits in the buffer; not rescheduled until applied
+    USER_EXHAUSTED = "user-exhausted"  # the Renyi filter stopped it: never scheduled again
 
 
 @dataclass(order=True)
@@ -123,6 +129,7 @@ class Scheduler:
         initial: StateDict,
         staleness_fn: StalenessFn,
         seed: int,
+        user_level: UserLevelMechanism | None = None,
     ) -> None:
         self.cfg = cfg
         self.fleet = fleet
@@ -141,6 +148,8 @@ class Scheduler:
         self._consecutive_failures = [0] * len(fleet)
         self._cohort_open = 0  # sync mode: tasks of the current cohort not yet completed
         self.applied_staleness: list[int] = []
+        self.user_level = user_level
+        self.last_user_releases: list[UserRelease] = []  # of the latest buffer application
 
     # -- scheduling -------------------------------------------------------------
     @property
@@ -158,6 +167,12 @@ class Scheduler:
         return not self._in_flight and not self._idle_devices()
 
     def _idle_devices(self) -> list[int]:
+        if self.user_level is not None:
+            # The Renyi filter: a device whose next full-weight release would exceed its
+            # user-level budget is never scheduled again.
+            for i, s in enumerate(self.status):
+                if s is DeviceStatus.IDLE and not self.user_level.admits(i):
+                    self.status[i] = DeviceStatus.USER_EXHAUSTED
         return [i for i, s in enumerate(self.status) if s is DeviceStatus.IDLE]
 
     def _pick(self, idle: list[int]) -> int | None:
@@ -249,9 +264,17 @@ class Scheduler:
         else:
             self._consecutive_failures[task.device_id] = 0
             num_examples, loss = outcome.num_examples, outcome.loss
-            weight = float(outcome.num_examples) if self.cfg.example_weighting else 1.0
-            accepted = self.buffer.add(task.device_id, outcome.delta, weight, staleness)
+            delta = outcome.delta
+            if self.user_level is not None:
+                # Sensitivity needs every update clipped and weighted by at most 1.
+                delta = self.user_level.clip_update(dict(delta))
+                weight = 1.0
+            else:
+                weight = float(outcome.num_examples) if self.cfg.example_weighting else 1.0
+            accepted = self.buffer.add(task.device_id, delta, weight, staleness)
             status = "accepted" if accepted else "rejected-stale"
+            if accepted and self.user_level is not None:
+                self.status[task.device_id] = DeviceStatus.BUFFERED
         if self.cfg.mode == "sync":
             self._cohort_open -= 1
             if self._cohort_open == 0 and len(self.buffer):
@@ -262,7 +285,15 @@ class Scheduler:
 
     def _apply(self) -> int:
         self.applied_staleness.extend(e.staleness for e in self.buffer.entries)
-        delta = self.buffer.aggregate()
+        if self.user_level is not None:
+            entries = list(self.buffer.entries)
+            delta = self.buffer.aggregate(noise=self.user_level.noise)
+            self.last_user_releases = self.user_level.charge(entries)
+            for e in entries:
+                if self.status[e.device_id] is DeviceStatus.BUFFERED:
+                    self.status[e.device_id] = DeviceStatus.IDLE
+        else:
+            delta = self.buffer.aggregate()
         self.params = self.optimizer.apply(self.params, delta)
         self.version += 1
         return self.version

@@ -86,11 +86,17 @@ class UpdateBuffer:
         self.entries.append(BufferedUpdate(device_id, staleness, weight, discount))
         return True
 
-    def aggregate(self) -> StateDict:
-        """The buffer's weighted mean delta (float64), then the buffer is emptied."""
+    def aggregate(self, noise: Callable[[StateDict], StateDict] | None = None) -> StateDict:
+        """The buffer's weighted mean delta (float64), then the buffer is emptied.
+
+        ``noise``, if given, is applied to the weighted *sum* before dividing (user-level
+        DP adds its Gaussian noise there; the divisor must then be public, which it is
+        when every update has weight 1: the number of updates).
+        """
         if self._sum is None:
             raise ValueError("cannot aggregate an empty buffer")
-        mean = {k: v / self._total_weight for k, v in self._sum.items()}
+        total = noise(self._sum) if noise is not None else self._sum
+        mean = {k: v / self._total_weight for k, v in total.items()}
         self._sum = None
         self._total_weight = 0.0
         self.entries = []

@@ -70,6 +70,77 @@ def _cmd_centralized(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_device_ledger(args: argparse.Namespace) -> tuple[Any, float | None]:
+    from pathlib import Path
+
+    from client.ledger_store import DeviceLedgerStore
+    from shared.privacy.audit import AuditInput
+    from shared.privacy.user_level import choose_order
+
+    path = Path(args.ledger)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such device ledger file")
+    with DeviceLedgerStore(path) as store:
+        entries = store.entries()
+        key = args.public_key or store.identity().public_key
+        if not args.public_key:
+            print("fedrec audit: no --public-key given; verifying against the key stored in the file itself "
+                  "(this cannot detect a file whose key was replaced)", file=sys.stderr)
+    device = entries[0].device_id if entries else -1
+    order = None
+    if args.user_epsilon_budget is not None:
+        user = [e for e in entries if e.unit == "user"]
+        if user:
+            order = choose_order(user[0].noise_multiplier, args.user_epsilon_budget, args.delta)
+    data = AuditInput(
+        source=str(path), keys={device: key}, ledgers={device: entries}, delta=args.delta,
+        record_budget=args.epsilon_budget, user_budget=args.user_epsilon_budget,
+    )
+    return data, order
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from shared.privacy.audit import run_audit
+    from shared.privacy.audit_report import terminal_text, write_reports
+
+    if args.empirical:
+        from simulations.canary_audit import run_canary_audit
+
+        overrides = _parse_sets(args.set or [])
+        if args.no_dp:
+            overrides["dp"] = False
+        if args.output:
+            overrides["output-dir"] = args.output
+        result = run_canary_audit(overrides)
+        print(json.dumps(result, indent=2, default=str))
+        bound, accounted = result.get("epsilon-lower-bound"), result.get("epsilon-accounted")
+        if result.get("dp", True) and bound is not None and accounted is not None and bound > accounted:
+            print("fedrec audit: the empirical lower bound exceeds the accounted epsilon: a privacy bug",
+                  file=sys.stderr)
+            return 1
+        return 0
+    started = time.monotonic()
+    if args.ledger:
+        data, order = _audit_device_ledger(args)
+        out = Path(args.output or Path(args.ledger).with_suffix("").as_posix() + "-audit")
+    else:
+        if not args.path:
+            raise FileNotFoundError("give a run directory or database, --ledger FILE, or --empirical")
+        from server.audit_source import load_run
+
+        data, order = load_run(Path(args.path), args.run_id)
+        base = Path(args.path) if Path(args.path).is_dir() else Path(args.path).parent
+        out = Path(args.output) if args.output else base / "audit"
+    report = run_audit(data, user_order=order)
+    paths = write_reports(report, out)
+    print(terminal_text(report))
+    print(f"\nreports: {paths['markdown']}  {paths['json']}  ({time.monotonic() - started:.1f} s)")
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for ``fedrec``."""
     parser = argparse.ArgumentParser(prog="fedrec", description="Federated, differentially private recommendation.")
@@ -96,6 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     run_options(conf)
     conf.set_defaults(func=_cmd_config)
 
+    aud = sub.add_parser(
+        "audit", help="verify privacy ledgers, recompute every epsilon independently, check budgets",
+        description="Exits 0 when everything verifies and no budget is exceeded, 1 on any finding.",
+    )
+    aud.add_argument("path", nargs="?", help="run directory (with fedrec.db) or database file")
+    aud.add_argument("--run-id", type=int, help="run in the database (default: the latest)")
+    aud.add_argument("--ledger", help="audit one device's ledger file instead of a run")
+    aud.add_argument("--public-key", help="with --ledger: the device's registered public key")
+    aud.add_argument("--epsilon-budget", type=float, help="with --ledger: record-level budget")
+    aud.add_argument("--user-epsilon-budget", type=float, help="with --ledger: user-level budget")
+    aud.add_argument("--delta", type=float, default=1e-5, help="with --ledger: delta of the claims")
+    aud.add_argument("--output", help="where to write audit.md, audit.json and plots")
+    aud.add_argument("--empirical", action="store_true",
+                     help="run the canary experiment (one-run audit) and report the empirical lower bound")
+    aud.add_argument("--no-dp", action="store_true", help="with --empirical: train without DP (the attack's baseline)")
+    aud.add_argument("--set", action="append", metavar="KEY=VALUE", help="with --empirical: config overrides")
+    aud.set_defaults(func=_cmd_audit)
+
     pre = sub.add_parser("presets", help="list simulation presets")
     pre.set_defaults(func=_cmd_presets)
     return parser
@@ -106,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, DataError, KeyError) as exc:
+    except (ConfigError, DataError, KeyError, FileNotFoundError, ValueError) as exc:
         print(f"fedrec: error: {exc}", file=sys.stderr)
         return 2
 

@@ -116,6 +116,18 @@ class PrivacyConfig:
     # Seed DP noise and Poisson sampling from the run seed (simulation only): whoever
     # knows the seed can subtract the noise, so real devices must draw from OS entropy.
     reproducible_noise: bool = False
+    # User-level DP (a device's whole history): devices clip whole updates, the server
+    # adds Gaussian noise to each buffer, a Renyi filter accounts each device.
+    user_dp: bool = False
+    user_clip_norm: float = 1.0
+    user_noise_multiplier: float = 1.0
+    user_epsilon_budget: float = 8.0
+    # Where each device keeps its local store (identity key, privacy ledger);
+    # empty: <output-dir>/devices (simulation). A deployed device sets its own.
+    device_store_dir: str = ""
+    # "first-use": the server registers a device's key the first time it sees it
+    # (simulation); "registered": only keys registered beforehand are accepted.
+    device_keys: str = "first-use"
 
     def __post_init__(self) -> None:
         _positive("noise-multiplier", self.noise_multiplier)
@@ -123,6 +135,10 @@ class PrivacyConfig:
         _in_range("delta", self.delta, 0.0, 1.0, lo_open=True, hi_open=True)
         _positive("epsilon-budget", self.epsilon_budget)
         _choice("accountant", self.accountant, ("rdp", "prv"))
+        _positive("user-clip-norm", self.user_clip_norm)
+        _positive("user-noise-multiplier", self.user_noise_multiplier)
+        _positive("user-epsilon-budget", self.user_epsilon_budget)
+        _choice("device-keys", self.device_keys, ("first-use", "registered"))
 
 
 @dataclass(frozen=True)

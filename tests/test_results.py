@@ -291,7 +291,7 @@ def test_non_json_config_is_rejected(store: RunStore) -> None:
 def test_schema_compiles_for_other_backends(dialect: object) -> None:
     ddl = [str(CreateTable(table).compile(dialect=dialect)) for table in Base.metadata.sorted_tables]  # type: ignore[arg-type]
 
-    assert len(ddl) == 5
+    assert len(ddl) == 6
     assert any("ck_tasks_status" in statement for statement in ddl)
     assert any("fk_privacy_spending_run_id_runs" in statement for statement in ddl)
 

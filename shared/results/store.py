@@ -92,10 +92,13 @@ __all__ = [
     "RunInfo",
     "RunStore",
     "TaskRecord",
+    "UserReleaseRecord",
     "VersionRecord",
 ]
 
-TASK_STATUSES: Final = ("accepted", "rejected-stale", "failed", "timeout", "dropped", "refused")
+TASK_STATUSES: Final = (
+    "accepted", "rejected-stale", "rejected-ledger", "failed", "timeout", "dropped", "refused",
+)
 EVAL_SPLITS: Final = ("valid", "test")
 PRIVACY_STATUSES: Final = ("spent", "refused")
 
@@ -182,6 +185,25 @@ class PrivacyRecord:
 
     def __post_init__(self) -> None:
         _check_choice("PrivacyRecord.status", self.status, PRIVACY_STATUSES)
+
+
+@dataclass(frozen=True)
+class UserReleaseRecord:
+    """One device's part in one user-level release (a noised buffer application).
+
+    The device's individual sensitivity in the release is ``weight * clip_norm``;
+    ``epsilon`` is its cumulative user-level epsilon at ``delta`` after it, from the
+    Renyi filter at the fixed ``order``.
+    """
+
+    version: int
+    device_id: int
+    weight: float
+    noise_multiplier: float
+    clip_norm: float
+    order: float
+    epsilon: float
+    delta: float
 
 
 @dataclass(frozen=True)
@@ -363,6 +385,24 @@ class PrivacyRow(Base):
     status: Mapped[str] = mapped_column(comment="spent|refused")
 
 
+class UserReleaseRow(Base):
+    """``user_releases``: one row per (buffer application, contributing device) under user-level DP."""
+
+    __tablename__ = "user_releases"
+    __table_args__ = (Index("ix_user_releases_run_id_device_id", "run_id", "device_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = _run_fk()
+    version: Mapped[int] = mapped_column(comment="global version the release produced")
+    device_id: Mapped[int] = mapped_column(comment="contributing device")
+    weight: Mapped[float] = mapped_column(comment="staleness weight (<= 1) of its clipped update")
+    noise_multiplier: Mapped[float] = mapped_column(comment="server noise std / clip_norm")
+    clip_norm: Mapped[float] = mapped_column(comment="L2 bound of a whole device update")
+    order: Mapped[float] = mapped_column(comment="the Renyi filter's fixed order")
+    epsilon: Mapped[float] = mapped_column(comment="device's cumulative user-level epsilon after it")
+    delta: Mapped[float] = mapped_column(comment="delta the epsilon is stated at")
+
+
 # ----------------------------------------------------------------------------- store
 
 
@@ -425,6 +465,7 @@ class RunStore:
             VersionRow: [],
             EvaluationRow: [],
             PrivacyRow: [],
+            UserReleaseRow: [],
         }
         self._pending_count = 0
         # Run ids confirmed to exist, so buffered writes need not query per row.
@@ -546,6 +587,18 @@ class RunStore:
         See :meth:`add_task` for errors.
         """
         self._buffer(PrivacyRow, run_id, _fields(record))
+
+    def add_user_release(self, run_id: int, record: UserReleaseRecord) -> None:
+        """Buffer one device's part in a user-level release (see :meth:`add_task` for errors)."""
+        self._buffer(UserReleaseRow, run_id, _fields(record))
+
+    def user_releases(self, run_id: int, device_id: int | None = None) -> list[UserReleaseRecord]:
+        """User-level releases in recording order (optionally of one device)."""
+        query = select(UserReleaseRow).where(UserReleaseRow.run_id == run_id)
+        if device_id is not None:
+            query = query.where(UserReleaseRow.device_id == device_id)
+        with self._read(run_id) as session:
+            return [_to_record(UserReleaseRecord, row) for row in session.scalars(query.order_by(UserReleaseRow.id))]
 
     def flush(self) -> None:
         """Insert all pending rows in one transaction.

@@ -1,0 +1,309 @@
+"""A device's durable local store: its signing key, its privacy ledger and accountant history.
+
+One SQLite file per device (SQLAlchemy 2.0), created with file mode ``0o600`` because
+it holds the device's Ed25519 private key in the clear. Issue 4 will encrypt the
+secret parts of this store (the private key, and possibly the ledger); until then the
+file's permissions are the only protection, so keep it on the device's private storage.
+
+Schema
+------
+``meta``
+    Key/value text: ``device_id`` (fixed when the file is created; reopening the file
+    for another device is refused) and ``created_at`` (Unix seconds).
+``device_identity``
+    The single row holding the device's raw 32-byte private key and, for inspection
+    without the key, its public key.
+``ledger_entries``
+    The device's signed ledger (:class:`shared.privacy.ledger.LedgerEntry`), one row
+    per release, ``id`` in append order; ``seq`` unique.
+
+The accountant's history is not stored separately: it is exactly the
+``(noise_multiplier, sample_rate, steps)`` of the ledger's releases, so deriving it
+(:meth:`DeviceLedgerStore.history`) means the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self
+
+from sqlalchemy import Double, Engine, Integer, LargeBinary, String, Text, create_engine, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from shared.privacy.identity import DeviceIdentity
+from shared.privacy.ledger import LedgerEntry, make_entry
+
+__all__ = ["DeviceLedgerStore"]
+
+# Read/write for the owner only: the file holds the private key.
+FILE_MODE: Final = 0o600
+
+
+class _Base(DeclarativeBase):
+    """Declarative base of the device store (separate from any server-side schema)."""
+
+    type_annotation_map = {float: Double(), str: String(64)}  # noqa: RUF012 - read by SQLAlchemy
+
+
+class _Meta(_Base):
+    __tablename__ = "meta"
+
+    key: Mapped[str] = mapped_column(primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class _IdentityRow(_Base):
+    __tablename__ = "device_identity"
+
+    # A single row: a device has exactly one identity.
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    private_key: Mapped[bytes] = mapped_column(LargeBinary, comment="raw Ed25519 private key (secret)")
+    public_key: Mapped[str] = mapped_column(comment="raw public key, URL-safe base64")
+    created_at: Mapped[float] = mapped_column(comment="Unix seconds")
+
+
+class _EntryRow(_Base):
+    __tablename__ = "ledger_entries"
+
+    # Append order: verification reads entries in this order to detect reordering.
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[int] = mapped_column()
+    seq: Mapped[int] = mapped_column(unique=True)
+    run: Mapped[str] = mapped_column(String(255))
+    version: Mapped[int] = mapped_column()
+    task_id: Mapped[int] = mapped_column()
+    unit: Mapped[str] = mapped_column()
+    mechanism: Mapped[str] = mapped_column()
+    noise_multiplier: Mapped[float] = mapped_column()
+    sample_rate: Mapped[float] = mapped_column()
+    steps: Mapped[int] = mapped_column()
+    clip_norm: Mapped[float] = mapped_column()
+    accountant: Mapped[str] = mapped_column()
+    epsilon: Mapped[float] = mapped_column()
+    delta: Mapped[float] = mapped_column()
+    timestamp: Mapped[float] = mapped_column()
+    prev_hash: Mapped[str] = mapped_column()
+    entry_hash: Mapped[str] = mapped_column()
+    signature: Mapped[str] = mapped_column(String(128))
+
+
+_ENTRY_FIELDS: Final = tuple(LedgerEntry.__dataclass_fields__)
+
+
+def _to_entry(row: _EntryRow) -> LedgerEntry:
+    return LedgerEntry(**{name: getattr(row, name) for name in _ENTRY_FIELDS})
+
+
+def _create_private_file(path: Path) -> None:
+    """Create ``path`` empty with mode 0o600 unless it exists.
+
+    Created before SQLite opens it so the private key is never, even briefly, in a
+    file others can read (SQLite would create it with the umask's default, 0o644).
+    O_EXCL makes a concurrent creator lose cleanly instead of both chmod-racing.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        return
+    os.close(fd)
+    # os.open applies the umask; make sure the mode is exactly 0o600.
+    os.chmod(path, FILE_MODE)
+
+
+class DeviceLedgerStore:
+    """A device's identity key and signed privacy ledger in one SQLite file.
+
+    Parameters
+    ----------
+    path
+        The SQLite file; created (mode 0o600, parent directories too) if missing.
+    device_id
+        The device this store belongs to. Required when the file is new (it is
+        recorded there); when reopening, None accepts the recorded device.
+
+    Raises
+    ------
+    ValueError
+        If the file is new and ``device_id`` is None, or the file belongs to a device
+        other than ``device_id``.
+    """
+
+    def __init__(self, path: Path | str, device_id: int | None = None) -> None:
+        self.path = Path(path).expanduser()
+        _create_private_file(self.path)
+        self._engine: Engine = create_engine(f"sqlite:///{self.path}")
+        self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+        self._identity: DeviceIdentity | None = None
+        self._closed = False
+        try:
+            _Base.metadata.create_all(self._engine)
+            self.device_id = self._claim(device_id)
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    def _claim(self, device_id: int | None) -> int:
+        """Record ``device_id`` in a new file, or check it against the recorded one."""
+        with self._sessions.begin() as session:
+            stored = session.get(_Meta, "device_id")
+            if stored is None:
+                if device_id is None:
+                    raise ValueError(f"{self.path} is a new ledger store: pass the device_id it belongs to")
+                session.add(_Meta(key="device_id", value=str(int(device_id))))
+                session.add(_Meta(key="created_at", value=repr(time.time())))
+                return int(device_id)
+            recorded = int(stored.value)
+            if device_id is not None and int(device_id) != recorded:
+                raise ValueError(
+                    f"{self.path} is the ledger store of device {recorded}, not of device {device_id}: "
+                    "each device needs its own store file"
+                )
+            return recorded
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the database connections (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._engine.dispose()
+
+    def _session(self) -> Session:
+        if self._closed:
+            raise ValueError("DeviceLedgerStore is closed")
+        return self._sessions()
+
+    # ------------------------------------------------------------------- identity
+
+    def identity(self) -> DeviceIdentity:
+        """Return the device's signing identity, generating and storing it on first use.
+
+        The same key is returned on every later call and after reopening the file.
+        """
+        if self._identity is not None:
+            return self._identity
+        with self._session() as session, session.begin():
+            row = session.get(_IdentityRow, 1)
+            if row is None:
+                identity = DeviceIdentity.generate()
+                session.add(
+                    _IdentityRow(
+                        id=1,
+                        private_key=identity.private_bytes(),
+                        public_key=identity.public_key,
+                        created_at=time.time(),
+                    )
+                )
+            else:
+                identity = DeviceIdentity.from_private_bytes(row.private_key)
+        self._identity = identity
+        return identity
+
+    # --------------------------------------------------------------------- ledger
+
+    def append(
+        self,
+        *,
+        run: str,
+        version: int,
+        task_id: int,
+        unit: str,
+        mechanism: str,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        clip_norm: float,
+        accountant: str,
+        epsilon: float,
+        delta: float,
+        timestamp: float | None = None,
+    ) -> LedgerEntry:
+        """Sign one release, chained to the current head, and store it (one transaction).
+
+        Parameters are the release's fields as described on
+        :class:`shared.privacy.ledger.LedgerEntry`; ``timestamp`` defaults to now.
+
+        Returns
+        -------
+        LedgerEntry
+            The stored entry.
+
+        Raises
+        ------
+        ValueError, TypeError
+            If a field is invalid (see :func:`shared.privacy.ledger.make_entry`).
+        sqlalchemy.exc.IntegrityError
+            If another writer appended the same seq concurrently (nothing is stored).
+        """
+        identity = self.identity()
+        with self._session() as session, session.begin():
+            prev = self._head(session)
+            entry = make_entry(
+                identity,
+                prev,
+                device_id=self.device_id,
+                run=run,
+                version=version,
+                task_id=task_id,
+                unit=unit,
+                mechanism=mechanism,
+                noise_multiplier=noise_multiplier,
+                sample_rate=sample_rate,
+                steps=steps,
+                clip_norm=clip_norm,
+                accountant=accountant,
+                epsilon=epsilon,
+                delta=delta,
+                timestamp=time.time() if timestamp is None else timestamp,
+            )
+            session.add(_EntryRow(**{name: getattr(entry, name) for name in _ENTRY_FIELDS}))
+        return entry
+
+    @staticmethod
+    def _head(session: Session) -> LedgerEntry | None:
+        row = session.scalars(select(_EntryRow).order_by(_EntryRow.seq.desc()).limit(1)).first()
+        return None if row is None else _to_entry(row)
+
+    def head(self) -> LedgerEntry | None:
+        """Return the entry with the highest seq, or None if the ledger is empty."""
+        with self._session() as session:
+            return self._head(session)
+
+    def entries(self, after_seq: int = -1) -> list[LedgerEntry]:
+        """Return the entries with ``seq > after_seq`` in storage (append) order.
+
+        Storage order, not seq order, so that :func:`shared.privacy.ledger.verify_chain`
+        can detect rows that were reordered.
+        """
+        query = select(_EntryRow).where(_EntryRow.seq > after_seq).order_by(_EntryRow.id)
+        with self._session() as session:
+            return [_to_entry(row) for row in session.scalars(query)]
+
+    def history(self, unit: str = "record") -> list[tuple[float, float, int]]:
+        """Return the accountant history ``[(noise_multiplier, sample_rate, steps), ...]``.
+
+        Derived from the ledger's releases of privacy ``unit`` in storage order, to
+        resume a :class:`shared.privacy.accounting.DeviceAccountant`.
+        """
+        query = (
+            select(_EntryRow.noise_multiplier, _EntryRow.sample_rate, _EntryRow.steps)
+            .where(_EntryRow.unit == unit)
+            .order_by(_EntryRow.id)
+        )
+        with self._session() as session:
+            return [(float(s), float(q), int(n)) for s, q, n in session.execute(query)]

@@ -1,0 +1,79 @@
+"""Loads what the privacy audit reads from a run's database (or one device's ledger file).
+
+The run database holds the server's verified ledger entries and device keys
+(``server/privacy_store.py``), its per-release log and the run's configuration
+(``shared/results/store.py``). The audit itself (``shared/privacy/audit.py``)
+only sees the plain :class:`~shared.privacy.audit.AuditInput` built here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from server.privacy_store import PrivacyStore
+from shared.config import ConfigError, parse_config
+from shared.privacy.audit import AuditInput, UserRelease
+from shared.privacy.ledger import LedgerEntry
+from shared.privacy.user_level import choose_order
+from shared.results.store import RunStore
+
+
+class AuditSourceError(ValueError):
+    """The given path is not something the audit can read."""
+
+
+def resolve_database(path: Path) -> Path:
+    """A run directory or a database file -> the database file."""
+    db = path / "fedrec.db" if path.is_dir() else path
+    if not db.is_file():
+        raise AuditSourceError(f"{path}: no run database (expected a run directory with fedrec.db, or a .db file)")
+    return db
+
+
+def load_run(path: Path, run_id: int | None = None) -> tuple[AuditInput, float | None]:
+    """The audit input of a run (the latest in the database unless ``run_id``) and the user-level filter order."""
+    db = resolve_database(path)
+    url = f"sqlite:///{db}"
+    with RunStore(url) as runs:
+        ids = runs.run_ids()
+        if not ids:
+            raise AuditSourceError(f"{db}: the database holds no run")
+        rid = ids[-1] if run_id is None else run_id
+        if rid not in ids:
+            raise AuditSourceError(f"{db}: no run {rid} (runs: {ids})")
+        try:
+            cfg = parse_config(runs.run_info(rid).config)
+        except ConfigError as exc:
+            raise AuditSourceError(f"{db}: run {rid} has an unreadable configuration: {exc}") from None
+        spent = [r for r in runs.privacy_records(rid) if r.status == "spent"]
+        # One record-level entry per spent release, and one user-level entry per task too
+        # when user-level DP is on (the device logs both for each update it sends).
+        units = 1 + int(parse_config(runs.run_info(rid).config).privacy.user_dp)
+        expected: dict[int, int] = {}
+        for r in spent:
+            expected[r.device_id] = expected.get(r.device_id, 0) + units
+        releases: dict[int, list[UserRelease]] = {}
+        for u in runs.user_releases(rid):
+            releases.setdefault(u.device_id, []).append(
+                UserRelease(u.version, u.weight, u.noise_multiplier, u.order, u.epsilon, u.delta)
+            )
+    with PrivacyStore(url) as store:
+        keys = store.keys()
+        ledgers: dict[int, list[LedgerEntry]] = {}
+        for e in store.entries():
+            ledgers.setdefault(e.device_id, []).append(e)
+        rejections = len(store.rejections())
+    p = cfg.privacy
+    order = choose_order(p.user_noise_multiplier, p.user_epsilon_budget, p.delta) if p.user_dp else None
+    data = AuditInput(
+        source=f"{db} (run {rid})",
+        keys=keys,
+        ledgers=ledgers,
+        delta=p.delta,
+        record_budget=p.epsilon_budget if p.dp else None,
+        user_budget=p.user_epsilon_budget if p.user_dp else None,
+        expected_entries=expected if p.dp else None,
+        user_releases=releases,
+        rejections=rejections,
+    )
+    return data, order

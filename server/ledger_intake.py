@@ -1,0 +1,193 @@
+"""The server's intake of devices' ledger entries: verify, cross-check, store or reject.
+
+Every training reply carries the device's new ledger entries (signed, hash-chained).
+Before the server uses an update it checks that the entries verify against the
+device's registered key, continue the chain it already holds, describe the
+mechanism the server asked for (noise, clipping, steps, accountant, and the
+sampling rate Opacus derives from the reported record count), claim the epsilon
+that mechanism really gives, and include this task's release. An update whose
+entries fail is rejected and the rejection recorded (``server/privacy_store.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from flwr.app import Message
+
+from server.privacy_store import PrivacyStore
+from shared.config import FedrecConfig
+from shared.privacy.accounting import rdp_epsilon
+from shared.privacy.ledger import ChainProblem, LedgerEntry, entry_from_json
+from shared.privacy.user_level import RenyiFilter
+from shared.training import opacus_sample_rate
+
+# Claimed and recomputed epsilon come from the same Opacus routine here, so they agree to
+# rounding; the audit's independent recomputation (dp-accounting) uses a looser tolerance.
+_CLAIM_RTOL = 1e-9
+
+
+@dataclass(frozen=True)
+class IntakeResult:
+    """Whether a reply's ledger entries were accepted, and why not."""
+
+    accepted: bool
+    problems: tuple[str, ...]
+    entries: tuple[LedgerEntry, ...]
+
+
+class LedgerIntake:
+    """Verifies and stores the ledger entries devices report.
+
+    Parameters
+    ----------
+    cfg
+        The run's configuration (what the server asked devices to do).
+    store
+        The server's privacy store (device keys, verified entries, rejections).
+    """
+
+    def __init__(self, cfg: FedrecConfig, store: PrivacyStore) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.enabled = cfg.privacy.dp or cfg.privacy.user_dp
+
+    def register(self, device_id: int, public_key: str | None) -> None:
+        """Register a device's key at discovery, as the config's ``device-keys`` policy allows."""
+        known = self.store.public_key(device_id)
+        if self.cfg.privacy.device_keys == "registered":
+            if known is None:
+                raise PermissionError(f"device {device_id} has no registered key (device-keys = registered)")
+            if public_key is not None and public_key != known:
+                raise PermissionError(f"device {device_id} presented a key that is not the registered one")
+            return
+        if public_key is None:
+            raise ValueError(f"device {device_id} did not present a public key")
+        self.store.register_key(device_id, public_key)
+
+    def head_seq(self, device_id: int) -> int:
+        """The last ledger seq the server holds for ``device_id`` (-1: none)."""
+        head = self.store.head(device_id)
+        return -1 if head is None else head.seq
+
+    def _parse(self, reply: Message) -> list[LedgerEntry]:
+        record = reply.content.config_records.get("ledger")
+        if record is None:
+            raise ValueError("the reply carries no ledger")
+        raw = record.get("entries", [])
+        if not isinstance(raw, list):
+            raise ValueError("ledger entries are not a list")
+        return [entry_from_json(str(text)) for text in raw]
+
+    def _expected(self, entry: LedgerEntry, num_examples: int | None) -> list[str]:
+        """Problems with an entry's mechanism parameters or claim (empty: as asked)."""
+        p, problems = self.cfg.privacy, []
+
+        def want(name: str, expected: object, claimed: object) -> None:
+            if isinstance(expected, float) and isinstance(claimed, float):
+                if math.isclose(expected, claimed, rel_tol=0.0, abs_tol=0.0):
+                    return
+            elif expected == claimed:
+                return
+            problems.append(f"entry {entry.seq}: {name} is {claimed!r}, the server asked for {expected!r}")
+
+        want("delta", p.delta, entry.delta)
+        if entry.unit == "record":
+            want("mechanism", "subsampled-gaussian", entry.mechanism)
+            want("noise_multiplier", p.noise_multiplier, entry.noise_multiplier)
+            want("clip_norm", p.clip_norm, entry.clip_norm)
+            want("accountant", p.accountant, entry.accountant)
+            want("steps", self.cfg.train.local_steps, entry.steps)
+            if num_examples is not None:
+                want("sample_rate", opacus_sample_rate(num_examples, self.cfg.train.batch_size), entry.sample_rate)
+        elif entry.unit == "user":
+            want("mechanism", "gaussian-server-noise", entry.mechanism)
+            want("noise_multiplier", p.user_noise_multiplier, entry.noise_multiplier)
+            want("clip_norm", p.user_clip_norm, entry.clip_norm)
+        else:
+            problems.append(f"entry {entry.seq}: unknown privacy unit {entry.unit!r}")
+        return problems
+
+    def _claims(self, device_id: int, new: Sequence[LedgerEntry]) -> list[str]:
+        """Each new entry's cumulative epsilon must be what its unit's accountant gives."""
+        problems: list[str] = []
+        stored = self.store.entries(device_id)
+        history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in stored if e.unit == "record"]
+        users = sum(1 for e in stored if e.unit == "user")
+        p = self.cfg.privacy
+        for e in new:
+            if e.unit == "record":
+                history.append((e.noise_multiplier, e.sample_rate, e.steps))
+                if self.cfg.privacy.accountant != "rdp":
+                    continue  # the audit recomputes PRV claims; RDP is what is checked here
+                truth = rdp_epsilon(history, e.delta)
+            elif e.unit == "user":
+                users += 1
+                f = RenyiFilter(p.user_noise_multiplier, p.delta, p.user_epsilon_budget)
+                for _ in range(users):
+                    f.charge(0, 1.0)
+                truth = f.epsilon(0)
+            else:
+                continue
+            if not math.isclose(e.epsilon, truth, rel_tol=_CLAIM_RTOL, abs_tol=1e-12):
+                problems.append(f"entry {e.seq}: claims epsilon {e.epsilon!r}, its mechanism gives {truth!r}")
+        return problems
+
+    def check(
+        self, device_id: int, task_id: int | None, reply: Message, num_examples: int | None
+    ) -> IntakeResult:
+        """Verify a training reply's new entries; store them if and only if they all pass.
+
+        ``task_id`` None (a late reply) skips the check that this task's release is present.
+        """
+        if not self.enabled:
+            return IntakeResult(True, (), ())
+        try:
+            entries = self._parse(reply)
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            return self._reject(device_id, task_id, [f"unreadable ledger: {exc}"], ())
+        # Entries the server already holds (a reply racing a lost task's) are dropped if identical.
+        head = self.store.head(device_id)
+        if head is not None:
+            known = {e.seq: e.entry_hash for e in self.store.entries(device_id)}
+            fresh = []
+            for e in entries:
+                if e.seq in known:
+                    if known[e.seq] != e.entry_hash:
+                        return self._reject(device_id, task_id, [f"entry {e.seq} differs from the one stored"], entries)
+                    continue
+                fresh.append(e)
+            entries = fresh
+        problems = [f"entry {e.seq}: reported for device {e.device_id}" for e in entries if e.device_id != device_id]
+        if task_id is not None:
+            units = {e.unit for e in entries if e.task_id == task_id}
+            wanted = ({"record"} if self.cfg.privacy.dp else set()) | ({"user"} if self.cfg.privacy.user_dp else set())
+            if not wanted <= units:
+                problems.append(f"no ledger entry for task {task_id} (units {sorted(wanted - units)} missing)")
+        for e in entries:
+            problems.extend(self._expected(e, num_examples if e.task_id == task_id else None))
+        if not problems:
+            problems.extend(self._claims(device_id, entries))
+        if problems:
+            return self._reject(device_id, task_id, problems, entries)
+        chain = self.store.accept(entries)
+        if chain:
+            return self._reject(device_id, task_id, [p.detail for p in chain], entries, chain)
+        return IntakeResult(True, (), tuple(entries))
+
+    def _reject(
+        self, device_id: int, task_id: int | None, problems: list[str], entries: Sequence[LedgerEntry],
+        chain: Sequence[ChainProblem] = (),
+    ) -> IntakeResult:
+        if chain:
+            self.store.reject(device_id, task_id if task_id is not None else -1, list(chain))
+        else:
+            seq = entries[0].seq if entries else None
+            self.store.reject(
+                device_id, task_id if task_id is not None else -1,
+                [ChainProblem("mismatch", device_id, seq, None, text) for text in problems],
+            )
+        return IntakeResult(False, tuple(problems), tuple(entries))

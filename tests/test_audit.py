@@ -1,0 +1,257 @@
+"""`fedrec audit` on a real run: clean runs pass; every kind of tampering is named, located and fails."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client.ledger_store import DeviceLedgerStore
+from shared.cli import main
+from shared.privacy.independent import TOLERANCE
+from shared.privacy.ledger import compute_hash
+from simulations.runner import simulate
+
+BUDGET = 30.0
+USER_BUDGET = 20.0
+
+
+def _overrides(out: Path) -> dict[str, Any]:
+    return {
+        "dataset": "synthetic", "synthetic-users": 8, "synthetic-items": 80, "synthetic-interactions": 30,
+        "cache-dir": str(out.parent / "cache"), "embedding-dim": 8, "mlp-layers": "8", "num-negatives": 4,
+        "local-steps": 3, "batch-size": 4, "concurrency": 4, "buffer-size": 2, "num-versions": 8,
+        "eval-every": 4, "eval-devices": 4, "output-dir": str(out), "epsilon-budget": BUDGET,
+        "user-dp": True, "user-noise-multiplier": 2.0, "user-epsilon-budget": USER_BUDGET,
+    }
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("audit") / "run"
+    simulate(_overrides(out), backend="local")
+    return out
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run_dir, dst)
+    shutil.rmtree(dst / "audit", ignore_errors=True)
+    return dst
+
+
+def _audit(*args: str) -> tuple[int, dict[str, Any]]:
+    code = main(["audit", *args])
+    out = Path(args[args.index("--output") + 1]) if "--output" in args else Path(args[0]) / "audit"
+    return code, json.loads((out / "audit.json").read_text())
+
+
+def _rows(db: Path, device: int) -> list[dict[str, Any]]:
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    rows = [dict(r) for r in con.execute("SELECT * FROM ledger_entries WHERE device_id = ? ORDER BY id", (device,))]
+    con.close()
+    return rows
+
+
+def _busiest_device(db: Path) -> int:
+    con = sqlite3.connect(db)
+    device, count = con.execute(
+        "SELECT device_id, COUNT(*) AS n FROM ledger_entries GROUP BY device_id ORDER BY n DESC, device_id LIMIT 1"
+    ).fetchone()
+    con.close()
+    assert count >= 4, "the fixture run must give some device at least four ledger entries"
+    return int(device)
+
+
+def _execute(db: Path, sql: str, *params: Any) -> None:
+    con = sqlite3.connect(db)
+    con.execute(sql, params)
+    con.commit()
+    con.close()
+
+
+def _kinds(report: dict[str, Any]) -> set[tuple[str, int, int | None]]:
+    return {(f["kind"], f["device_id"], f["seq"]) for f in report["findings"]}
+
+
+def test_a_clean_run_passes_and_every_claim_recomputes_within_tolerance(run_dir: Path, tmp_path: Path) -> None:
+    run = _copy(run_dir, tmp_path)
+    code, report = _audit(str(run))
+    assert code == 0, report["findings"]
+    assert report["ok"] and not report["findings"]
+    assert (run / "audit" / "audit.md").read_text().startswith("# fedrec privacy audit")
+    assert (run / "audit" / "audit_epsilon_over_time.png").stat().st_size > 1000
+    fleet = report["fleet"]
+    assert fleet["devices"] == 8
+    assert 0 < fleet["record"]["epsilon-max"] <= BUDGET
+    assert 0 < fleet["user"]["epsilon-max"] <= USER_BUDGET
+    for d in report["devices"]:
+        if d["record_releases"]:
+            assert abs(d["record_claimed"] - d["record_recomputed"]) <= TOLERANCE * d["record_recomputed"]
+        if d["user_releases"]:
+            assert abs(d["user_claimed"] - d["user_recomputed"]) <= TOLERANCE * d["user_recomputed"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["privacy"]["epsilon-max"] == pytest.approx(fleet["record"]["epsilon-max"], rel=TOLERANCE)
+
+
+def test_an_edited_entry_is_named_and_located(run_dir: Path, tmp_path: Path) -> None:
+    run = _copy(run_dir, tmp_path)
+    db = run / "fedrec.db"
+    device = _busiest_device(db)
+    target = _rows(db, device)[1]
+    _execute(db, "UPDATE ledger_entries SET epsilon = epsilon / 2 WHERE id = ?", target["id"])
+    code, report = _audit(str(run))
+    assert code == 1
+    assert ("edited", device, target["seq"]) in _kinds(report)
+
+
+def test_a_deleted_entry_is_named_and_located(run_dir: Path, tmp_path: Path) -> None:
+    run = _copy(run_dir, tmp_path)
+    db = run / "fedrec.db"
+    device = _busiest_device(db)
+    target = _rows(db, device)[1]
+    _execute(db, "DELETE FROM ledger_entries WHERE id = ?", target["id"])
+    code, report = _audit(str(run))
+    assert code == 1
+    deleted = [f for f in report["findings"] if f["kind"] == "deleted" and f["device_id"] == device]
+    assert deleted and str(target["seq"]) in deleted[0]["detail"]
+
+
+def test_deleting_the_last_entry_is_detected_from_the_release_log(run_dir: Path, tmp_path: Path) -> None:
+    run = _copy(run_dir, tmp_path)
+    db = run / "fedrec.db"
+    device = _busiest_device(db)
+    last = _rows(db, device)[-1]
+    _execute(db, "DELETE FROM ledger_entries WHERE id = ?", last["id"])
+    code, report = _audit(str(run))
+    assert code == 1
+    assert any(f["kind"] == "deleted" and f["device_id"] == device for f in report["findings"])
+
+
+def test_reordered_entries_are_named(run_dir: Path, tmp_path: Path) -> None:
+    run = _copy(run_dir, tmp_path)
+    db = run / "fedrec.db"
+    device = _busiest_device(db)
+    a, b = _rows(db, device)[1:3]
+    cols = [c for c in a if c != "id"]
+    con = sqlite3.connect(db)
+    # Swap the two rows' contents, keeping their ids (the storage order); seq is unique, so park one.
+    con.execute("UPDATE ledger_entries SET seq = -1 WHERE id = ?", (a["id"],))
+    con.execute(f"UPDATE ledger_entries SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?",
+                [a[c] for c in cols] + [b["id"]])
+    con.execute(f"UPDATE ledger_entries SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?",
+                [b[c] for c in cols] + [a["id"]])
+    con.commit()
+    con.close()
+    code, report = _audit(str(run))
+    assert code == 1
+    kinds = {f["kind"] for f in report["findings"] if f["device_id"] == device}
+    assert kinds == {"reordered"}
+
+
+def test_a_rehashed_forgery_is_named(run_dir: Path, tmp_path: Path) -> None:
+    run = _copy(run_dir, tmp_path)
+    db = run / "fedrec.db"
+    device = _busiest_device(db)
+    row = _rows(db, device)[1]
+    fields = {k: v for k, v in row.items() if k not in ("id", "entry_hash", "signature")}
+    fields["epsilon"] = row["epsilon"] / 3
+    # The forger recomputes the hash, but cannot sign it with the device's key.
+    _execute(db, "UPDATE ledger_entries SET epsilon = ?, entry_hash = ? WHERE id = ?",
+             fields["epsilon"], compute_hash(fields), row["id"])
+    code, report = _audit(str(run))
+    assert code == 1
+    assert ("forged", device, row["seq"]) in _kinds(report)
+
+
+def test_an_unsigned_entry_is_named(run_dir: Path, tmp_path: Path) -> None:
+    run = _copy(run_dir, tmp_path)
+    db = run / "fedrec.db"
+    device = _busiest_device(db)
+    row = _rows(db, device)[0]
+    _execute(db, "UPDATE ledger_entries SET signature = '' WHERE id = ?", row["id"])
+    code, report = _audit(str(run))
+    assert code == 1
+    assert ("unsigned", device, row["seq"]) in _kinds(report)
+
+
+def test_entries_of_a_device_with_no_registered_key_are_flagged(run_dir: Path, tmp_path: Path) -> None:
+    run = _copy(run_dir, tmp_path)
+    db = run / "fedrec.db"
+    device = _busiest_device(db)
+    _execute(db, "DELETE FROM device_keys WHERE device_id = ?", device)
+    code, report = _audit(str(run))
+    assert code == 1
+    assert any(f["kind"] == "unknown-key" and f["device_id"] == device for f in report["findings"])
+
+
+def test_a_wrong_server_side_user_level_claim_is_flagged(run_dir: Path, tmp_path: Path) -> None:
+    run = _copy(run_dir, tmp_path)
+    db = run / "fedrec.db"
+    _execute(db, "UPDATE user_releases SET epsilon = epsilon * 0.8 WHERE id = (SELECT MAX(id) FROM user_releases)")
+    code, report = _audit(str(run))
+    assert code == 1
+    assert any(f["kind"] == "claim-mismatch" and f["unit"] == "user" for f in report["findings"])
+
+
+def test_a_signed_but_wrong_claim_in_a_device_ledger_is_flagged(run_dir: Path, tmp_path: Path) -> None:
+    """A buggy or lying device signs a claim its mechanism does not support: the recomputation catches it."""
+    src = sorted((run_dir / "devices").glob("device-*.db"))[0]
+    path = tmp_path / "liar.db"
+    with DeviceLedgerStore(src) as real:
+        entries = real.entries()
+    assert entries
+    with DeviceLedgerStore(path, device_id=entries[0].device_id) as liar:
+        key = liar.identity().public_key
+        for i, e in enumerate(entries):
+            fields = {k: getattr(e, k) for k in ("run", "version", "task_id", "unit", "mechanism", "noise_multiplier",
+                                                 "sample_rate", "steps", "clip_norm", "accountant", "epsilon",
+                                                 "delta", "timestamp")}
+            if i == len(entries) - 1 and e.unit == "record":
+                fields["epsilon"] = e.epsilon * 0.9
+            liar.append(**fields)
+    out = tmp_path / "liar-audit"
+    code, report = _audit("--ledger", str(path), "--public-key", key, "--epsilon-budget", str(BUDGET),
+                          "--output", str(out))
+    if entries[-1].unit == "record":
+        assert code == 1
+        assert [f["kind"] for f in report["findings"]] == ["claim-mismatch"]
+    # The honest device's own ledger, audited with its key, passes.
+    with DeviceLedgerStore(src) as real:
+        honest_key = real.identity().public_key
+    code, report = _audit("--ledger", str(src), "--public-key", honest_key, "--epsilon-budget", str(BUDGET),
+                          "--output", str(tmp_path / "honest"))
+    assert code == 0, report["findings"]
+
+
+def test_tampering_with_a_device_ledger_file_is_detected(run_dir: Path, tmp_path: Path) -> None:
+    src = max((run_dir / "devices").glob("device-*.db"), key=lambda p: len(DeviceLedgerStore(p).entries()))
+    with DeviceLedgerStore(src) as store:
+        key = store.identity().public_key
+        n = len(store.entries())
+    assert n >= 3
+    cases = {
+        "edited": "UPDATE ledger_entries SET steps = steps + 1 WHERE seq = 1",
+        "deleted": "DELETE FROM ledger_entries WHERE seq = 1",
+        "unsigned": "UPDATE ledger_entries SET signature = '' WHERE seq = 1",
+    }
+    for kind, sql in cases.items():
+        path = tmp_path / f"{kind}.db"
+        shutil.copy(src, path)
+        _execute(path, sql)
+        code, report = _audit("--ledger", str(path), "--public-key", key, "--output", str(tmp_path / f"{kind}-out"))
+        assert code == 1, kind
+        assert kind in {f["kind"] for f in report["findings"]}, (kind, report["findings"])
+    # Verified against a key other than the device's registered one: every entry is a forgery.
+    path = tmp_path / "other-key.db"
+    shutil.copy(src, path)
+    with DeviceLedgerStore(tmp_path / "stranger.db", device_id=999) as stranger:
+        other = stranger.identity().public_key
+    code, report = _audit("--ledger", str(path), "--public-key", other, "--output", str(tmp_path / "other-out"))
+    assert code == 1
+    assert {f["kind"] for f in report["findings"]} == {"forged"}
