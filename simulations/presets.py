@@ -20,6 +20,9 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
         "no-dp": {"dp": False, "output-dir": "runs/no-dp"},
         "sync": {"mode": "sync", "num-versions": 50, "output-dir": "runs/sync"},
         "sasrec": {"model": "sasrec", "output-dir": "runs/sasrec"},
+        # Both privacy units: record-level DP-SGD on devices and user-level server noise
+        # (z = 3 admits ~22 full-weight contributions per device within epsilon 8).
+        "user-dp": {"user-dp": True, "user-noise-multiplier": 3.0, "output-dir": "runs/user-dp"},
         "large": {
             "dataset": "synthetic", "synthetic-users": 500, "synthetic-items": 20000,
             "embedding-dim": 512, "mlp-layers": "512,256", "batch-size": 8, "local-steps": 2,

@@ -15,11 +15,13 @@ PARAMS = {"w": torch.zeros(3)}
 
 
 def _scheduler(mode: str = "async", devices: int = 20, **kw: object) -> Scheduler:
+    user_level = kw.pop("user_level", None)
     cfg = AggregationConfig(mode=mode, concurrency=kw.pop("concurrency", 5), buffer_size=kw.pop("buffer_size", 2),
                             num_versions=kw.pop("num_versions", 10), **kw)  # type: ignore[arg-type]
     fleet = Fleet(devices, FleetConfig(dropout_rate=0.0, availability_mean=0.9), seed=7)
     fn = polynomial_staleness(0.5) if mode == "async" else constant_staleness
-    return Scheduler(cfg, fleet, local_steps=5, initial=PARAMS, staleness_fn=fn, seed=3)
+    return Scheduler(cfg, fleet, local_steps=5, initial=PARAMS, staleness_fn=fn, seed=3,
+                     user_level=user_level)  # type: ignore[arg-type]
 
 
 def _run(s: Scheduler, outcome=lambda task: Update({"w": torch.ones(3)}, 10, 0.5), limit: int = 10_000):
@@ -188,3 +190,48 @@ def test_an_unresponsive_device_is_retired_at_once() -> None:
     log = _run(s, outcome)
     assert [c.status for c in log if c.task.device_id == 0] == ["timeout"]
     assert s.status[0] is DeviceStatus.RETIRED
+
+
+def test_the_renyi_filter_stops_each_device_exactly_at_its_user_level_budget() -> None:
+    """Sync mode (no staleness: every weight is 1): each device takes part in exactly the number of
+    full-weight releases its budget admits, is then never scheduled, and no epsilon exceeds the budget."""
+    from server.user_dp import UserLevelMechanism
+    from shared.config import PrivacyConfig
+    from shared.privacy.user_level import gaussian_rdp
+
+    privacy = PrivacyConfig(user_dp=True, user_noise_multiplier=3.0, user_epsilon_budget=4.0, reproducible_noise=True)
+    mech = UserLevelMechanism(privacy, seed=0)
+    allowed = int(mech.filter.rdp_budget // gaussian_rdp(mech.order, 3.0))
+    assert allowed >= 2
+    s = _scheduler("sync", devices=6, concurrency=6, num_versions=1000, user_level=mech)
+    log = _run(s)
+    assert s.finished
+    per_device = {d: sum(c.status == "accepted" for c in log if c.task.device_id == d) for d in range(6)}
+    assert set(per_device.values()) == {allowed}
+    assert set(s.status) == {DeviceStatus.USER_EXHAUSTED}
+    for d in range(6):
+        assert mech.filter.history(d) == [1.0] * allowed
+        assert mech.filter.epsilon(d) <= 4.0
+        assert not mech.filter.admits(d, 1.0)  # one more release would have exceeded it
+
+
+def test_user_level_aggregation_clips_and_adds_the_configured_noise() -> None:
+    from server.user_dp import UserLevelMechanism
+    from shared.config import PrivacyConfig
+
+    privacy = PrivacyConfig(user_dp=True, user_clip_norm=0.5, user_noise_multiplier=2.0, user_epsilon_budget=50.0,
+                            reproducible_noise=True)
+    big = {"w": torch.full((3,), 100.0)}
+    s = _scheduler("sync", devices=4, concurrency=4, num_versions=1, user_level=UserLevelMechanism(privacy, seed=1))
+    log = _run(s, lambda task: Update(big, 10, None))
+    k = sum(c.status == "accepted" for c in log)  # the cohort (devices online at dispatch)
+    assert k >= 2
+    # Each update clipped to norm 0.5 along (1,1,1); the sum of k gets N(0, (2 * 0.5)^2) per
+    # coordinate from the mechanism's generator, then is divided by k.
+    from shared.privacy.user_level import add_gaussian_noise
+
+    clipped = torch.full((3,), 0.5 / 3**0.5, dtype=torch.float64)
+    noise = add_gaussian_noise({"w": torch.zeros(3, dtype=torch.float64)}, 2.0, 0.5,
+                               torch.Generator().manual_seed(1))["w"]
+    assert noise.abs().max() > 0
+    torch.testing.assert_close(s.params["w"].double(), (k * clipped + noise) / k, atol=1e-6, rtol=0)
