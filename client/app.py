@@ -25,9 +25,12 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import Scalar
 
 from client.device import Device, DeviceState, EvalReply, RefusalReply, TrainReply
+from client.device_store import DeviceDataStore, device_data_from_node, key_from_node_config
 from client.ledger_store import DeviceLedgerStore
+from client.secagg_client import Commit, is_secagg_message, secagg_train
 from shared.config import FedrecConfig, parse_config
 from shared.data.partition import load_device, prepare_partitions
 from shared.privacy.ledger import entry_to_json
@@ -59,6 +62,14 @@ def _load_state(context: Context) -> DeviceState:
 
 
 def _save_state(context: Context, state: DeviceState) -> None:
+    personal_store = _personal_store(context)
+    if personal_store is not None and state.personal:
+        with personal_store:
+            personal_store.save_personal(state.personal)  # encrypted at rest, like the raw data
+    _save_context_state(context, state)
+
+
+def _save_context_state(context: Context, state: DeviceState) -> None:
     hist = state.accountant_history
     context.state.config_records[_STATE_KEY] = ConfigRecord(
         {
@@ -86,10 +97,31 @@ def _open_store(cfg: FedrecConfig, context: Context) -> DeviceLedgerStore:
     return DeviceLedgerStore(path, device_id=_device_index(context))
 
 
+def _personal_store(context: Context) -> DeviceDataStore | None:
+    """A deployed device's encrypted store (raw data and personal state); None in simulation."""
+    node = context.node_config
+    if "store" not in node or not ({"key-file", "passphrase-env"} & set(node)):
+        return None
+    path = Path(str(node["store"]))
+    key = key_from_node_config(node, path)
+    assert key is not None
+    return DeviceDataStore(path, _device_index(context), key)
+
+
 def _device(cfg: FedrecConfig, context: Context, store: DeviceLedgerStore | None = None) -> Device:
-    info = prepare_partitions(cfg.data)
-    data = load_device(info.path, _device_index(context))
-    state = _load_state(context)
+    deployed = device_data_from_node(cfg, context.node_config)
+    if deployed is not None:
+        # A real device: its own encrypted store, which survives restarts of the process.
+        data, num_items = deployed
+        state = DeviceState()
+        personal_store = _personal_store(context)
+        if personal_store is not None:
+            with personal_store:
+                state.personal = personal_store.load_personal()
+    else:
+        info = prepare_partitions(cfg.data)
+        data, num_items = load_device(info.path, _device_index(context)), info.num_items
+        state = _load_state(context)
     if store is not None:
         # The signed ledger is the source of truth for what this device has spent: the
         # accountant is rebuilt from it, so it survives restarts of the device process.
@@ -98,7 +130,8 @@ def _device(cfg: FedrecConfig, context: Context, store: DeviceLedgerStore | None
             (e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.unit == "record"
         ]
         state.user_contributions = sum(1 for e in entries if e.unit == "user")
-    return Device(cfg, data, info.num_items, state)
+        state.tasks_done = sum(1 for e in entries if e.unit == "record") or state.tasks_done
+    return Device(cfg, data, num_items, state)
 
 
 def _record_releases(
@@ -137,6 +170,25 @@ def _global_params(msg: Message) -> dict[str, torch.Tensor]:
     return dict(msg.content.array_records["global"].to_torch_state_dict())
 
 
+def _secagg_device(cfg: FedrecConfig, context: Context) -> tuple[Device, Commit]:
+    """A device for a SecAgg+ task and the commit that records its releases and saves its state."""
+    store = _open_store(cfg, context)
+    try:
+        device = _device(cfg, context, store)
+    finally:
+        store.close()
+
+    def commit(reply: TrainReply, config: Mapping[str, Scalar]) -> None:
+        ledger = _open_store(cfg, context)
+        try:
+            _record_releases(ledger, cfg, reply, ConfigRecord(dict(config)))
+        finally:
+            ledger.close()
+        _save_state(context, device.state)
+
+    return device, commit
+
+
 def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp whose config is the defaults, then ``context.run_config``, then ``overrides``.
 
@@ -151,6 +203,9 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        if is_secagg_message(msg):
+            # Synchronous secure aggregation runs Flower's legacy SecAgg+ flow (server/secagg.py).
+            return secagg_train(msg, context, lambda ctx: _secagg_device(config_of(ctx), ctx))
         cfg = config_of(context)
         conf = msg.content.config_records["config"]
         store = _open_store(cfg, context)
@@ -202,7 +257,11 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         cfg = config_of(context)
-        device = _device(cfg, context)
+        store = _open_store(cfg, context)
+        try:
+            device = _device(cfg, context, store)  # its ledger gives the epsilon it reports
+        finally:
+            store.close()
         conf = msg.content.config_records["config"]
         result: EvalReply = device.evaluate(_global_params(msg), str(conf["split"]), cfg.eval.top_k)
         records: dict[str, Any] = {

@@ -187,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("presets", help="list simulation presets")
     pre.set_defaults(func=_cmd_presets)
+
+    # Deployment: the server host's and the device's command groups.
+    from client.cli_device import register as register_device_commands
+    from server.cli_deploy import register as register_server_commands
+
+    register_server_commands(sub)
+    register_device_commands(sub)
     return parser
 
 

@@ -1,0 +1,433 @@
+"""``fedrec device``: enrol an edge device, import its owner's history, recommend, join a federation.
+
+The commands, in the order a device owner runs them::
+
+    fedrec device enroll --store ~/.fedrec/device.db --device-id 7 --key-file ~/.fedrec/device.key
+    fedrec device import --store ~/.fedrec/device.db --key-file ~/.fedrec/device.key history.csv
+    fedrec device start --store ~/.fedrec/device.db --key-file ~/.fedrec/device.key \\
+        --superlink fl.example.org:9093 --root-cert ca.crt --auth-key ~/.fedrec/device-supernode-auth
+    fedrec device recommend --store ~/.fedrec/device.db --key-file ~/.fedrec/device.key --model global_model.pt
+
+``--passphrase-env VAR`` may replace ``--key-file`` everywhere: the store key is then
+derived (scrypt) from the passphrase in the environment variable ``VAR`` (never from a
+command-line argument, which other local users can read in the process list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from client.device_store import (
+    DeviceDataStore,
+    KeyFileError,
+    create_key_file,
+    is_enrolled,
+    key_from_file,
+    key_from_passphrase,
+    stored_device_id,
+)
+
+__all__ = ["ML100K_ITEMS", "auth_key_paths", "main", "node_config_value", "register", "supernode_argv"]
+
+# The bundled MovieLens-100K catalogue (fedrec's default data set): enrol's default catalogue size.
+ML100K_ITEMS: Final = 1682
+AUTH_KEY_SUFFIX: Final = "-supernode-auth"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _key_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--key-file", type=Path, help="the store key file (32 random bytes, mode 0600)")
+    group.add_argument("--passphrase-env", metavar="VAR",
+                       help="derive the store key from the passphrase in environment variable VAR (scrypt)")
+
+
+def _passphrase(var: str) -> str:
+    value = os.environ.get(var, "")
+    if not value:
+        raise ValueError(f"--passphrase-env: environment variable {var!r} is unset or empty")
+    return value
+
+
+def _store_path(args: argparse.Namespace) -> Path:
+    return Path(args.store).expanduser().resolve()
+
+
+def _existing_store(args: argparse.Namespace) -> tuple[Path, int]:
+    """The enrolled store named by ``--store`` and its device id."""
+    path = _store_path(args)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no device store here; run `fedrec device enroll` first")
+    device_id = stored_device_id(path)
+    if device_id is None:
+        raise ValueError(f"{path}: not an enrolled device store; run `fedrec device enroll` first")
+    return path, device_id
+
+
+def _key(args: argparse.Namespace, store: Path) -> bytes:
+    if args.key_file is not None:
+        return key_from_file(args.key_file)
+    return key_from_passphrase(store, _passphrase(args.passphrase_env))
+
+
+def auth_key_paths(store: Path) -> tuple[Path, Path]:
+    """Where enrol puts the SuperNode auth key pair: next to the store, ``<stem>-supernode-auth[.pub]``."""
+    private = store.with_name(store.stem + AUTH_KEY_SUFFIX)
+    return private, private.with_name(private.name + ".pub")
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` (must not exist) with mode 0o600 from the start, then write ``data``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _ensure_auth_key(store: Path) -> tuple[Path, Path, bool]:
+    """The device's ECDSA P-384 SuperNode auth key pair (OpenSSH format); created if missing.
+
+    Returns ``(private, public, created)``. An existing private key is kept (its public
+    key is re-derived if the ``.pub`` file was lost), so enrolling twice never changes
+    the key the server registered.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private, public = auth_key_paths(store)
+    created = not private.exists()
+    if created:
+        key = ec.generate_private_key(ec.SECP384R1())
+        _write_private(private, key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ))
+    else:
+        loaded = serialization.load_ssh_private_key(private.read_bytes(), password=None)
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey) or loaded.curve.name != "secp384r1":
+            raise ValueError(f"{private}: exists but is not an ECDSA P-384 key; move it away and enrol again")
+        key = loaded
+    if created or not public.exists():
+        text = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        public.write_bytes(text + f" fedrec-{store.stem}\n".encode())
+        public.chmod(0o644)
+    return private, public, created
+
+
+def node_config_value(value: str) -> str:
+    """Quote a string for Flower's ``--node-config`` (TOML values, see FLOWER.md section 5).
+
+    Flower matches ``key='...'`` or ``key="..."`` and parses the value as TOML: a
+    single-quoted literal string takes anything but ``'`` and newlines; a double-quoted
+    one anything but ``"`` (backslashes escaped).
+
+    Raises
+    ------
+    ValueError
+        If the value holds both quote characters or a newline (Flower cannot carry it).
+    """
+    if "\n" in value or "\r" in value:
+        raise ValueError(f"{value!r}: a newline cannot be passed in Flower's --node-config")
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return '"' + value.replace("\\", "\\\\") + '"'
+    raise ValueError(f"{value!r}: holds both ' and \"; Flower's --node-config cannot carry it (rename the path)")
+
+
+def supernode_argv(
+    executable: str,
+    *,
+    store: Path,
+    device_id: int,
+    superlink: str,
+    root_cert: Path,
+    auth_key: Path,
+    port: int,
+    key_file: Path | None = None,
+    passphrase_env: str | None = None,
+) -> list[str]:
+    """The ``flower-supernode`` command line that runs this device in a federation."""
+    if (key_file is None) == (passphrase_env is None):
+        raise ValueError("give exactly one of key_file and passphrase_env")
+    parts = [f"store={node_config_value(str(store))}"]
+    if key_file is not None:
+        parts.append(f"key-file={node_config_value(str(key_file))}")
+    else:
+        parts.append(f"passphrase-env={node_config_value(str(passphrase_env))}")
+    parts.append(f"device-id={int(device_id)}")
+    return [
+        executable,
+        "--superlink", superlink,
+        "--root-certificates", str(root_cert),
+        "--auth-supernode-private-key", str(auth_key),
+        "--port", str(port),
+        "--node-config", " ".join(parts),
+    ]  # fmt: skip
+
+
+def _find_supernode() -> str:
+    # Prefer the one installed next to this interpreter (the fedrec virtualenv).
+    sibling = Path(sys.executable).with_name("flower-supernode")
+    if sibling.is_file() and os.access(sibling, os.X_OK):
+        return str(sibling)
+    found = shutil.which("flower-supernode")
+    if found is None:
+        raise FileNotFoundError("flower-supernode not found: install fedrec (it depends on flwr) in this environment")
+    return found
+
+
+# --------------------------------------------------------------- commands
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    from client.ledger_store import DeviceLedgerStore
+
+    store = _store_path(args)
+    if args.num_items is not None and args.num_items < 2:
+        raise ValueError(f"--num-items: must be at least 2, got {args.num_items}")
+    enrolled = is_enrolled(store)
+    if enrolled:
+        recorded = stored_device_id(store)
+        if recorded != args.device_id:
+            raise ValueError(f"{store} is already enrolled as device {recorded}, not {args.device_id}")
+    # The key first: a store that exists is opened (and its key checked) before anything is created.
+    if args.key_file is not None:
+        key_path = Path(args.key_file).expanduser().resolve()
+        if key_path.exists():
+            key = key_from_file(key_path)
+            key_note = f"key file {key_path}"
+        elif enrolled:
+            raise KeyFileError(f"{key_path}: not found, and {store} is already encrypted under another key; "
+                               "give the key file it was enrolled with")
+        else:
+            key = create_key_file(key_path)
+            key_note = f"new key file {key_path} (back it up: without it the data cannot be read)"
+    else:
+        key = key_from_passphrase(store, _passphrase(args.passphrase_env))
+        key_note = f"passphrase from ${args.passphrase_env} (scrypt)"
+    with DeviceDataStore(store, args.device_id, key) as data_store:
+        recorded_items = data_store.num_items
+        if recorded_items is None:
+            data_store.set_num_items(args.num_items or ML100K_ITEMS)
+        elif args.num_items is not None and args.num_items != recorded_items:
+            raise ValueError(f"{store}: already enrolled with a catalogue of {recorded_items} items, "
+                             f"not {args.num_items}")
+        num_items = data_store.num_items
+        count = len(data_store.interactions())
+    with DeviceLedgerStore(store, device_id=args.device_id) as ledger:
+        public_key = ledger.identity().public_key
+    private, public, created = _ensure_auth_key(store)
+    print(f"device {args.device_id} {'enrolled' if not enrolled else 'already enrolled'}")
+    print(f"  store:               {store} ({count} interactions, catalogue of {num_items} items)")
+    print(f"  store key:           {key_note}")
+    print(f"  ledger public key:   {public_key}")
+    print("                       register it with the server (privacy key for device-keys = registered)")
+    print(f"  SuperNode auth key:  {private} ({'created' if created else 'kept'}, mode 0600: stays here)")
+    print(f"  register on server:  {public}")
+    print(f"                       e.g. flwr supernode register {public} <federation>")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from client.history_import import parse_history
+
+    store, device_id = _existing_store(args)
+    key = _key(args, store)
+    with DeviceDataStore(store, device_id, key) as data_store:
+        num_items = data_store.num_items
+        if num_items is None:
+            raise ValueError(f"{store}: no catalogue size recorded; enrol again with --num-items")
+        records = parse_history(args.file, num_items)  # all validated before anything is written
+        result = data_store.import_interactions(records)
+    print(f"imported {result.added} interactions from {args.file} "
+          f"({result.skipped} already present); {result.total} in the store")
+    return 0
+
+
+def _load_global_model(path: Path) -> tuple[int | None, dict[str, Any]]:
+    import torch
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: global model file not found")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors of many kinds: the file is not a saved model
+        raise ValueError(f"{path}: not a fedrec global model ({type(exc).__name__}: {exc})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("params"), dict):
+        raise ValueError(f"{path}: not a fedrec global model (expected {{'version': int, 'params': state_dict}})")
+    params = saved["params"]
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in params.items()):
+        raise ValueError(f"{path}: 'params' must map parameter names to tensors")
+    version = saved.get("version")
+    return (int(version) if isinstance(version, int) else None), params
+
+
+def _titles(args: argparse.Namespace, num_items: int) -> dict[int, str] | None:
+    if args.titles is not None:
+        raw = json.loads(Path(args.titles).read_text(encoding="utf-8"))
+        if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
+            raise ValueError(f"{args.titles}: expected a JSON list of titles by item id")
+        return dict(enumerate(raw))
+    if args.no_titles:
+        return None
+    from client.recommend import load_titles
+
+    titles = load_titles()
+    # The bundled titles describe the MovieLens-100K catalogue only; another catalogue gets ids.
+    return titles if titles is not None and len(titles) == num_items else None
+
+
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    from client.recommend import catalogue_size, recommend
+    from shared.config import parse_config
+
+    if args.k < 1:
+        raise ValueError(f"-k: must be at least 1, got {args.k}")
+    store, device_id = _existing_store(args)
+    key = _key(args, store)
+    version, params = _load_global_model(Path(args.model).expanduser())
+    cfg = parse_config(_parse_sets(args.set or []))
+    num_items = catalogue_size(cfg.model, params)
+    with DeviceDataStore(store, device_id, key) as data_store:
+        recorded = data_store.num_items
+        if recorded is not None and recorded != num_items:
+            raise ValueError(f"{args.model}: the model's catalogue has {num_items} items but this device "
+                             f"was enrolled for {recorded}")
+        data = data_store.device_data(num_items)
+        personal = data_store.load_personal()
+    recs = recommend(cfg, params, data, personal, k=args.k, titles=_titles(args, num_items), explain=args.explain)
+    if args.json:
+        print(json.dumps([
+            {"rank": r.rank, "item_id": r.item_id, "title": r.title, "score": r.score,
+             "because": [{"item_id": b.item_id, "title": b.title, "similarity": b.similarity} for b in r.because],
+             "explanation": r.explanation}
+            for r in recs
+        ], indent=2))
+        return 0
+    personal_note = "your personal state" if personal else "no personal state yet (join a federation to train one)"
+    print(f"top {len(recs)} for device {device_id} (global model v{version if version is not None else '?'}, "
+          f"{personal_note}):")
+    for r in recs:
+        name = r.title or f"item {r.item_id}"
+        print(f"{r.rank:3d}. {name} [item {r.item_id}, score {r.score:.3f}] - {r.explanation}")
+    return 0
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    store, device_id = _existing_store(args)
+    with DeviceDataStore(store, device_id, _key(args, store)):
+        pass  # a wrong key fails here, not in the SuperNode's first task
+    key_file = None if args.key_file is None else Path(args.key_file).expanduser().resolve()
+    root_cert = Path(args.root_cert).expanduser().resolve()
+    auth_key = Path(args.auth_key).expanduser().resolve()
+    for label, path in (("--root-cert", root_cert), ("--auth-key", auth_key)):
+        if not path.is_file():
+            raise FileNotFoundError(f"{label}: {path} not found")
+    if auth_key.stat().st_mode & 0o077:
+        raise ValueError(f"--auth-key: {auth_key} is readable by group/others; `chmod 600 {auth_key}`")
+    if args.passphrase_env is not None:
+        _passphrase(args.passphrase_env)  # the ClientApp reads it from the SuperNode's environment
+    argv = supernode_argv(
+        "flower-supernode" if args.dry_run else _find_supernode(),
+        store=store, device_id=device_id, superlink=args.superlink, root_cert=root_cert, auth_key=auth_key,
+        port=args.port, key_file=key_file, passphrase_env=args.passphrase_env,
+    )
+    if args.dry_run:
+        import shlex
+
+        print(shlex.join(argv))
+        return 0
+    sys.stdout.flush()
+    os.execv(argv[0], argv)  # replaces this process; only returns by raising OSError
+    return 1  # pragma: no cover
+
+
+def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = value.strip().strip("'\"")
+    return out
+
+
+# ----------------------------------------------------------------- parser
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``device`` command group to ``fedrec``'s subparsers (``parser.add_subparsers()``)."""
+    device = subparsers.add_parser(
+        "device", help="run fedrec on an edge device: enroll, import, recommend, start",
+        description="Commands for the device owner: "
+                    "enroll -> import -> start (join the federation) -> recommend.",
+    )
+    sub = device.add_subparsers(dest="device_command", required=True)
+
+    enroll = sub.add_parser("enroll", help="create the encrypted device store, its ledger identity and auth key")
+    enroll.add_argument("--store", required=True, help="the device's store file (SQLite, created mode 0600)")
+    enroll.add_argument("--device-id", type=int, required=True, help="this device's id in the federation")
+    _key_options(enroll)
+    enroll.add_argument("--num-items", type=int,
+                        help=f"catalogue size (default: MovieLens-100K's {ML100K_ITEMS})")
+    enroll.set_defaults(func=_cmd_enroll)
+
+    imp = sub.add_parser("import", help="import your history (CSV item_id,timestamp[,rating] or JSON)")
+    imp.add_argument("--store", required=True)
+    _key_options(imp)
+    imp.add_argument("file", type=Path, help="history file; all of it is validated before anything is stored")
+    imp.set_defaults(func=_cmd_import)
+
+    rec = sub.add_parser("recommend", help="recommend from the global model and your own data, on this device")
+    rec.add_argument("--store", required=True)
+    _key_options(rec)
+    rec.add_argument("--model", required=True, type=Path, help="global_model.pt written by the server")
+    rec.add_argument("-k", type=int, default=10, help="how many recommendations (default 10)")
+    rec.add_argument("--explain", type=int, default=1, help="history items cited per recommendation (default 1)")
+    rec.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="config override matching the server's model (e.g. model=sasrec, embedding-dim=32)")
+    titles = rec.add_mutually_exclusive_group()
+    titles.add_argument("--titles", type=Path, help="JSON list of item titles by item id")
+    titles.add_argument("--no-titles", action="store_true", help="show item ids only")
+    rec.add_argument("--json", action="store_true", help="print JSON")
+    rec.set_defaults(func=_cmd_recommend)
+
+    start = sub.add_parser("start", help="join the federation: exec flower-supernode for this device")
+    start.add_argument("--store", required=True)
+    _key_options(start)
+    start.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
+    start.add_argument("--root-cert", required=True, type=Path, help="the federation's CA certificate (ca.crt)")
+    start.add_argument("--auth-key", required=True, type=Path, help="the SuperNode auth private key from enroll")
+    start.add_argument("--port", type=int, default=9094, help="the SuperNode's local port (default 9094)")
+    start.add_argument("--dry-run", action="store_true", help="print the flower-supernode command instead")
+    start.set_defaults(func=_cmd_start)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``device`` commands standalone (``python -m client.cli_device device ...``); 2 on a clear error."""
+    from shared.config import ConfigError
+    from shared.data.types import DataError
+
+    parser = argparse.ArgumentParser(prog="fedrec")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, DataError, KeyError, FileNotFoundError, ValueError) as exc:
+        print(f"fedrec: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

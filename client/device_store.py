@@ -1,0 +1,722 @@
+"""The device's encrypted local store of its owner's raw interactions and personal model state.
+
+One job: the person's raw data at rest. It lives in the same SQLite file as the
+device's ledger store (:mod:`client.ledger_store`), in tables of its own
+(``device_data_meta``, ``device_data_blobs``) declared on a separate SQLAlchemy base,
+so neither schema knows about the other.
+
+Encryption
+----------
+Everything personal is AES-256-GCM ciphertext (``cryptography``'s ``AESGCM``): the
+interactions as one blob, the personal model state (the user embedding) as another.
+Every write draws a fresh random 96-bit nonce; the associated data binds each blob to
+this device and to its table and row (``fedrec-device-store/v1|device=N|table=T|name=X``),
+so a blob copied to another row or another device's file fails to decrypt instead of
+being read as something else. What is stored in the clear: the device id, the
+catalogue size, the scrypt salt (when a passphrase is used), blob sizes and write
+times; never an item id, a timestamp or a rating.
+
+Keys
+----
+A store's 32-byte key comes either from a key file (:func:`create_key_file`,
+:func:`key_from_file`: 32 random bytes, mode 0o600, refused when group or others have
+any access) or from a passphrase (:func:`key_from_passphrase`: scrypt, n=2**15, r=8,
+p=1, with a random 16-byte salt kept in the store). A ``key_check`` blob (a known
+constant encrypted under the key) lets :class:`DeviceDataStore` tell a wrong key
+(:class:`WrongKeyError`) from damaged data (:class:`StoreCorruptError`) before it
+touches anything; a wrong key never writes to the file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import secrets
+import sqlite3
+import stat
+import time
+from collections.abc import Iterable, Mapping
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Self
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from sqlalchemy import Double, Engine, Integer, LargeBinary, String, create_engine, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from shared.data.split import leave_one_out
+from shared.data.types import DataError, DeviceData, InteractionLog
+from shared.records import get_int
+
+if TYPE_CHECKING:
+    import torch
+
+    from shared.config import FedrecConfig
+
+__all__ = [
+    "KEY_BYTES",
+    "ConcurrentWriteError",
+    "ImportResult",
+    "Interaction",
+    "KeyFileError",
+    "StoreCorruptError",
+    "WrongKeyError",
+    "DeviceDataStore",
+    "create_key_file",
+    "device_data_from_node",
+    "is_enrolled",
+    "key_from_file",
+    "key_from_node_config",
+    "key_from_passphrase",
+    "stored_device_id",
+]
+
+KEY_BYTES: Final = 32  # AES-256
+NONCE_BYTES: Final = 12  # 96-bit GCM nonce, the size GCM is specified for
+SALT_BYTES: Final = 16
+# scrypt cost: 32 MiB and ~0.1 s per derivation on a phone-class CPU (RFC 7914's interactive setting).
+SCRYPT_N: Final = 2**15
+SCRYPT_R: Final = 8
+SCRYPT_P: Final = 1
+FILE_MODE: Final = 0o600
+MIN_INTERACTIONS: Final = 3  # leave-one-out needs train, valid and test
+
+_FORMAT: Final = "fedrec-device-store/v1"
+_KEY_CHECK_PLAINTEXT: Final = b"fedrec device store key check v1"
+_INTERACTIONS: Final = "interactions"
+_PERSONAL: Final = "personal"
+_KEY_CHECK: Final = "key_check"
+
+
+class WrongKeyError(ValueError):
+    """The key or passphrase does not open this store (nothing was read or changed)."""
+
+
+class StoreCorruptError(ValueError):
+    """The key is right but a stored blob does not authenticate: the file was damaged or tampered with."""
+
+
+class KeyFileError(ValueError):
+    """A key file is missing, malformed or readable by others."""
+
+
+class ConcurrentWriteError(RuntimeError):
+    """Another process changed the same blob between this write's read and its commit (nothing written)."""
+
+
+@dataclass(frozen=True)
+class Interaction:
+    """One interaction of the device's owner: a catalogue item at a time, optionally rated.
+
+    ``item_id`` is the catalogue's dense id (``0 .. num_items-1``, the id the global
+    model uses); ``timestamp`` is Unix seconds.
+    """
+
+    timestamp: float
+    item_id: int
+    rating: float | None = None
+
+    @property
+    def key(self) -> tuple[int, float]:
+        """Identity of an interaction for de-duplication: (item, time)."""
+        return (self.item_id, self.timestamp)
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What :meth:`DeviceDataStore.import_interactions` did."""
+
+    added: int  # new interactions stored
+    skipped: int  # identical to one already stored (or repeated in the batch)
+    total: int  # interactions in the store afterwards
+
+
+# ------------------------------------------------------------------- schema
+
+
+class _Base(DeclarativeBase):
+    """Declarative base of the encrypted data tables (separate from the ledger store's)."""
+
+    type_annotation_map = {float: Double(), str: String(64)}  # noqa: RUF012 - read by SQLAlchemy
+
+
+class _MetaRow(_Base):
+    __tablename__ = "device_data_meta"
+
+    key: Mapped[str] = mapped_column(primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary, comment="public values only: device id, salt, catalogue size")
+
+
+class _BlobRow(_Base):
+    __tablename__ = "device_data_blobs"
+
+    name: Mapped[str] = mapped_column(primary_key=True)
+    nonce: Mapped[bytes] = mapped_column(LargeBinary)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary, comment="AES-256-GCM, tag appended")
+    # Bumped on every write: an update conditioned on the version read detects a concurrent writer.
+    revision: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[float] = mapped_column(comment="Unix seconds")
+
+
+def _associated_data(device_id: int, table: str, name: str) -> bytes:
+    return f"{_FORMAT}|device={device_id}|table={table}|name={name}".encode()
+
+
+def _create_private_file(path: Path) -> bool:
+    """Create ``path`` empty with mode 0o600 unless it exists; True when it was created.
+
+    Created before SQLite opens it, which would otherwise use the umask's mode (0o644).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    os.chmod(path, FILE_MODE)  # os.open applied the umask
+    return True
+
+
+def _engine(path: Path) -> Engine:
+    return create_engine(f"sqlite:///{path}")
+
+
+def stored_device_id(path: Path | str) -> int | None:
+    """The device id recorded in a store's data tables, or None if it has none (read-only; changes nothing).
+
+    Raises
+    ------
+    ValueError
+        If the file exists but is not an SQLite database.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return None
+    # Read-only URI: looking must not create tables or touch the file.
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    try:
+        with closing(sqlite3.connect(uri, uri=True)) as con:
+            row = con.execute("SELECT value FROM device_data_meta WHERE key = 'device_id'").fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return None
+        raise ValueError(f"{path}: cannot read the device store ({exc})") from None
+    except sqlite3.DatabaseError as exc:
+        raise ValueError(f"{path}: not a device store ({exc})") from None
+    return None if row is None else int(bytes(row[0]))
+
+
+def is_enrolled(path: Path | str) -> bool:
+    """Whether ``path`` holds an initialised encrypted data store (see :func:`stored_device_id`)."""
+    return stored_device_id(path) is not None
+
+
+# --------------------------------------------------------------------- keys
+
+
+def create_key_file(path: Path | str) -> bytes:
+    """Write 32 fresh random bytes to a new key file readable by its owner only (0o600).
+
+    Raises
+    ------
+    KeyFileError
+        If ``path`` already exists (an existing key is never overwritten: the data
+        encrypted under it would be lost).
+    """
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(KEY_BYTES)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        raise KeyFileError(f"{path}: key file already exists; refusing to overwrite it") from None
+    try:
+        os.fchmod(fd, FILE_MODE)
+        os.write(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return key
+
+
+def key_from_file(path: Path | str) -> bytes:
+    """Read a store key from a key file (32 raw bytes, or 64 hex digits).
+
+    Raises
+    ------
+    KeyFileError
+        If the file is missing, not a regular file, has any group/other permission
+        bits (a key others can read protects nothing), or does not hold a 32-byte key.
+    """
+    path = Path(path).expanduser()
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: key file not found") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise KeyFileError(f"{path}: key file is not a regular file")
+    loose = stat.S_IMODE(info.st_mode) & 0o077
+    if loose:
+        raise KeyFileError(
+            f"{path}: key file mode is {stat.S_IMODE(info.st_mode):04o}, which lets group/others access it; "
+            f"refusing to use it. Restrict it with `chmod 600 {path}` (and consider the key exposed)"
+        )
+    raw = path.read_bytes()
+    if len(raw) == KEY_BYTES:
+        return raw
+    text = raw.strip()
+    if len(text) == 2 * KEY_BYTES:
+        try:
+            return bytes.fromhex(text.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            pass
+    raise KeyFileError(f"{path}: not a key file (expected {KEY_BYTES} raw bytes or {2 * KEY_BYTES} hex digits, "
+                       f"found {len(raw)} bytes)")
+
+
+def key_from_passphrase(store_path: Path | str, passphrase: str) -> bytes:
+    """Derive a store key from a passphrase with scrypt (n=2**15, r=8, p=1).
+
+    The salt is random, 16 bytes, kept in the store: it is created (and the store file
+    with it, mode 0o600) on first use, and read afterwards.
+
+    Raises
+    ------
+    ValueError
+        If the passphrase is empty.
+    WrongKeyError
+        If the store was enrolled with a key file (it has no salt); the file is not changed.
+    """
+    if not passphrase:
+        raise ValueError("the passphrase is empty")
+    path = Path(store_path).expanduser()
+    _create_private_file(path)
+    engine = _engine(path)
+    try:
+        _Base.metadata.create_all(engine)
+        with sessionmaker(engine)() as session, session.begin():
+            row = session.get(_MetaRow, "scrypt_salt")
+            if row is None and session.get(_MetaRow, "device_id") is not None:
+                # Enrolled with a key file: adding a salt now would change the file for nothing.
+                raise WrongKeyError(f"{path}: this store was created with a key file, not a passphrase; "
+                                    "nothing was read or changed")
+            if row is None:
+                row = _MetaRow(key="scrypt_salt", value=secrets.token_bytes(SALT_BYTES))
+                session.add(row)
+            salt = bytes(row.value)
+    finally:
+        engine.dispose()
+    kdf = Scrypt(salt=salt, length=KEY_BYTES, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
+    return kdf.derive(passphrase.encode("utf-8"))
+
+
+def key_from_node_config(node_config: Mapping[str, Any], store_path: Path) -> bytes | None:
+    """The store key named by a node config (``key-file`` or ``passphrase-env``), else None.
+
+    Raises
+    ------
+    KeyFileError, ValueError
+        If both are given, the key file is unusable, or the environment variable is unset or empty.
+    """
+    has_file, has_env = "key-file" in node_config, "passphrase-env" in node_config
+    if has_file and has_env:
+        raise ValueError("node config: give either 'key-file' or 'passphrase-env', not both")
+    if has_file:
+        return key_from_file(str(node_config["key-file"]))
+    if has_env:
+        var = str(node_config["passphrase-env"])
+        passphrase = os.environ.get(var, "")
+        if not passphrase:
+            raise ValueError(f"node config 'passphrase-env': environment variable {var!r} is unset or empty")
+        return key_from_passphrase(store_path, passphrase)
+    return None
+
+
+# -------------------------------------------------------------------- store
+
+
+def _encode_interactions(records: list[Interaction]) -> bytes:
+    return json.dumps(
+        {
+            "item_id": [r.item_id for r in records],
+            "timestamp": [r.timestamp for r in records],
+            "rating": [r.rating for r in records],
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def _decode_interactions(blob: bytes) -> list[Interaction]:
+    data = json.loads(blob)
+    return [
+        Interaction(timestamp=float(t), item_id=int(i), rating=None if r is None else float(r))
+        for i, t, r in zip(data["item_id"], data["timestamp"], data["rating"], strict=True)
+    ]
+
+
+def _check_record(index: int, record: Interaction) -> None:
+    if not isinstance(record, Interaction):
+        raise TypeError(f"record {index}: expected an Interaction, got {type(record).__name__}")
+    if isinstance(record.item_id, bool) or not isinstance(record.item_id, (int, np.integer)) or record.item_id < 0:
+        raise ValueError(f"record {index}: item_id must be a non-negative integer, got {record.item_id!r}")
+    if not math.isfinite(record.timestamp):
+        raise ValueError(f"record {index}: timestamp must be finite, got {record.timestamp!r}")
+    if record.rating is not None and not math.isfinite(record.rating):
+        raise ValueError(f"record {index}: rating must be finite or None, got {record.rating!r}")
+
+
+class DeviceDataStore:
+    """The device's encrypted interactions and personal model state.
+
+    Parameters
+    ----------
+    path
+        The device's SQLite store (shared with :class:`client.ledger_store.DeviceLedgerStore`);
+        created with mode 0o600 if missing.
+    device_id
+        The device this store belongs to; recorded when the data tables are first
+        created, and checked on every later open.
+    key
+        32 bytes from :func:`key_from_file` or :func:`key_from_passphrase`.
+    num_items
+        The catalogue size to record on first open (optional; see :attr:`num_items`).
+
+    Raises
+    ------
+    WrongKeyError
+        If ``key`` is not the key this store was created with. Nothing is written.
+    ValueError
+        If ``key`` is not 32 bytes, or the store belongs to another device.
+    """
+
+    def __init__(self, path: Path | str, device_id: int, key: bytes, *, num_items: int | None = None) -> None:
+        if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+            raise ValueError(f"the store key must be {KEY_BYTES} bytes")
+        self.path = Path(path).expanduser()
+        self.device_id = int(device_id)
+        self._aead = AESGCM(key)
+        self._closed = False
+        _create_private_file(self.path)
+        self._engine_ = _engine(self.path)
+        self._sessions = sessionmaker(self._engine_, expire_on_commit=False)
+        try:
+            self._open(num_items)
+        except BaseException:
+            self._engine_.dispose()
+            raise
+
+    def _open(self, num_items: int | None) -> None:
+        # Check before creating anything, so a wrong key or device leaves an existing file as it was.
+        with self._sessions() as session:
+            initialized = self._tables_exist(session) and session.get(_MetaRow, "device_id") is not None
+            if initialized:
+                self._verify(session)
+        if initialized:
+            if num_items is not None and self.num_items is None:
+                self._set_meta("num_items", str(int(num_items)).encode())
+            return
+        # New data tables (or only the passphrase salt so far): record the device and the key check.
+        _Base.metadata.create_all(self._engine_)
+        with self._sessions.begin() as session:
+            if session.get(_MetaRow, "device_id") is not None:  # a concurrent opener got there first
+                self._verify(session)
+                return
+            session.add(_MetaRow(key="device_id", value=str(self.device_id).encode()))
+            session.add(_MetaRow(key="created_at", value=repr(time.time()).encode()))
+            if num_items is not None:
+                session.add(_MetaRow(key="num_items", value=str(int(num_items)).encode()))
+            session.add(self._seal_row(_KEY_CHECK, _KEY_CHECK_PLAINTEXT, revision=1))
+
+    @staticmethod
+    def _tables_exist(session: Session) -> bool:
+        names = set(session.connection().dialect.get_table_names(session.connection()))
+        return {_MetaRow.__tablename__, _BlobRow.__tablename__} <= names
+
+    def _verify(self, session: Session) -> None:
+        recorded = session.get(_MetaRow, "device_id")
+        if recorded is None:
+            raise StoreCorruptError(f"{self.path}: the device id record is missing; the store is damaged")
+        if int(recorded.value) != self.device_id:
+            raise ValueError(
+                f"{self.path} holds the data of device {int(recorded.value)}, not of device {self.device_id}"
+            )
+        check = session.get(_BlobRow, _KEY_CHECK)
+        if check is None:
+            raise StoreCorruptError(f"{self.path}: the key check record is missing; the store is damaged")
+        try:
+            plain = self._aead.decrypt(check.nonce, check.ciphertext, self._ad(_KEY_CHECK))
+        except InvalidTag:
+            salted = session.get(_MetaRow, "scrypt_salt") is not None
+            source = "a passphrase" if salted else "a key file"
+            raise WrongKeyError(
+                f"{self.path}: wrong key or passphrase for device {self.device_id}'s data store "
+                f"(this store was created with {source}); nothing was read or changed"
+            ) from None
+        if plain != _KEY_CHECK_PLAINTEXT:
+            raise StoreCorruptError(f"{self.path}: the key check record is damaged")
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the database connections (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._engine_.dispose()
+
+    def _session(self) -> Session:
+        if self._closed:
+            raise ValueError("DeviceDataStore is closed")
+        return self._sessions()
+
+    # --------------------------------------------------------------- encryption
+
+    def _ad(self, name: str) -> bytes:
+        return _associated_data(self.device_id, _BlobRow.__tablename__, name)
+
+    def _seal_row(self, name: str, plaintext: bytes, revision: int) -> _BlobRow:
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        ciphertext = self._aead.encrypt(nonce, plaintext, self._ad(name))
+        return _BlobRow(name=name, nonce=nonce, ciphertext=ciphertext, revision=revision, updated_at=time.time())
+
+    def _open_row(self, row: _BlobRow) -> bytes:
+        try:
+            return self._aead.decrypt(row.nonce, row.ciphertext, self._ad(row.name))
+        except InvalidTag:
+            raise StoreCorruptError(
+                f"{self.path}: the encrypted {row.name!r} record does not authenticate; "
+                "the file was damaged or tampered with"
+            ) from None
+
+    def _read(self, session: Session, name: str) -> tuple[bytes | None, int]:
+        row = session.get(_BlobRow, name)
+        if row is None:
+            return None, 0
+        return self._open_row(row), row.revision
+
+    def _write(self, session: Session, name: str, plaintext: bytes, revision: int) -> None:
+        """Store ``plaintext`` as ``name``, provided nobody wrote it since it was read at ``revision``."""
+        row = self._seal_row(name, plaintext, revision + 1)
+        if revision == 0:
+            session.add(row)
+            try:
+                session.flush()
+            except Exception as exc:  # IntegrityError: a concurrent writer inserted it first
+                raise ConcurrentWriteError(f"{self.path}: {name!r} was written concurrently; retry") from exc
+            return
+        done = session.execute(
+            update(_BlobRow)
+            .where(_BlobRow.name == name, _BlobRow.revision == revision)
+            .values(nonce=row.nonce, ciphertext=row.ciphertext, revision=row.revision, updated_at=row.updated_at)
+        )
+        if done.rowcount != 1:  # type: ignore[attr-defined]
+            raise ConcurrentWriteError(f"{self.path}: {name!r} was written concurrently; retry")
+
+    # -------------------------------------------------------------------- meta
+
+    def _set_meta(self, key: str, value: bytes) -> None:
+        with self._session() as session, session.begin():
+            session.merge(_MetaRow(key=key, value=value))
+
+    @property
+    def num_items(self) -> int | None:
+        """The catalogue size recorded in the store (public), or None if never recorded."""
+        with self._session() as session:
+            row = session.get(_MetaRow, "num_items")
+            return None if row is None else int(row.value)
+
+    def set_num_items(self, num_items: int) -> None:
+        """Record the catalogue size (checked against every stored item id).
+
+        Raises
+        ------
+        ValueError
+            If ``num_items < 2`` or a stored item id is outside ``[0, num_items)``.
+        """
+        if num_items < 2:
+            raise ValueError(f"num_items must be at least 2, got {num_items}")
+        beyond = [r.item_id for r in self.interactions() if r.item_id >= num_items]
+        if beyond:
+            raise ValueError(f"{len(beyond)} stored interactions have item ids >= {num_items} (e.g. {beyond[0]})")
+        self._set_meta("num_items", str(int(num_items)).encode())
+
+    # ------------------------------------------------------------ interactions
+
+    def interactions(self) -> list[Interaction]:
+        """All stored interactions, in import order (which breaks timestamp ties in the split)."""
+        with self._session() as session:
+            blob, _ = self._read(session, _INTERACTIONS)
+        return [] if blob is None else _decode_interactions(blob)
+
+    def import_interactions(self, records: Iterable[Interaction]) -> ImportResult:
+        """Add interactions atomically: all of them, or none (one transaction).
+
+        Duplicates are identified by ``(item_id, timestamp)``. One identical to a stored
+        interaction, or repeated within ``records``, is skipped, so re-importing the same
+        file changes nothing. The same (item, time) with a *different* rating is a
+        conflict: nothing is imported and the error lists it (a silent choice between
+        the two ratings would lose one).
+
+        Raises
+        ------
+        ValueError
+            If a record is invalid, conflicts with a stored one or another record, or an
+            item id is outside the recorded catalogue.
+        ConcurrentWriteError
+            If another process imported at the same time (retry).
+        """
+        batch = list(records)
+        for index, record in enumerate(batch):
+            _check_record(index, record)
+        batch = [Interaction(float(r.timestamp), int(r.item_id), None if r.rating is None else float(r.rating))
+                 for r in batch]
+        limit = self.num_items
+        if limit is not None:
+            beyond = [(i, r.item_id) for i, r in enumerate(batch) if r.item_id >= limit]
+            if beyond:
+                i, item = beyond[0]
+                raise ValueError(f"record {i}: item id {item} is outside the catalogue [0, {limit}) "
+                                 f"({len(beyond)} such records); nothing imported")
+        with self._session() as session, session.begin():
+            blob, revision = self._read(session, _INTERACTIONS)
+            stored = [] if blob is None else _decode_interactions(blob)
+            known = {r.key: r for r in stored}
+            added: list[Interaction] = []
+            skipped = 0
+            conflicts: list[str] = []
+            for index, record in enumerate(batch):
+                previous = known.get(record.key)
+                if previous is None:
+                    known[record.key] = record
+                    added.append(record)
+                elif previous.rating == record.rating:
+                    skipped += 1
+                else:
+                    conflicts.append(
+                        f"record {index}: item {record.item_id} at {record.timestamp:g} has rating "
+                        f"{record.rating} but {previous.rating} is already recorded"
+                    )
+            if conflicts:
+                shown = "; ".join(conflicts[:5]) + (f"; and {len(conflicts) - 5} more" if len(conflicts) > 5 else "")
+                raise ValueError(f"conflicting duplicates, nothing imported: {shown}")
+            if added:
+                self._write(session, _INTERACTIONS, _encode_interactions(stored + added), revision)
+        return ImportResult(added=len(added), skipped=skipped, total=len(stored) + len(added))
+
+    def device_data(self, num_items: int | None = None) -> DeviceData:
+        """The device's split, exactly as in simulation (:func:`shared.data.split.leave_one_out`).
+
+        Parameters
+        ----------
+        num_items
+            Catalogue size; defaults to the one recorded in the store.
+
+        Raises
+        ------
+        DataError
+            With fewer than 3 interactions, an item id outside the catalogue, or no
+            catalogue size given or recorded.
+        """
+        if num_items is None:
+            num_items = self.num_items
+        if num_items is None:
+            raise DataError(f"{self.path}: no catalogue size recorded; pass num_items")
+        records = self.interactions()
+        if len(records) < MIN_INTERACTIONS:
+            raise DataError(
+                f"{self.path}: device {self.device_id} has {len(records)} interactions; "
+                f"at least {MIN_INTERACTIONS} are needed (train, validation, test)"
+            )
+        items = np.fromiter((r.item_id for r in records), dtype=np.int64, count=len(records))
+        if int(items.max()) >= num_items:
+            raise DataError(f"{self.path}: item id {int(items.max())} outside the catalogue [0, {num_items})")
+        log = InteractionLog(
+            user_ids=np.zeros(len(records), dtype=np.int64),
+            item_ids=items,
+            timestamps=np.fromiter((r.timestamp for r in records), dtype=np.float64, count=len(records)),
+            num_users=1,
+            num_items=num_items,
+            item_titles=None,
+            source=f"device store {self.path}",
+        )
+        (split,) = leave_one_out(log, MIN_INTERACTIONS)
+        return DeviceData(self.device_id, split.train_items, split.valid_item, split.test_item)
+
+    # ---------------------------------------------------------- personal state
+
+    def save_personal(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Store the personal model state (e.g. the user embedding), encrypted, replacing the previous one."""
+        import torch  # lazily: the device CLI's --help must not pay for importing torch
+
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, buffer)
+        with self._session() as session, session.begin():
+            row = session.get(_BlobRow, _PERSONAL)
+            self._write(session, _PERSONAL, buffer.getvalue(), 0 if row is None else row.revision)
+
+    def load_personal(self) -> dict[str, torch.Tensor]:
+        """The stored personal model state; empty if none was saved."""
+        with self._session() as session:
+            blob, _ = self._read(session, _PERSONAL)
+        if blob is None:
+            return {}
+        import torch
+
+        loaded = torch.load(io.BytesIO(blob), weights_only=True)
+        return dict(loaded)
+
+
+# ---------------------------------------------------------------- ClientApp
+
+
+def device_data_from_node(cfg: FedrecConfig, node_config: Mapping[str, Any]) -> tuple[DeviceData, int] | None:
+    """A deployed device's own data, from its encrypted store; None for a simulated device.
+
+    A node is deployed when its ``node_config`` has ``store`` and a key source
+    (``key-file``, or ``passphrase-env`` naming an environment variable that holds the
+    passphrase); it also needs ``device-id``. Without a key source, None: the caller
+    falls back to the simulation partitions.
+
+    The catalogue size is the node config's ``num-items`` when given, else the one
+    recorded in the store at enrolment (``fedrec device enroll``). It is not read from
+    the global model because the data is loaded before any model arrives (and the
+    ClientApp loads data for every message); a catalogue that disagrees with the global
+    model's item table fails loudly when the model's state is loaded.
+
+    ``cfg`` is accepted for symmetry with the simulation route and is not read today.
+
+    Raises
+    ------
+    DataError, ValueError
+        For a missing ``device-id``, an unusable key, a wrong key, or unusable data.
+    """
+    del cfg  # the catalogue comes from the node or the store, not from the data config
+    if "store" not in node_config or not ({"key-file", "passphrase-env"} & set(node_config)):
+        return None
+    if "device-id" not in node_config:
+        raise ValueError("node config: 'store' is set but 'device-id' is missing")
+    path = Path(str(node_config["store"])).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: device store not found (run `fedrec device enroll` first)")
+    key = key_from_node_config(node_config, path)
+    assert key is not None  # a key source is present (checked above)
+    device_id = get_int(node_config, "device-id")
+    with DeviceDataStore(path, device_id, key) as store:
+        num_items = get_int(node_config, "num-items") if "num-items" in node_config else store.num_items
+        if num_items is None:
+            raise DataError(f"{path}: no catalogue size recorded; set 'num-items' in the node config")
+        return store.device_data(num_items), num_items

@@ -1,0 +1,210 @@
+"""``fedrec device``: argument parsing, and enroll -> import -> recommend for real on MovieLens-100K."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.common.config import parse_config_args
+
+from client import cli_device
+from client.cli_device import auth_key_paths, main, node_config_value, register
+from client.device_store import DeviceDataStore, key_from_file
+from client.ledger_store import DeviceLedgerStore
+from shared.config import parse_config
+from shared.data.movielens import load_bundled_ml100k, resolve_cache_dir
+from shared.data.types import DataError, InteractionLog
+from shared.models.factory import build_model
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedrec")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_every_command_parses() -> None:
+    p = _parser()
+    a = p.parse_args(["device", "enroll", "--store", "s.db", "--device-id", "7", "--key-file", "k"])
+    assert (a.device_command, a.device_id, a.key_file, a.passphrase_env) == ("enroll", 7, Path("k"), None)
+    a = p.parse_args(["device", "import", "--store", "s.db", "--passphrase-env", "PW", "h.csv"])
+    assert (a.device_command, a.passphrase_env, a.file) == ("import", "PW", Path("h.csv"))
+    a = p.parse_args(["device", "recommend", "--store", "s.db", "--key-file", "k", "--model", "m.pt", "-k", "5"])
+    assert (a.device_command, a.model, a.k) == ("recommend", Path("m.pt"), 5)
+    a = p.parse_args(["device", "start", "--store", "s.db", "--key-file", "k", "--superlink", "h:9093",
+                      "--root-cert", "ca.crt", "--auth-key", "a"])
+    assert (a.device_command, a.superlink, a.port) == ("start", "h:9093", 9094)
+    with pytest.raises(SystemExit):  # a key source is required, and only one
+        p.parse_args(["device", "import", "--store", "s.db", "h.csv"])
+    with pytest.raises(SystemExit):
+        p.parse_args(["device", "import", "--store", "s.db", "--key-file", "k", "--passphrase-env", "PW", "h.csv"])
+
+
+@pytest.fixture(scope="module")
+def movielens() -> InteractionLog:
+    try:
+        return load_bundled_ml100k(resolve_cache_dir(""))
+    except DataError as exc:  # no cache and no network
+        pytest.skip(f"MovieLens-100K unavailable: {exc}")
+
+
+def _user_history(log: InteractionLog, user: int, path: Path) -> Path:
+    mine = log.user_ids == user
+    lines = ["item_id,timestamp"] + [f"{i},{int(t)}" for i, t in zip(log.item_ids[mine], log.timestamps[mine],
+                                                                         strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _global_model(path: Path, num_items: int) -> Path:
+    model = build_model(parse_config({}).model, num_items, 1, seed=11)
+    torch.save({"version": 4, "params": model.global_state()}, path)
+    return path
+
+
+def test_enroll_import_recommend_for_real(
+    tmp_path: Path, movielens: InteractionLog, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, key = tmp_path / "dev" / "device.db", tmp_path / "dev" / "device.key"
+    common = ["--store", str(store), "--key-file", str(key)]
+    assert main(["device", "enroll", "--device-id", "5", *common]) == 0
+    out = capsys.readouterr().out
+    with DeviceLedgerStore(store) as ledger:
+        assert ledger.device_id == 5 and ledger.identity().public_key in out
+    private, public = auth_key_paths(store.resolve())
+    assert str(public) in out
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600 and stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert public.read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert main(["device", "enroll", "--device-id", "5", *common]) == 0  # idempotent: keeps every key
+    assert "already enrolled" in capsys.readouterr().out and private.read_bytes()
+
+    history = _user_history(movielens, 5, tmp_path / "history.csv")
+    assert main(["device", "import", *common, str(history)]) == 0
+    count = int((movielens.user_ids == 5).sum())
+    assert f"imported {count} interactions" in capsys.readouterr().out
+
+    model = _global_model(tmp_path / "global_model.pt", movielens.num_items)
+    assert main(["device", "recommend", *common, "--model", str(model), "-k", "10", "--json"]) == 0
+    recs = json.loads(capsys.readouterr().out)
+    seen = set(movielens.item_ids[movielens.user_ids == 5].tolist())
+    assert len(recs) == 10 and not {r["item_id"] for r in recs} & seen
+    assert all(r["because"][0]["item_id"] in seen for r in recs)
+    assert movielens.item_titles is not None
+    assert recs[0]["title"] == movielens.item_titles[recs[0]["item_id"]]
+    assert recs[0]["explanation"].startswith("because you watched ")
+    assert main(["device", "recommend", *common, "--model", str(model), "-k", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "global model v4" in text and "  1. " in text and "because you watched" in text
+
+
+def test_passphrase_flow_and_wrong_key(
+    tmp_path: Path, movielens: InteractionLog, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "device.db"
+    monkeypatch.setenv("FEDREC_PW", "a long passphrase")
+    common = ["--store", str(store), "--passphrase-env", "FEDREC_PW"]
+    assert main(["device", "enroll", "--device-id", "9", *common]) == 0
+    history = _user_history(movielens, 9, tmp_path / "history.csv")
+    assert main(["device", "import", *common, str(history)]) == 0
+    capsys.readouterr()
+    before = store.read_bytes()
+    monkeypatch.setenv("FEDREC_PW", "another passphrase")
+    assert main(["device", "import", *common, str(history)]) == 2
+    assert "wrong key or passphrase" in capsys.readouterr().err
+    assert store.read_bytes() == before
+    monkeypatch.delenv("FEDREC_PW")
+    assert main(["device", "import", *common, str(history)]) == 2
+    assert "FEDREC_PW" in capsys.readouterr().err
+
+
+def test_invalid_history_imports_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store, key = tmp_path / "device.db", tmp_path / "device.key"
+    common = ["--store", str(store), "--key-file", str(key)]
+    assert main(["device", "enroll", "--device-id", "1", "--num-items", "50", *common]) == 0
+    bad = tmp_path / "history.csv"
+    bad.write_text("item_id,timestamp\n1,10\n2,20\n77,30\n")
+    assert main(["device", "import", *common, str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "line 4: item_id 77 is not in the catalogue" in err
+    with DeviceDataStore(store, 1, key_from_file(key)) as data_store:
+        assert data_store.interactions() == []
+    assert main(["device", "import", "--store", str(tmp_path / "other.db"), "--key-file", str(key), str(bad)]) == 2
+    assert "run `fedrec device enroll` first" in capsys.readouterr().err
+
+
+def test_recommend_rejects_a_model_for_another_catalogue(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store, key = tmp_path / "device.db", tmp_path / "device.key"
+    common = ["--store", str(store), "--key-file", str(key)]
+    assert main(["device", "enroll", "--device-id", "1", "--num-items", "50", *common]) == 0
+    history = tmp_path / "h.csv"
+    history.write_text("item_id,timestamp\n1,10\n2,20\n3,30\n")
+    assert main(["device", "import", *common, str(history)]) == 0
+    model = _global_model(tmp_path / "m.pt", 60)
+    assert main(["device", "recommend", *common, "--model", str(model)]) == 2
+    assert "60 items but this device was enrolled for 50" in capsys.readouterr().err
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    assert main(["device", "recommend", *common, "--model", str(junk)]) == 2
+    assert "not a fedrec global model" in capsys.readouterr().err
+    assert main(["device", "recommend", *common, "--model", str(_global_model(tmp_path / "ok.pt", 50)),
+                 "--no-titles"]) == 0
+    assert "item " in capsys.readouterr().out
+
+
+def test_start_execs_flower_supernode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, key = tmp_path / "my device" / "device.db", tmp_path / "my device" / "device.key"
+    assert main(["device", "enroll", "--device-id", "3", "--store", str(store), "--key-file", str(key)]) == 0
+    capsys.readouterr()
+    ca = tmp_path / "ca.crt"
+    ca.write_text("cert")
+    private, _ = auth_key_paths(store.resolve())
+    captured: list[list[str]] = []
+
+    def fake_exec(path: str, argv: list[str]) -> None:
+        captured.append(argv)
+
+    monkeypatch.setattr(cli_device.os, "execv", fake_exec)
+    args = ["device", "start", "--store", str(store), "--key-file", str(key), "--superlink", "10.0.0.1:9093",
+            "--root-cert", str(ca), "--auth-key", str(private), "--port", "9200"]
+    main(args)
+    (argv,) = captured
+    assert Path(argv[0]).name == "flower-supernode"
+    flags = dict(zip(argv[1::2], argv[2::2], strict=True))
+    assert flags["--superlink"] == "10.0.0.1:9093" and flags["--port"] == "9200"
+    assert flags["--root-certificates"] == str(ca.resolve())
+    assert flags["--auth-supernode-private-key"] == str(private)
+    node = parse_config_args([flags["--node-config"]])  # exactly how flower-supernode reads it
+    assert node == {"store": str(store.resolve()), "key-file": str(key.resolve()), "device-id": 3}
+
+    ca.unlink()
+    assert main(args) == 2
+    assert "--root-cert" in capsys.readouterr().err
+
+
+def test_node_config_quoting_round_trips() -> None:
+    for value in ("/a b/c.db", "/it's/here", '/say "hi"/x', "C:\\keys\\k"):
+        assert parse_config_args([f"k={node_config_value(value)}"]) == {"k": value}
+    with pytest.raises(ValueError, match="both"):
+        node_config_value("/it's \"both\"")
+
+
+def test_enroll_refuses_a_lost_key_for_an_existing_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / "device.db"
+    assert main(["device", "enroll", "--device-id", "2", "--store", str(store), "--key-file",
+                 str(tmp_path / "a.key")]) == 0
+    assert main(["device", "enroll", "--device-id", "2", "--store", str(store), "--key-file",
+                 str(tmp_path / "b.key")]) == 2
+    assert "already encrypted under another key" in capsys.readouterr().err
+    assert not (tmp_path / "b.key").exists()
+    assert main(["device", "enroll", "--device-id", "4", "--store", str(store), "--key-file",
+                 str(tmp_path / "a.key")]) == 2
+    assert "already enrolled as device 2" in capsys.readouterr().err
+    assert np.array_equal(np.frombuffer(store.read_bytes()[:16], np.uint8),
+                          np.frombuffer(b"SQLite format 3\x00", np.uint8))
