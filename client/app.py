@@ -31,6 +31,7 @@ from client.device import Device, DeviceState, EvalReply, RefusalReply, TrainRep
 from client.device_store import DeviceDataStore, device_data_from_node, key_from_node_config
 from client.ledger_store import DeviceLedgerStore
 from client.secagg_client import Commit, is_secagg_message, secagg_train
+from client.wire_log import wire_log_mods
 from shared.config import FedrecConfig, parse_config
 from shared.data.partition import load_device, prepare_partitions
 from shared.privacy.ledger import entry_to_json
@@ -196,7 +197,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     ``run_config`` empty; with ``flwr run`` it is None.
     """
     fixed = dict(overrides or {})
-    app = ClientApp()
+    app = ClientApp(mods=wire_log_mods())  # inert unless $FEDREC_WIRE_LOG is set
 
     def config_of(context: Context) -> FedrecConfig:
         return parse_config({**dict(context.run_config), **fixed})
@@ -284,10 +285,17 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         store = _open_store(config_of(context), context)
         try:
             public_key = store.identity().public_key  # created on first use, kept on the device
+            records: dict[str, Any] = {
+                "status": ConfigRecord({"device-id": _device_index(context), "public-key": public_key})
+            }
+            conf = msg.content.config_records.get("config")
+            if conf is not None and "ledger-head" in conf:
+                # The server asks for the entries it lacks (after a SecAgg+ round, whose
+                # legacy replies cannot carry them).
+                records["ledger"] = _ledger_record(store, conf)
         finally:
             store.close()
-        status = ConfigRecord({"device-id": _device_index(context), "public-key": public_key})
-        return Message(RecordDict({"status": status}), reply_to=msg)
+        return Message(RecordDict(records), reply_to=msg)
 
     return app
 

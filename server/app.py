@@ -34,8 +34,14 @@ def run_federation(grid: Grid, cfg: FedrecConfig) -> dict[str, Any]:
     """
     # The server reads only the public catalogue size and device count; each
     # device's interactions are read by that device alone (client/app.py).
-    info = prepare_partitions(cfg.data)
-    model = build_model(cfg.model, info.num_items, 1, seed=cfg.seed)
+    if cfg.data.deploy_devices:
+        # Real devices hold the data; the server knows only the fleet size and the catalogue.
+        num_devices, num_items = cfg.data.deploy_devices, cfg.data.deploy_items
+        source = f"{num_devices} deployed devices"
+    else:
+        info = prepare_partitions(cfg.data)
+        num_devices, num_items, source = info.num_devices, info.num_items, info.source
+    model = build_model(cfg.model, num_items, 1, seed=cfg.seed)
     initial = {k: v.detach().clone() for k, v in model.global_state().items()}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,14 +56,19 @@ def run_federation(grid: Grid, cfg: FedrecConfig) -> dict[str, Any]:
     privacy_store = PrivacyStore(f"sqlite:///{db_path}")
     try:
         fed = Federation(
-            grid, cfg, info.num_devices, info.num_items, initial, store, run_name=out.name,
+            grid, cfg, num_devices, num_items, initial, store, run_name=out.name,
             privacy_store=privacy_store,
         )
-        fed.driver.discover(info.num_devices, timeout=300.0)
-        for device in range(info.num_devices):
+        fed.driver.discover(num_devices, timeout=300.0)
+        if cfg.privacy.device_keys == "registered":
+            # Keys registered by `fedrec server register-device` (revoked ones are not returned).
+            with PrivacyStore(_database_url(cfg.privacy.key_registry)) as registry:
+                for device, key in registry.keys().items():
+                    privacy_store.register_key(device, key)
+        for device in range(num_devices):
             fed.intake.register(device, fed.driver.public_keys.get(device))  # type: ignore[union-attr]
         print(
-            f"[fedrec] {info.num_devices} devices, {info.num_items} items ({info.source}); "
+            f"[fedrec] {num_devices} devices, {num_items} items ({source}); "
             f"model {cfg.model.name} with {count_parameters(model):,} parameters; "
             f"mode {cfg.aggregation.mode}, DP {'on' if cfg.privacy.dp else 'off'}",
             flush=True,
@@ -66,7 +77,7 @@ def run_federation(grid: Grid, cfg: FedrecConfig) -> dict[str, Any]:
         fed.driver.drain()
         model_path = out / "global_model.pt"
         torch.save({"version": fed.scheduler.version, "params": fed.scheduler.params}, model_path)
-        final = fed.evaluate(list(range(info.num_devices)), "test", export=cfg.eval.export_top_k != "none")
+        final = fed.evaluate(list(range(num_devices)), "test", export=cfg.eval.export_top_k != "none")
         fed.driver.drain()
         export = export_top_k(out, final.top_lists, cfg.eval.export_top_k, "test")
         plots = write_plots(
@@ -76,7 +87,7 @@ def run_federation(grid: Grid, cfg: FedrecConfig) -> dict[str, Any]:
         summary = fed.summary(
             final.record,
             {
-                "dataset": info.source,
+                "dataset": source,
                 "model-parameters": count_parameters(model),
                 "outputs": {
                     "database": str(db_path),
@@ -99,6 +110,11 @@ def run_federation(grid: Grid, cfg: FedrecConfig) -> dict[str, Any]:
         flush=True,
     )
     return summary
+
+
+def _database_url(value: str) -> str:
+    """A SQLAlchemy URL, or a path to a SQLite file turned into one."""
+    return value if "://" in value else f"sqlite:///{Path(value).expanduser().resolve()}"
 
 
 def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

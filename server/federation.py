@@ -152,6 +152,9 @@ class Federation:
     # -- the loop --------------------------------------------------------------------
     def train(self) -> None:
         """Dispatch and complete tasks until the scheduler is finished."""
+        if self.cfg.aggregation.secure_aggregation:
+            self._train_secure()
+            return
         sched = self.scheduler
         messages: dict[int, tuple[Task, str]] = {}
         while not sched.finished:
@@ -188,6 +191,73 @@ class Federation:
         for task, mid in messages.values():
             self._lost[task.device_id] = task
             self.driver.discard(mid)
+
+    def _train_secure(self) -> None:
+        """Synchronous FedAvg where each cohort is aggregated by SecAgg+ (server/secagg.py).
+
+        The server sees only each cohort's sum. Simulated drop-outs never join the round;
+        devices' ledger entries, which the legacy SecAgg+ reply cannot carry, are fetched
+        with a query after each round and verified like any others.
+        """
+        from server.secagg import SecAggError, run_secagg_round
+
+        sched = self.scheduler
+        agg = self.cfg.aggregation
+        while not sched.finished:
+            tasks = sched.dispatch()
+            if not tasks:
+                continue
+            live = {self.driver.node_of[t.device_id]: t for t in tasks if not t.lost}
+            contributed: set[int] = set()
+            delta = None
+            if len(live) >= 2:
+                try:
+                    result = run_secagg_round(
+                        self.driver.grid, list(live), sched.params, {"run": self.run_label, "version": sched.version},
+                        num_shares=len(live), reconstruction_threshold=max(2, math.ceil(2 * len(live) / 3)),
+                        clipping_range=agg.secagg_clipping_range, quantization_range=2**22,
+                        timeout=agg.wall_timeout, max_weight=agg.secagg_max_weight,
+                        per_node_config={n: {"task-seed": t.task_id} for n, t in live.items()},
+                        server_round=sched.version + 1,
+                    )
+                    delta = result.delta
+                    contributed = {live[n].device_id for n in result.contributors}
+                except SecAggError as exc:
+                    log.warning("SecAgg+ round at version %d failed: %s", sched.version, exc)
+            else:
+                log.warning("cohort at version %d has %d live devices; SecAgg+ needs 2", sched.version, len(live))
+            for c in sched.complete_cohort(tasks, delta, contributed):
+                self._record(c, None)
+            self._collect_ledgers(sorted(contributed), tasks)
+            if delta is not None:
+                self._on_version(sched.version)
+
+    def _collect_ledgers(self, devices: list[int], tasks: list[Task]) -> None:
+        """Fetch and verify the new ledger entries of ``devices`` (after a SecAgg+ round)."""
+        if self.intake is None or not self.intake.enabled:
+            return
+        by_device = {t.device_id: t for t in tasks}
+        mids = {}
+        for device in devices:
+            conf = ConfigRecord({"ledger-head": self.intake.head_seq(device)})
+            mids[device] = self.driver.send(device, RecordDict({"config": conf}), MessageType.QUERY)
+        for device, mid in mids.items():
+            reply = self.driver.wait(mid)
+            if reply is None or reply.has_error():
+                log.warning("device %d did not send its ledger", device)
+                continue
+            result = self.intake.check(device, None, reply, None)
+            for entry in result.entries:
+                if entry.unit == "record":
+                    self._note_epsilon(device, entry.epsilon)
+                    t = by_device.get(device)
+                    if t is not None and entry.task_id == t.task_id:
+                        p = self.cfg.privacy
+                        self.store.add_privacy(self.run_id, PrivacyRecord(
+                            device_id=device, task_id=t.task_id, version=t.base_version, epsilon=entry.epsilon,
+                            delta=entry.delta, noise_multiplier=entry.noise_multiplier, sample_rate=entry.sample_rate,
+                            steps=entry.steps, clip_norm=p.clip_norm, accountant=p.accountant, status="spent",
+                        ))
 
     def _note_epsilon(self, device_id: int, epsilon: float) -> None:
         """Keep the highest cumulative epsilon any reply of the device has reported.

@@ -283,6 +283,46 @@ class Scheduler:
             applied = self._apply()
         return Completion(task, status, staleness, applied, num_examples, loss)
 
+    def complete_cohort(
+        self, tasks: list[Task], mean_delta: StateDict | None, contributed: set[int],
+        num_examples: dict[int, int] | None = None,
+    ) -> list[Completion]:
+        """Sync mode with secure aggregation: complete a whole cohort from its aggregate alone.
+
+        The server never sees individual updates, only the cohort's example-weighted mean
+        delta (``mean_delta``; None when the round failed). ``contributed`` are the devices
+        whose updates are in it; the others failed or dropped out.
+        """
+        if self.cfg.mode != "sync":
+            raise RuntimeError("a cohort is completed at once only in synchronous mode")
+        if sorted(self._in_flight) != sorted(tasks):
+            raise RuntimeError("complete_cohort needs exactly the tasks in flight")
+        self._in_flight = []
+        self._cohort_open = 0
+        self.now = max([self.now, *(t.finish_at for t in tasks)])
+        applied = None
+        if mean_delta is not None and contributed:
+            self.applied_staleness.extend(0 for _ in contributed)
+            self.params = self.optimizer.apply(self.params, mean_delta)
+            self.version += 1
+            applied = self.version
+        completions = []
+        for t in sorted(tasks):
+            self.status[t.device_id] = DeviceStatus.IDLE
+            if t.lost:
+                status = t.lost
+            elif t.device_id in contributed:
+                status = "accepted"
+                self._consecutive_failures[t.device_id] = 0
+            else:
+                status = "failed"
+                self._consecutive_failures[t.device_id] += 1
+                if self._consecutive_failures[t.device_id] >= self.cfg.max_device_failures:
+                    self.status[t.device_id] = DeviceStatus.RETIRED
+            examples = (num_examples or {}).get(t.device_id) if status == "accepted" else None
+            completions.append(Completion(t, status, 0, applied if status == "accepted" else None, examples, None))
+        return completions
+
     def _apply(self) -> int:
         self.applied_staleness.extend(e.staleness for e in self.buffer.entries)
         if self.user_level is not None:

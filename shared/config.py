@@ -36,9 +36,17 @@ class DataConfig:
     synthetic_items: int = 2000
     synthetic_interactions: int = 50
     synthetic_seed: int = 0
+    # Deployment: the server reads no data. It waits for this many devices (ids 0..n-1)
+    # and builds the model for a catalogue of deploy-items items. 0: simulation.
+    deploy_devices: int = 0
+    deploy_items: int = 0
 
     def __post_init__(self) -> None:
         _choice("dataset", self.dataset, ("ml-100k", "grouplens", "synthetic"))
+        _at_least("deploy-devices", self.deploy_devices, 0)
+        _at_least("deploy-items", self.deploy_items, 0)
+        if self.deploy_devices and self.deploy_items < 2:
+            raise ConfigError("deploy-items: required (the catalogue size, >= 2) when deploy-devices > 0")
         if self.dataset == "grouplens" and not self.data_path:
             raise ConfigError("data-path: required when dataset = 'grouplens' (a GroupLens folder or ratings file)")
         _at_least("max-devices", self.max_devices, 0)
@@ -128,6 +136,9 @@ class PrivacyConfig:
     # "first-use": the server registers a device's key the first time it sees it
     # (simulation); "registered": only keys registered beforehand are accepted.
     device_keys: str = "first-use"
+    # With device-keys = "registered": the database (SQLAlchemy URL or SQLite path) where
+    # `fedrec server register-device` registered the devices' ledger keys.
+    key_registry: str = ""
 
     def __post_init__(self) -> None:
         _positive("noise-multiplier", self.noise_multiplier)
@@ -139,6 +150,8 @@ class PrivacyConfig:
         _positive("user-noise-multiplier", self.user_noise_multiplier)
         _positive("user-epsilon-budget", self.user_epsilon_budget)
         _choice("device-keys", self.device_keys, ("first-use", "registered"))
+        if self.device_keys == "registered" and not self.key_registry:
+            raise ConfigError("key-registry: required when device-keys = 'registered' (the server's key database)")
 
 
 @dataclass(frozen=True)
@@ -159,9 +172,19 @@ class AggregationConfig:
     task_timeout: float = 900.0
     wall_timeout: float = 600.0
     max_device_failures: int = 3
+    # Synchronous mode only: aggregate each cohort with Flower's SecAgg+ (server/secagg.py).
+    secure_aggregation: bool = False
+    secagg_clipping_range: float = 8.0
+    secagg_max_weight: float = 1000.0
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, ("async", "sync"))
+        if self.secure_aggregation and self.mode != "sync":
+            raise ConfigError(
+                "secure-aggregation: SecAgg+ needs a fixed cohort per aggregate, so it runs only with mode = 'sync'"
+            )
+        _positive("secagg-clipping-range", self.secagg_clipping_range)
+        _positive("secagg-max-weight", self.secagg_max_weight)
         _at_least("concurrency", self.concurrency, 1)
         _at_least("buffer-size", self.buffer_size, 1)
         if self.mode == "async" and self.buffer_size > self.concurrency:
@@ -234,6 +257,13 @@ class FedrecConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.aggregation.secure_aggregation and self.privacy.user_dp:
+            raise ConfigError(
+                "secure-aggregation: not with user-dp (user-level DP clips each update on the server, "
+                "which SecAgg+ hides from it)"
+            )
 
 
 # Keys whose dataclass field name differs from the flat key.

@@ -148,3 +148,40 @@ def test_reported_epsilon_is_every_devices_true_spending_even_for_lost_tasks(tmp
     # The database records each lost task's release too, from its late reply.
     for device, eps in true_eps.items():
         assert logged.get(device, 0.0) == pytest.approx(eps, rel=1e-12), device
+
+
+def test_secure_aggregation_gives_the_plain_fedavg_model_within_quantization(tmp_path: Path) -> None:
+    """Sync mode through SecAgg+ (the server sees only each cohort's sum) equals plain sync FedAvg."""
+    import torch
+
+    plain = simulate(_overrides(tmp_path, "plain", mode="sync", num_versions=2), backend="local")
+    secure = simulate(
+        _overrides(tmp_path, "secure", mode="sync", num_versions=2, secure_aggregation=True), backend="local"
+    )
+    assert secure["aggregation"]["versions"] == 2
+    assert secure["aggregation"]["updates-applied"] == plain["aggregation"]["updates-applied"]
+    from server.secagg import quantization_error_bound
+    from shared.results.store import RunStore
+
+    a = torch.load(tmp_path / "plain" / "global_model.pt")["params"]
+    b = torch.load(tmp_path / "secure" / "global_model.pt")["params"]
+    with RunStore(f"sqlite:///{tmp_path / 'plain' / 'fedrec.db'}") as store:
+        tasks = [t for t in store.tasks(store.run_ids()[-1]) if t.status == "accepted"]
+    # Per version the gap is at most the SecAgg+ quantization bound for that cohort (server
+    # SGD with learning rate 1 adds the two versions' mean deltas), with |delta| <= 1 here.
+    atol = sum(
+        quantization_error_bound([t.num_examples for t in tasks if t.base_version == v - 1], 1.0,
+                                 clipping_range=8.0, quantization_range=2**22, max_weight=1000.0)
+        for v in (1, 2)
+    )
+    assert atol < 1e-2
+    differs = False
+    for key in a:
+        differs |= not torch.equal(a[key], b[key])
+        torch.testing.assert_close(b[key], a[key], atol=atol, rtol=0)
+    assert differs, "quantization leaves a trace: identical models would mean SecAgg+ was bypassed"
+    # The devices' ledgers reached the server through the post-round query and verify.
+    from shared.cli import main
+
+    assert main(["audit", str(tmp_path / "secure")]) == 0
+    assert secure["privacy"]["epsilon-max"] == pytest.approx(plain["privacy"]["epsilon-max"])
