@@ -148,6 +148,18 @@ class DeviceLedgerStore:
 
     def _claim(self, device_id: int | None) -> int:
         """Record ``device_id`` in a new file, or check it against the recorded one."""
+        # Reopening is the common case (every message): read without a write transaction,
+        # whose commit would cost an fsync each time.
+        with self._sessions() as session:
+            stored = session.get(_Meta, "device_id")
+        if stored is not None:
+            recorded = int(stored.value)
+            if device_id is not None and int(device_id) != recorded:
+                raise ValueError(
+                    f"{self.path} is the ledger store of device {recorded}, not of device {device_id}: "
+                    "each device needs its own store file"
+                )
+            return recorded
         with self._sessions.begin() as session:
             stored = session.get(_Meta, "device_id")
             if stored is None:
