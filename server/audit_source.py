@@ -62,7 +62,8 @@ def load_run(path: Path, run_id: int | None = None) -> tuple[AuditInput, float |
         ledgers: dict[int, list[LedgerEntry]] = {}
         for e in store.entries():
             ledgers.setdefault(e.device_id, []).append(e)
-        rejections = len(store.rejections())
+        rejected = store.rejections()
+        rejections = len(rejected)
     p = cfg.privacy
     order = choose_order(p.user_noise_multiplier, p.user_epsilon_budget, p.delta) if p.user_dp else None
     data = AuditInput(
@@ -75,5 +76,6 @@ def load_run(path: Path, run_id: int | None = None) -> tuple[AuditInput, float |
         expected_entries=expected if p.dp else None,
         user_releases=releases,
         rejections=rejections,
+        rejected_uploads=[(r.device_id, r.task_id, r.kind, r.detail) for r in rejected],
     )
     return data, order

@@ -20,6 +20,7 @@ the SuperLink over TLS.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,10 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def _cmd_start(args: argparse.Namespace) -> int:
     paths = _paths(args)
     paths.check_tls()
@@ -86,6 +91,10 @@ def _cmd_start(args: argparse.Namespace) -> int:
     print(f"flwr connection:   {args.federation} -> {address} (in {config})")
     print(f"log:               {paths.log_file}")
     print("press Ctrl-C to stop", flush=True)
+    # The SuperLink runs in its own session: stop it on SIGTERM (service managers, `kill`)
+    # as on Ctrl-C, and on Ctrl-C even where the launching shell left SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = proc.wait()
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import statistics
 import sys
 import time
@@ -22,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 
 from server.grid_driver import GridDriver
-from server.ledger_intake import LedgerIntake
+from server.ledger_intake import IntakeResult, LedgerIntake
 from server.privacy_store import PrivacyStore
 from server.scheduler import Completion, DeviceStatus, Failure, Outcome, Refusal, Scheduler, Task, Update
 from shared.aggregation import StateDict, polynomial_staleness
@@ -111,8 +112,11 @@ class Federation:
         self.device_user_epsilon: dict[int, float] = {}
         self.store = store
         self.run_id = store.start_run(run_name, cfg.seed, to_flat(cfg))
-        self.run_label = f"{run_name}#{self.run_id}"
+        # Unique across runs (the database restarts run ids): ledger entries name their run.
+        self.run_label = f"{run_name}#{self.run_id}-{secrets.token_hex(4)}"
         self.intake = LedgerIntake(cfg, privacy_store) if privacy_store is not None else None
+        if self.intake is not None:
+            self.intake.run_label = self.run_label
         self.device_epsilon: dict[int, float] = {}
         self.status_counts: dict[str, int] = {}
         self.evaluations: list[EvalRecord] = []
@@ -178,7 +182,7 @@ class Federation:
                     else validate_update(reply, sched.params)
                 )
                 if isinstance(outcome, Update) and reply is not None and self.intake is not None:
-                    intake = self.intake.check(task.device_id, task.task_id, reply, outcome.num_examples)
+                    intake = self._check_ledger(task.device_id, task.task_id, reply, outcome.num_examples)
                     if not intake.accepted:
                         log.warning("device %d: ledger rejected: %s", task.device_id, "; ".join(intake.problems))
                         outcome = Failure("rejected-ledger", "; ".join(intake.problems))
@@ -236,7 +240,7 @@ class Federation:
         """Fetch and verify the new ledger entries of ``devices`` (after a SecAgg+ round)."""
         if self.intake is None or not self.intake.enabled:
             return
-        by_device = {t.device_id: t for t in tasks}
+        del tasks  # the entries name their own tasks
         mids = {}
         for device in devices:
             conf = ConfigRecord({"ledger-head": self.intake.head_seq(device)})
@@ -246,18 +250,7 @@ class Federation:
             if reply is None or reply.has_error():
                 log.warning("device %d did not send its ledger", device)
                 continue
-            result = self.intake.check(device, None, reply, None)
-            for entry in result.entries:
-                if entry.unit == "record":
-                    self._note_epsilon(device, entry.epsilon)
-                    t = by_device.get(device)
-                    if t is not None and entry.task_id == t.task_id:
-                        p = self.cfg.privacy
-                        self.store.add_privacy(self.run_id, PrivacyRecord(
-                            device_id=device, task_id=t.task_id, version=t.base_version, epsilon=entry.epsilon,
-                            delta=entry.delta, noise_multiplier=entry.noise_multiplier, sample_rate=entry.sample_rate,
-                            steps=entry.steps, clip_norm=p.clip_norm, accountant=p.accountant, status="spent",
-                        ))
+            self._check_ledger(device, None, reply, None)
 
     def _note_epsilon(self, device_id: int, epsilon: float) -> None:
         """Keep the highest cumulative epsilon any reply of the device has reported.
@@ -280,11 +273,35 @@ class Federation:
         status = reply.content.config_records.get("status")
         if status is None or str(status.get("status", "")) != "ok":
             return  # a late refusal spent nothing
+        self._note_epsilon(device_id, get_float(metrics, "epsilon"))
         if self.intake is not None:
             examples = get_int(metrics, "num-examples") if "num-examples" in metrics else None
-            self.intake.check(device_id, None, reply, examples)
-        self._note_epsilon(device_id, get_float(metrics, "epsilon"))
-        self._add_privacy(task, metrics, "spent")
+            self._check_ledger(device_id, None, reply, examples)
+        else:
+            self._add_privacy(task, metrics, "spent")
+
+    def _check_ledger(
+        self, device_id: int, task_id: int | None, reply: Message, num_examples: int | None
+    ) -> IntakeResult:
+        """Verify a reply's ledger entries; every verified record-level entry becomes a spending row.
+
+        Rows come from verified, signed entries, whatever path they arrived by (a used
+        update, a lost task's late reply, a query after a SecAgg+ round, or entries of
+        the device's earlier runs), so replaying a device's rows in order reproduces its
+        lifetime claims.
+        """
+        assert self.intake is not None
+        result = self.intake.check(device_id, task_id, reply, num_examples)
+        for e in result.entries if result.accepted else ():
+            if e.unit != "record":
+                continue
+            self._note_epsilon(device_id, e.epsilon)
+            self.store.add_privacy(self.run_id, PrivacyRecord(
+                device_id=device_id, task_id=e.task_id, version=e.version, epsilon=e.epsilon, delta=e.delta,
+                noise_multiplier=e.noise_multiplier, sample_rate=e.sample_rate, steps=e.steps,
+                clip_norm=e.clip_norm, accountant=e.accountant, status="spent",
+            ))
+        return result
 
     def _add_privacy(self, t: Task, metrics: MetricRecord, status: str) -> None:
         p = self.cfg.privacy
@@ -307,15 +324,20 @@ class Federation:
             TaskRecord(t.task_id, t.device_id, t.base_version, t.dispatched_at, t.finish_at, c.status,
                        c.staleness, c.applied_version, c.num_examples, c.loss),
         )
-        if c.status in ("failed", "rejected-ledger") or reply is None or reply.has_error():
+        if c.status == "failed" or reply is None or reply.has_error():
             if c.status == "failed":
                 log.warning("task %d on device %d failed", t.task_id, t.device_id)
             return
         metrics = reply.content.metric_records.get("metrics")
         if metrics is None or not self.cfg.privacy.dp or "epsilon" not in metrics:
             return
+        # A rejected ledger is unverified, but the device did spend: its claim still counts
+        # towards the reported maximum (never under-report).
         self._note_epsilon(t.device_id, get_float(metrics, "epsilon"))
-        self._add_privacy(t, metrics, "refused" if c.status == "refused" else "spent")
+        if c.status == "refused":
+            self._add_privacy(t, metrics, "refused")
+        elif self.intake is None and c.status != "rejected-ledger":
+            self._add_privacy(t, metrics, "spent")  # spending rows otherwise come from verified entries
 
     def _on_version(self, version: int) -> None:
         sched = self.scheduler

@@ -54,6 +54,10 @@ class LedgerIntake:
         self.cfg = cfg
         self.store = store
         self.enabled = cfg.privacy.dp or cfg.privacy.user_dp
+        # This run's label (unique: it carries a random nonce). A device's ledger spans its
+        # whole life, so entries of earlier runs arrive too: they are verified and priced by
+        # their own parameters, but only this run's entries must match what this run asked.
+        self.run_label = ""
 
     def register(self, device_id: int, public_key: str | None) -> None:
         """Register a device's key at discovery, as the config's ``device-keys`` policy allows."""
@@ -163,12 +167,13 @@ class LedgerIntake:
             entries = fresh
         problems = [f"entry {e.seq}: reported for device {e.device_id}" for e in entries if e.device_id != device_id]
         if task_id is not None:
-            units = {e.unit for e in entries if e.task_id == task_id}
+            units = {e.unit for e in entries if e.task_id == task_id and e.run == self.run_label}
             wanted = ({"record"} if self.cfg.privacy.dp else set()) | ({"user"} if self.cfg.privacy.user_dp else set())
             if not wanted <= units:
                 problems.append(f"no ledger entry for task {task_id} (units {sorted(wanted - units)} missing)")
         for e in entries:
-            problems.extend(self._expected(e, num_examples if e.task_id == task_id else None))
+            if e.run == self.run_label:
+                problems.extend(self._expected(e, num_examples if e.task_id == task_id else None))
         if not problems:
             problems.extend(self._claims(device_id, entries))
         if problems:

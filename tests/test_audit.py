@@ -255,3 +255,24 @@ def test_tampering_with_a_device_ledger_file_is_detected(run_dir: Path, tmp_path
     code, report = _audit("--ledger", str(path), "--public-key", other, "--output", str(tmp_path / "other-out"))
     assert code == 1
     assert {f["kind"] for f in report["findings"]} == {"forged"}
+
+
+def test_a_device_whose_entries_were_all_removed_is_still_flagged(run_dir: Path, tmp_path: Path) -> None:
+    run = _copy(run_dir, tmp_path)
+    db = run / "fedrec.db"
+    device = _busiest_device(db)
+    _execute(db, "DELETE FROM ledger_entries WHERE device_id = ?", device)
+    _execute(db, "DELETE FROM device_keys WHERE device_id = ?", device)
+    code, report = _audit(str(run))
+    assert code == 1
+    assert any(f["device_id"] == device and f["kind"] in ("deleted", "unknown-key") for f in report["findings"])
+
+
+def test_an_upload_rejected_at_intake_fails_the_audit(run_dir: Path, tmp_path: Path) -> None:
+    run = _copy(run_dir, tmp_path)
+    db = run / "fedrec.db"
+    _execute(db, "INSERT INTO ledger_rejections (device_id, task_id, seq, kind, detail, at) "
+                 "VALUES (3, 17, 2, 'forged', 'signature does not verify', '2026-11-25 00:00:00')")
+    code, report = _audit(str(run))
+    assert code == 1
+    assert [f["kind"] for f in report["findings"]] == ["rejected-upload"]

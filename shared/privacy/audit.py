@@ -71,6 +71,9 @@ class AuditInput:
     expected_entries: Mapping[int, int] | None = None
     user_releases: Mapping[int, Sequence[UserRelease]] = field(default_factory=dict)
     rejections: int = 0
+    # Uploads the server refused at intake: (device, task, kind, detail). Each is a finding:
+    # the device spent budget on a release whose record could not be verified.
+    rejected_uploads: Sequence[tuple[int, int, str, str]] = ()
 
 
 @dataclass(frozen=True)
@@ -186,7 +189,14 @@ def run_audit(data: AuditInput, user_order: float | None = None) -> AuditReport:
     findings: list[Finding] = []
     devices: list[DeviceAudit] = []
     timeline: list[tuple[float, int, str, float]] = []
-    for device in sorted(set(data.ledgers) | set(data.user_releases)):
+    for device, task, kind, detail in data.rejected_uploads:
+        findings.append(Finding(
+            "rejected-upload", device, None, None,
+            f"the server rejected device {device}'s ledger upload for task {task} ({kind}): {detail}",
+        ))
+    # Every device the server knows of, so a device whose entries were all removed is still audited.
+    known = set(data.ledgers) | set(data.user_releases) | set(data.keys) | set(data.expected_entries or {})
+    for device in sorted(known):
         entries = list(data.ledgers.get(device, []))
         key = data.keys.get(device)
         expected = None
