@@ -14,7 +14,7 @@ import statistics
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -99,7 +99,12 @@ class Federation:
         self.num_devices = num_devices
         self.num_items = num_items
         self.driver = GridDriver(grid, cfg.aggregation.wall_timeout, on_late_reply=self._late_reply)
-        self.fleet = Fleet(num_devices, cfg.fleet, cfg.seed)
+        fleet_cfg = cfg.fleet
+        if cfg.data.deploy_devices:
+            # Real devices: availability and drop-outs are whatever really happens; the
+            # simulated ones would make the server skip or give up on devices that are there.
+            fleet_cfg = replace(fleet_cfg, availability_mean=1.0, dropout_rate=0.0)
+        self.fleet = Fleet(num_devices, fleet_cfg, cfg.seed)
         user_level = None
         if cfg.privacy.user_dp:
             from server.user_dp import UserLevelMechanism
@@ -214,7 +219,7 @@ class Federation:
             live = {self.driver.node_of[t.device_id]: t for t in tasks if not t.lost}
             contributed: set[int] = set()
             delta = None
-            if len(live) >= 2:
+            if len(live) >= 3:  # Flower's SecAgg+ needs more than two shares
                 try:
                     result = run_secagg_round(
                         self.driver.grid, list(live), sched.params, {"run": self.run_label, "version": sched.version},
@@ -226,10 +231,10 @@ class Federation:
                     )
                     delta = result.delta
                     contributed = {live[n].device_id for n in result.contributors}
-                except SecAggError as exc:
+                except (SecAggError, ValueError) as exc:
                     log.warning("SecAgg+ round at version %d failed: %s", sched.version, exc)
             else:
-                log.warning("cohort at version %d has %d live devices; SecAgg+ needs 2", sched.version, len(live))
+                log.warning("cohort at version %d has %d live devices; SecAgg+ needs 3", sched.version, len(live))
             for c in sched.complete_cohort(tasks, delta, contributed):
                 self._record(c, None)
             self._collect_ledgers(sorted(contributed), tasks)
