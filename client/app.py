@@ -30,6 +30,7 @@ from flwr.common import Scalar
 from client.device import Device, DeviceState, EvalReply, RefusalReply, TrainReply
 from client.device_store import DeviceDataStore, device_data_from_node, key_from_node_config
 from client.ledger_store import DeviceLedgerStore
+from client.policy import DevicePolicy, PolicyViolation
 from client.secagg_client import Commit, is_secagg_message, secagg_train
 from client.wire_log import wire_log_mods
 from shared.config import FedrecConfig, parse_config
@@ -200,14 +201,24 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     app = ClientApp(mods=wire_log_mods())  # inert unless $FEDREC_WIRE_LOG is set
 
     def config_of(context: Context) -> FedrecConfig:
-        return parse_config({**dict(context.run_config), **fixed})
+        cfg = parse_config({**dict(context.run_config), **fixed})
+        policy = DevicePolicy.from_node_config(context.node_config)
+        # A deployed device's own limits win over the run config (client/policy.py).
+        return policy.apply(cfg) if policy is not None else cfg
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         if is_secagg_message(msg):
             # Synchronous secure aggregation runs Flower's legacy SecAgg+ flow (server/secagg.py).
             return secagg_train(msg, context, lambda ctx: _secagg_device(config_of(ctx), ctx))
-        cfg = config_of(context)
+        try:
+            cfg = config_of(context)
+        except PolicyViolation as exc:
+            refusal = RecordDict({
+                "status": ConfigRecord({"status": "refused", "reason": str(exc)}),
+                "metrics": MetricRecord({"epsilon": 0.0, "delta": 0.0}),
+            })
+            return Message(refusal, reply_to=msg)
         conf = msg.content.config_records["config"]
         store = _open_store(cfg, context)
         try:
@@ -276,7 +287,8 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
                 }
             )
         }
-        if bool(conf.get("export-top-k", False)):
+        policy = DevicePolicy.from_node_config(context.node_config)
+        if bool(conf.get("export-top-k", False)) and (policy is None or policy.allow_top_k_export):
             records["top-k"] = ConfigRecord({"items": [int(i) for i in result.top_items]})
         return Message(RecordDict(records), reply_to=msg)
 

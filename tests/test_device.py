@@ -22,7 +22,8 @@ from shared.training import plan_release, train_locally
 def overrides(tmp_path: Path) -> dict[str, object]:
     return {
         "dataset": "synthetic", "synthetic-users": 6, "synthetic-items": 60, "synthetic-interactions": 30,
-        "cache-dir": str(tmp_path / "cache"), "output-dir": str(tmp_path / "out"), "embedding-dim": 8, "mlp-layers": "8", "num-negatives": 4,
+        "cache-dir": str(tmp_path / "cache"), "output-dir": str(tmp_path / "out"),
+        "embedding-dim": 8, "mlp-layers": "8", "num-negatives": 4,
         "local-steps": 4, "batch-size": 8, "noise-multiplier": 1.0, "epsilon-budget": 50.0,
     }
 
