@@ -42,7 +42,9 @@ class GridDriver:
     wall_timeout
         Real seconds after which an unanswered message is given up.
     poll_interval
-        Real seconds between pulls when nothing has arrived.
+        Real seconds before the first re-pull when nothing has arrived; it doubles on
+        every empty pull up to ``max_poll_interval`` (each pull scans the link state,
+        and on a 2-core machine busy polling takes CPU from the devices it waits for).
     on_late_reply
         Called with ``(device_id, reply)`` for a reply that arrives after its task was
         given up (:meth:`discard`). The device still trained and spent privacy; the
@@ -50,13 +52,15 @@ class GridDriver:
     """
 
     def __init__(
-        self, grid: Grid, wall_timeout: float, poll_interval: float = 0.02,
+        self, grid: Grid, wall_timeout: float, poll_interval: float = 0.005, max_poll_interval: float = 0.2,
         on_late_reply: Callable[[int, Message], None] | None = None,
     ) -> None:
         self.on_late_reply = on_late_reply
         self.grid = grid
         self.wall_timeout = wall_timeout
         self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        self._idle_polls = 0
         self.node_of: dict[int, int] = {}
         self.public_keys: dict[int, str] = {}  # as each device presented it at discovery
         self._pending: dict[str, _Pending] = {}
@@ -111,7 +115,7 @@ class GridDriver:
         while previous is not None and previous in self._pending:
             # Wait for it to arrive without consuming it: its owner will collect it.
             if not self._pull():
-                time.sleep(self.poll_interval)
+                self._backoff()
         mid = self._push(
             Message(content, dst_node_id=self.node_of[device_id], message_type=message_type,
                     ttl=self.wall_timeout)
@@ -119,6 +123,11 @@ class GridDriver:
         self._pending[mid] = _Pending(device_id, time.monotonic())
         self._device_msg[device_id] = mid
         return mid
+
+    def _backoff(self) -> None:
+        """Sleep after an empty pull, longer the longer nothing has arrived."""
+        self._idle_polls += 1
+        time.sleep(min(self.max_poll_interval, self.poll_interval * 2 ** min(self._idle_polls - 1, 10)))
 
     # -- receiving -----------------------------------------------------------------
     def _pull(self) -> int:
@@ -139,6 +148,8 @@ class GridDriver:
             if self._device_msg.get(pending.device_id) == mid:
                 del self._device_msg[pending.device_id]
             got += 1
+        if got:
+            self._idle_polls = 0
         now = time.monotonic()
         for mid, pending in list(self._pending.items()):
             if now - pending.sent_at > self.wall_timeout + 5.0:
@@ -158,7 +169,7 @@ class GridDriver:
             if mid not in self._pending:
                 return None
             if not self._pull():
-                time.sleep(self.poll_interval)
+                self._backoff()
 
     def discard(self, mid: str) -> None:
         """Forget the reply to ``mid`` whenever it comes (a task already resolved as lost)."""
@@ -173,5 +184,5 @@ class GridDriver:
         """Wait for every outstanding message (so devices' state is settled)."""
         while self._pending:
             if not self._pull():
-                time.sleep(self.poll_interval)
+                self._backoff()
         self._arrived.clear()
