@@ -135,16 +135,18 @@ def markdown(report: AuditReport, plots: list[Path]) -> str:
         "",
         "## Fleet",
         "",
-        "| unit | devices | eps max | p50 | p90 | p99 | budget | budget left (min) | over budget |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| unit | devices | releases per device (mean / max) | eps max | p50 | p90 | p99 | budget "
+        "| budget left (min) | over budget |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for unit in ("record", "user"):
         b = fleet.get(unit)
         if not isinstance(b, dict) or not b.get("devices-with-releases"):
-            lines.append(f"| {unit} | 0 | – | – | – | – | – | – | – |")
+            lines.append(f"| {unit} | 0 | – | – | – | – | – | – | – | – |")
             continue
         lines.append(
-            f"| {unit} | {b['devices-with-releases']} | {_fmt(b['epsilon-max'])} | {_fmt(b['epsilon-p50'])} | "
+            f"| {unit} | {b['devices-with-releases']} | {b['releases-per-device-mean']:.1f} / {b['releases-max']} | "
+            f"{_fmt(b['epsilon-max'])} | {_fmt(b['epsilon-p50'])} | "
             f"{_fmt(b['epsilon-p90'])} | {_fmt(b['epsilon-p99'])} | {_fmt(b.get('budget', '–'))} | "
             f"{_fmt(b.get('budget-left-min', '–'))} | {b.get('devices-over-budget', '–')} |"
         )
