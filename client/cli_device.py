@@ -415,18 +415,10 @@ def register(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``device`` commands standalone (``python -m client.cli_device device ...``); 2 on a clear error."""
-    from shared.config import ConfigError
-    from shared.data.types import DataError
+    """Run ``device`` commands standalone (``python -m client.cli_device device ...``): the ``fedrec`` entry point."""
+    from shared.cli import main as fedrec_main
 
-    parser = argparse.ArgumentParser(prog="fedrec")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except (ConfigError, DataError, KeyError, FileNotFoundError, ValueError) as exc:
-        print(f"fedrec: error: {exc}", file=sys.stderr)
-        return 2
+    return fedrec_main(argv)
 
 
 if __name__ == "__main__":

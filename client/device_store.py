@@ -41,8 +41,7 @@ from collections.abc import Iterable, Mapping
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -54,6 +53,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from shared.data.split import leave_one_out
 from shared.data.types import DataError, DeviceData, InteractionLog
 from shared.records import get_int
+from shared.sql_store import SqlStore
 
 if TYPE_CHECKING:
     import torch
@@ -372,7 +372,7 @@ def _check_record(index: int, record: Interaction) -> None:
         raise ValueError(f"record {index}: rating must be finite or None, got {record.rating!r}")
 
 
-class DeviceDataStore:
+class DeviceDataStore(SqlStore):
     """The device's encrypted interactions and personal model state.
 
     Parameters
@@ -404,12 +404,12 @@ class DeviceDataStore:
         self._aead = AESGCM(key)
         self._closed = False
         _create_private_file(self.path)
-        self._engine_ = _engine(self.path)
-        self._sessions = sessionmaker(self._engine_, expire_on_commit=False)
+        self._engine = _engine(self.path)
+        self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         try:
             self._open(num_items)
         except BaseException:
-            self._engine_.dispose()
+            self._engine.dispose()
             raise
 
     def _open(self, num_items: int | None) -> None:
@@ -423,7 +423,7 @@ class DeviceDataStore:
                 self._set_meta("num_items", str(int(num_items)).encode())
             return
         # New data tables (or only the passphrase salt so far): record the device and the key check.
-        _Base.metadata.create_all(self._engine_)
+        _Base.metadata.create_all(self._engine)
         with self._sessions.begin() as session:
             if session.get(_MetaRow, "device_id") is not None:  # a concurrent opener got there first
                 self._verify(session)
@@ -461,27 +461,6 @@ class DeviceDataStore:
             ) from None
         if plain != _KEY_CHECK_PLAINTEXT:
             raise StoreCorruptError(f"{self.path}: the key check record is damaged")
-
-    # ---------------------------------------------------------------- lifecycle
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Release the database connections (idempotent)."""
-        if not self._closed:
-            self._closed = True
-            self._engine_.dispose()
-
-    def _session(self) -> Session:
-        if self._closed:
-            raise ValueError("DeviceDataStore is closed")
-        return self._sessions()
 
     # --------------------------------------------------------------- encryption
 

@@ -27,14 +27,14 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 from sqlalchemy import Double, Engine, Integer, LargeBinary, String, Text, create_engine, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from shared.privacy.identity import DeviceIdentity
 from shared.privacy.ledger import LedgerEntry, make_entry
+from shared.sql_store import SqlStore
 
 __all__ = ["DeviceLedgerStore"]
 
@@ -114,7 +114,7 @@ def _create_private_file(path: Path) -> None:
     os.chmod(path, FILE_MODE)
 
 
-class DeviceLedgerStore:
+class DeviceLedgerStore(SqlStore):
     """A device's identity key and signed privacy ledger in one SQLite file.
 
     Parameters
@@ -176,29 +176,6 @@ class DeviceLedgerStore:
                 )
             return recorded
 
-    # ------------------------------------------------------------------ lifecycle
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Release the database connections (idempotent)."""
-        if not self._closed:
-            self._closed = True
-            self._engine.dispose()
-
-    def _session(self) -> Session:
-        if self._closed:
-            raise ValueError("DeviceLedgerStore is closed")
-        return self._sessions()
 
     # ------------------------------------------------------------------- identity
 

@@ -115,10 +115,9 @@ class LedgerIntake:
             problems.append(f"entry {entry.seq}: unknown privacy unit {entry.unit!r}")
         return problems
 
-    def _claims(self, device_id: int, new: Sequence[LedgerEntry]) -> list[str]:
+    def _claims(self, stored: Sequence[LedgerEntry], new: Sequence[LedgerEntry]) -> list[str]:
         """Each new entry's cumulative epsilon must be what its unit's accountant gives."""
         problems: list[str] = []
-        stored = self.store.entries(device_id)
         history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in stored if e.unit == "record"]
         users = sum(1 for e in stored if e.unit == "user")
         p = self.cfg.privacy
@@ -154,9 +153,9 @@ class LedgerIntake:
         except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
             return self._reject(device_id, task_id, [f"unreadable ledger: {exc}"], ())
         # Entries the server already holds (a reply racing a lost task's) are dropped if identical.
-        head = self.store.head(device_id)
-        if head is not None:
-            known = {e.seq: e.entry_hash for e in self.store.entries(device_id)}
+        stored = self.store.entries(device_id)  # read once: duplicates and claims both need it
+        if stored:
+            known = {e.seq: e.entry_hash for e in stored}
             fresh = []
             for e in entries:
                 if e.seq in known:
@@ -175,7 +174,7 @@ class LedgerIntake:
             if e.run == self.run_label:
                 problems.extend(self._expected(e, num_examples if e.task_id == task_id else None))
         if not problems:
-            problems.extend(self._claims(device_id, entries))
+            problems.extend(self._claims(stored, entries))
         if problems:
             return self._reject(device_id, task_id, problems, entries)
         chain = self.store.accept(entries)

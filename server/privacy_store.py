@@ -31,8 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 from sqlalchemy import (
     Boolean,
@@ -54,6 +53,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from shared.privacy.identity import decode_public_key
 from shared.privacy.ledger import GENESIS, ChainProblem, LedgerEntry, verify_chain
 from shared.results.store import NAMING_CONVENTION, UTCDateTime
+from shared.sql_store import SqlStore
 
 __all__ = ["PrivacyStore", "Rejection"]
 
@@ -148,7 +148,7 @@ def _to_entry(row: LedgerEntryRow) -> LedgerEntry:
 # ----------------------------------------------------------------------------- store
 
 
-class PrivacyStore:
+class PrivacyStore(SqlStore):
     """Device keys and verified ledger entries in a SQL database.
 
     Parameters
@@ -170,29 +170,6 @@ class PrivacyStore:
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         self._closed = False
 
-    # ------------------------------------------------------------------ lifecycle
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Release the database connections (idempotent)."""
-        if not self._closed:
-            self._closed = True
-            self._engine.dispose()
-
-    def _session(self) -> Session:
-        if self._closed:
-            raise ValueError("PrivacyStore is closed")
-        return self._sessions()
 
     # ----------------------------------------------------------------------- keys
 
