@@ -98,7 +98,13 @@ class Federation:
         self.cfg = cfg
         self.num_devices = num_devices
         self.num_items = num_items
-        self.driver = GridDriver(grid, cfg.aggregation.wall_timeout, on_late_reply=self._late_reply)
+        self.driver = GridDriver(
+            grid, cfg.aggregation.wall_timeout, on_late_reply=self._late_reply,
+            # Simulated devices share a few CPU cores: a small window of messages at the
+            # Grid keeps them busy (grid_driver.py says why more costs time). Real devices
+            # each compute on their own, so every dispatched task goes out at once.
+            max_in_flight=None if cfg.data.deploy_devices else (cfg.aggregation.max_in_flight or None),
+        )
         fleet_cfg = cfg.fleet
         if cfg.data.deploy_devices:
             # Real devices: availability and drop-outs are whatever really happens; the
@@ -156,7 +162,8 @@ class Federation:
                 }),
             }
         )
-        return self.driver.send(task.device_id, content, MessageType.TRAIN)
+        # Pushed in virtual finish order: the order in which the server will wait for them.
+        return self.driver.send(task.device_id, content, MessageType.TRAIN, priority=task.finish_at)
 
     # -- the loop --------------------------------------------------------------------
     def train(self) -> None:

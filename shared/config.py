@@ -172,6 +172,8 @@ class AggregationConfig:
     task_timeout: float = 900.0
     wall_timeout: float = 600.0
     max_device_failures: int = 3
+    # Messages at the Flower Grid at once in simulation (0 = no limit); deployed runs send all.
+    max_in_flight: int = 16
     # Synchronous mode only: aggregate each cohort with Flower's SecAgg+ (server/secagg.py).
     secure_aggregation: bool = False
     secagg_clipping_range: float = 8.0
@@ -202,6 +204,7 @@ class AggregationConfig:
         _positive("task-timeout", self.task_timeout)
         _positive("wall-timeout", self.wall_timeout)
         _at_least("max-device-failures", self.max_device_failures, 1)
+        _at_least("max-in-flight", self.max_in_flight, 0)
 
 
 @dataclass(frozen=True)
