@@ -24,6 +24,7 @@ The accountant's history is not stored separately: it is exactly the
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Final
 
 from sqlalchemy import Double, Engine, Integer, LargeBinary, String, Text, create_engine, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from shared.privacy.identity import DeviceIdentity
 from shared.privacy.ledger import LedgerEntry, make_entry
@@ -93,6 +95,18 @@ class _EntryRow(_Base):
 _ENTRY_FIELDS: Final = tuple(LedgerEntry.__dataclass_fields__)
 
 
+@functools.lru_cache(maxsize=1024)
+def _engine_for(path: str) -> Engine:
+    """One engine per store file per process, holding no connection between uses.
+
+    A simulated device's store is opened for every message; a new engine each time
+    compiled every SQL statement afresh, which cost more than the statements. NullPool
+    opens and closes the SQLite connection with each session, so a cached engine keeps
+    no file open and sees the file as it is on disk.
+    """
+    return create_engine(f"sqlite:///{path}", poolclass=NullPool)
+
+
 def _to_entry(row: _EntryRow) -> LedgerEntry:
     return LedgerEntry(**{name: getattr(row, name) for name in _ENTRY_FIELDS})
 
@@ -135,7 +149,7 @@ class DeviceLedgerStore(SqlStore):
     def __init__(self, path: Path | str, device_id: int | None = None) -> None:
         self.path = Path(path).expanduser()
         _create_private_file(self.path)
-        self._engine: Engine = create_engine(f"sqlite:///{self.path}")
+        self._engine: Engine = _engine_for(str(self.path))
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         self._identity: DeviceIdentity | None = None
         self._closed = False

@@ -121,6 +121,9 @@ class PrivacyConfig:
     delta: float = 1e-5
     epsilon_budget: float = 8.0
     accountant: str = "rdp"
+    # How Opacus clips per-record gradients: "ghost" never materialises them (much faster
+    # for large item tables), "hooks" does; "auto" uses ghost where the model supports it.
+    clipping_mode: str = "auto"
     # Seed DP noise and Poisson sampling from the run seed (simulation only): whoever
     # knows the seed can subtract the noise, so real devices must draw from OS entropy.
     reproducible_noise: bool = False
@@ -146,6 +149,7 @@ class PrivacyConfig:
         _in_range("delta", self.delta, 0.0, 1.0, lo_open=True, hi_open=True)
         _positive("epsilon-budget", self.epsilon_budget)
         _choice("accountant", self.accountant, ("rdp", "prv"))
+        _choice("clipping-mode", self.clipping_mode, ("auto", "hooks", "ghost"))
         _positive("user-clip-norm", self.user_clip_norm)
         _positive("user-noise-multiplier", self.user_noise_multiplier)
         _positive("user-epsilon-budget", self.user_epsilon_budget)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -200,3 +201,74 @@ def test_training_reply_carries_no_loss_under_dp(overrides: dict[str, object]) -
     private = _train_reply(overrides).content.metric_records["metrics"]
     assert "loss" not in private and private["epsilon"] > 0
     assert "loss" in _train_reply({**overrides, "dp": False}).content.metric_records["metrics"]
+
+
+def _train_with(
+    mode: str, overrides: dict[str, object], records_from: int, seed: int
+) -> tuple[dict[str, torch.Tensor], list[tuple[float, float, int]], int]:
+    cfg = parse_config({**overrides, "clipping-mode": mode, "local-steps": 12, "batch-size": 2})
+    info = prepare_partitions(cfg.data)
+    data = load_device(info.path, records_from)
+    model = build_model(cfg.model, info.num_items, 1, seed=0)
+    records = model.build_records(data.train_items, 0)
+    acc = DeviceAccountant("rdp", 1e-5, 1e9)
+    result = train_locally(model, records, cfg.train, cfg.privacy, acc, seed=seed)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, list(acc.history), result.steps
+
+
+def test_ghost_clipping_gives_the_hooks_update_with_the_same_noise(
+    overrides: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ghost clipping (NCF's default) is a faster route to the same private step, empty batches included.
+
+    With the same seeds both modes sample the same Poisson batches, the same negatives and
+    the same noise, so the trained parameters agree to float rounding; the accountant is
+    charged the same steps. Batch 2 on a small device makes some Poisson batches empty.
+    """
+    import shared.training
+
+    sizes: list[int] = []
+    real_step = shared.training._ghost_step
+
+    def counting_step(*args: Any) -> torch.Tensor:
+        sizes.append(int(args[3][0].shape[0]))
+        return real_step(*args)
+
+    monkeypatch.setattr(shared.training, "_ghost_step", counting_step)
+    initial = build_model(parse_config(overrides).model, 60, 1, seed=0).state_dict()
+    for seed in (0, 1, 2):
+        hooks, hooks_history, _ = _train_with("hooks", overrides, 0, seed)
+        ghost, ghost_history, _ = _train_with("ghost", overrides, 0, seed)
+        assert ghost_history == hooks_history and hooks_history[0][2] == 12
+        for name, value in hooks.items():
+            assert torch.allclose(ghost[name], value, atol=1e-5, rtol=1e-4), (seed, name)
+        assert any(not torch.allclose(hooks[k], initial[k]) for k in initial)  # training moved the model
+    assert len(sizes) == 36 and 0 in sizes and max(sizes) > 0  # empty and non-empty batches both ran
+
+
+def test_a_noise_only_step_is_taken_for_an_empty_poisson_batch_in_ghost_mode(overrides: dict[str, object]) -> None:
+    """An empty batch must still add noise and be charged (skipping it would void the accounting)."""
+    from shared.training import _ghost_step
+
+    cfg = parse_config({**overrides, "clipping-mode": "ghost"})
+    model = build_model(cfg.model, 60, 1, seed=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    empty = (torch.zeros(0, dtype=torch.long), torch.zeros((0, 1), dtype=torch.long))
+    loss = _ghost_step(model, model, torch.optim.SGD(params, lr=0.1), empty, torch.Generator().manual_seed(0), params)
+    assert float(loss) == 0.0
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in params)
+
+
+def test_ghost_clipping_is_refused_for_a_model_without_it(overrides: dict[str, object]) -> None:
+    from shared.training import uses_ghost_clipping
+
+    cfg = parse_config({**overrides, "model": "sasrec", "max-seq-len": 4, "num-heads": 1, "clipping-mode": "ghost"})
+    model = build_model(cfg.model, 60, 1, seed=0)
+    with pytest.raises(ValueError, match="clipping-mode"):
+        uses_ghost_clipping(model, cfg.privacy, 8)
+    assert not uses_ghost_clipping(model, parse_config({**overrides, "model": "sasrec"}).privacy, 10_000)
+    ncf = build_model(parse_config(overrides).model, 20_000, 1, seed=0)
+    auto = parse_config(overrides).privacy
+    assert uses_ghost_clipping(ncf, auto, 8)  # large catalogue: ghost
+    assert not uses_ghost_clipping(ncf, auto, 1)  # 20,000 < 40,000: hooks
+    assert not uses_ghost_clipping(ncf, parse_config({**overrides, "clipping-mode": "hooks"}).privacy, 8)

@@ -14,6 +14,7 @@ device process never reads the other devices' interactions.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -203,11 +204,23 @@ def read_partition_info(path: Path) -> PartitionInfo:
     return info
 
 
+@functools.lru_cache(maxsize=64)
+def _mapped(file: str, mtime_ns: int, size: int) -> np.ndarray:
+    # Keyed by the file's identity as well as its name: a rebuilt file is mapped anew.
+    del mtime_ns, size
+    return np.load(file, mmap_mode="r", allow_pickle=False)
+
+
 def _open(path: Path, name: str) -> np.ndarray:
-    """Memory-map one array of a partition (nothing is read until indexed)."""
+    """Memory-map one array of a partition (nothing is read until indexed).
+
+    The maps are kept per process: a simulated device loads its data on every
+    message, and re-opening five files each time was a measurable share of a task.
+    """
     file = path / f"{name}.npy"
     try:
-        return np.load(file, mmap_mode="r", allow_pickle=False)
+        st = file.stat()
+        return _mapped(str(file), st.st_mtime_ns, st.st_size)
     except (OSError, ValueError) as exc:
         raise DataError(f"{file}: cannot read partition array ({exc})") from exc
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -31,6 +32,21 @@ class Recommender(nn.Module, abc.ABC):
     """Base class: a torch module with the three calls of the recommender contract."""
 
     num_items: int
+    # Whether Opacus ghost clipping gives this model's exact clipped gradients faster than
+    # materialising per-record gradients (config clipping-mode = "auto" follows it).
+    ghost_clipping: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def sample_negatives(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """Negative item ids for ``batch_size`` records, drawn uniformly (no data used)."""
+
+    @abc.abstractmethod
+    def loss_per_record(self, batch: tuple[torch.Tensor, ...], negatives: torch.Tensor) -> torch.Tensor:
+        """Loss of each record (shape (B,)) with the given negatives.
+
+        ``loss(batch, g)`` must equal the mean of
+        ``loss_per_record(batch, sample_negatives(B, g))`` (0 when B == 0).
+        """
 
     @abc.abstractmethod
     def build_records(self, history: np.ndarray, user_index: int) -> tuple[torch.Tensor, ...]:

@@ -119,6 +119,10 @@ class NCF(Recommender):
         ``"xavier"`` or ``"normal"`` (see :func:`init_linear`, :func:`init_embedding`).
     """
 
+    # The item table is called once per forward (positives and negatives together), the
+    # one condition ghost clipping has; per-record gradients of a V x D table are not.
+    ghost_clipping = True
+
     def __init__(
         self,
         num_items: int,

@@ -1,0 +1,92 @@
+"""How much a split rewards popularity, co-occurrence and order: non-private, count-based ceilings.
+
+Prints test HR@10 / NDCG@10 (full ranking, the same protocol and exclusions as fedrec's
+evaluation) of recommenders that need no training, computed centrally from every
+device's training items. None of them is private; they show what kind of signal the
+leave-one-out-by-time split holds, so a researcher can see which model family a
+private model would have to approximate to beat popularity by a given factor:
+
+* ``popularity``: training interactions per item (the baseline of benchmarks/quality.py);
+* ``markov L``: the user's last L items vote for the items that followed them in any
+  user's sequence (first-order transition counts, recency weights 0.8^age);
+* ``item-knn L``: cosine similarity of item co-occurrence vectors, summed over the
+  user's last L items (L = all: the whole history).
+
+    python benchmarks/split_signal.py [--set key=value ...] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from _common import dump, parse_sets
+
+from shared.config import parse_config
+from shared.data.partition import item_popularity, load_device, prepare_partitions
+from shared.data.types import DeviceData
+from shared.metrics import MetricTotals, full_ranking, sampled_ranking
+
+# Added to every score so that ties (items no recent item points to) fall back to popularity.
+_POPULARITY_TIEBREAK = 1e-3
+
+
+def evaluate(devices: list[DeviceData], scores_of: Callable[[np.ndarray], np.ndarray], k: int) -> dict[str, float]:
+    """Test metrics of a scorer that sees only a user's history (training items + validation item)."""
+    totals = MetricTotals(k=k)
+    rng = np.random.default_rng(0)
+    for d in devices:
+        history = np.append(d.train_items, d.valid_item)
+        scores = scores_of(history)
+        full = full_ranking(scores, d.test_item, history, k)
+        totals.add(full, sampled_ranking(scores, d.test_item, history, rng, 100, k))
+    return totals.as_dict()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (data keys)")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args()
+    cfg = parse_config(parse_sets(args.set))
+    info = prepare_partitions(cfg.data)
+    devices = [load_device(info.path, i) for i in range(info.num_devices)]
+    n_items, k = info.num_items, cfg.eval.top_k
+    pop = item_popularity(info).astype(np.float64)
+
+    transitions = np.zeros((n_items, n_items))
+    presence = np.zeros((len(devices), n_items))
+    for row, d in enumerate(devices):
+        np.add.at(transitions, (d.train_items[:-1], d.train_items[1:]), 1.0)
+        presence[row, d.train_items] = 1.0
+    co = presence.T @ presence
+    norm = np.sqrt(np.diag(co)) + 1e-12
+    cosine = co / norm[:, None] / norm[None, :]
+    np.fill_diagonal(cosine, 0.0)
+
+    def recent(matrix: np.ndarray, length: int | None, decay: float) -> Callable[[np.ndarray], np.ndarray]:
+        def scores(history: np.ndarray) -> np.ndarray:
+            last = history if length is None else history[-length:]
+            weights = decay ** np.arange(len(last))[::-1]
+            return (weights[:, None] * matrix[last]).sum(axis=0) + _POPULARITY_TIEBREAK * pop
+
+        return scores
+
+    rows: dict[str, dict[str, float]] = {"popularity": evaluate(devices, lambda h: pop, k)}
+    for length in (1, 3, 5, 10):
+        rows[f"markov L={length}"] = evaluate(devices, recent(transitions, length, 0.8), k)
+    for window in (5, 20, None):
+        rows[f"item-knn L={window or 'all'}"] = evaluate(devices, recent(cosine, window, 1.0), k)
+
+    base = rows["popularity"]["ndcg@10"]
+    print(f"non-private ceilings on {info.source} (test item, full ranking over unseen items)")
+    print(f"{'scorer':20s} {'HR@10':>8s} {'NDCG@10':>8s} {'x popularity':>13s}")
+    for name, m in rows.items():
+        print(f"{name:20s} {m['hr@10']:8.4f} {m['ndcg@10']:8.4f} {m['ndcg@10'] / base:13.2f}")
+    dump(args.json, {"rows": rows, "source": info.source})
+
+
+if __name__ == "__main__":
+    main()
