@@ -25,6 +25,19 @@ p=1, with a random 16-byte salt kept in the store). A ``key_check`` blob (a know
 constant encrypted under the key) lets :class:`DeviceDataStore` tell a wrong key
 (:class:`WrongKeyError`) from damaged data (:class:`StoreCorruptError`) before it
 touches anything; a wrong key never writes to the file.
+
+Contribution receipts
+---------------------
+Under secure aggregation (SecAgg+) the server only ever sees the sum of a cohort's
+updates, so nobody but the device can later show its owner what it contributed. Each
+time the device feeds an update into a SecAgg+ round, it keeps a receipt here
+(:meth:`DeviceDataStore.add_contribution_receipt`): the run, model version and task,
+its number of examples, the plain (DP-noised) delta exactly as it went into the
+masking (before weighting and quantization) and the protocol's clipping and
+quantization settings. A receipt is encrypted like the interactions, never leaves the
+device and adds nothing to what is sent; only the :data:`RECEIPTS_KEPT` most recent
+are kept, so the store does not grow with every round. The owner reads them with
+:meth:`DeviceDataStore.contribution_receipts`.
 """
 
 from __future__ import annotations
@@ -47,7 +60,7 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-from sqlalchemy import Double, Engine, Integer, LargeBinary, String, create_engine, update
+from sqlalchemy import Double, Engine, Integer, LargeBinary, String, create_engine, delete, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from shared.data.split import leave_one_out
@@ -62,7 +75,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KEY_BYTES",
+    "RECEIPTS_KEPT",
     "ConcurrentWriteError",
+    "ContributionReceipt",
     "ImportResult",
     "Interaction",
     "KeyFileError",
@@ -75,6 +90,7 @@ __all__ = [
     "key_from_file",
     "key_from_node_config",
     "key_from_passphrase",
+    "open_node_store",
     "stored_device_id",
 ]
 
@@ -87,12 +103,15 @@ SCRYPT_R: Final = 8
 SCRYPT_P: Final = 1
 FILE_MODE: Final = 0o600
 MIN_INTERACTIONS: Final = 3  # leave-one-out needs train, valid and test
+RECEIPTS_KEPT: Final = 3  # SecAgg+ contribution receipts kept (the most recent)
 
 _FORMAT: Final = "fedrec-device-store/v1"
 _KEY_CHECK_PLAINTEXT: Final = b"fedrec device store key check v1"
 _INTERACTIONS: Final = "interactions"
 _PERSONAL: Final = "personal"
 _KEY_CHECK: Final = "key_check"
+_RECEIPT_PREFIX: Final = "receipt/"  # + zero-padded sequence number: names sort in order
+_RECEIPT_FORMAT: Final = "fedrec-contribution-receipt/v1"
 
 
 class WrongKeyError(ValueError):
@@ -136,6 +155,32 @@ class ImportResult:
     added: int  # new interactions stored
     skipped: int  # identical to one already stored (or repeated in the batch)
     total: int  # interactions in the store afterwards
+
+
+@dataclass(frozen=True)
+class ContributionReceipt:
+    """What this device fed into one SecAgg+ round; kept encrypted on the device, never sent.
+
+    SecAgg+ hides each device's update from the server, so only the device can tell its
+    owner what it contributed: this is that record. ``delta`` is the plain update (after
+    the device's own DP noise) before the protocol weights it by ``num_examples /
+    max_weight``, clips it to ``clipping_range`` and quantizes it to ``quantization_range``
+    levels; those settings, as the protocol gave them to the device, are kept too (None
+    when unknown). ``clipped`` says whether the weighted update exceeded the clipping range.
+    """
+
+    seq: int  # this device's receipt number, increasing
+    run: str  # the run label the server sent (as in the ledger entries)
+    version: int  # the global model version the update was computed on
+    task_id: int
+    num_examples: int
+    delta: dict[str, torch.Tensor]
+    created_at: float  # Unix seconds
+    clipping_range: float | None = None
+    quantization_range: int | None = None
+    modulus_range: int | None = None
+    max_weight: float | None = None
+    clipped: bool | None = None
 
 
 # ------------------------------------------------------------------- schema
@@ -277,8 +322,9 @@ def key_from_file(path: Path | str) -> bytes:
             return bytes.fromhex(text.decode("ascii"))
         except (UnicodeDecodeError, ValueError):
             pass
-    raise KeyFileError(f"{path}: not a key file (expected {KEY_BYTES} raw bytes or {2 * KEY_BYTES} hex digits, "
-                       f"found {len(raw)} bytes)")
+    raise KeyFileError(
+        f"{path}: not a key file (expected {KEY_BYTES} raw bytes or {2 * KEY_BYTES} hex digits, found {len(raw)} bytes)"
+    )
 
 
 def key_from_passphrase(store_path: Path | str, passphrase: str) -> bytes:
@@ -305,8 +351,9 @@ def key_from_passphrase(store_path: Path | str, passphrase: str) -> bytes:
             row = session.get(_MetaRow, "scrypt_salt")
             if row is None and session.get(_MetaRow, "device_id") is not None:
                 # Enrolled with a key file: adding a salt now would change the file for nothing.
-                raise WrongKeyError(f"{path}: this store was created with a key file, not a passphrase; "
-                                    "nothing was read or changed")
+                raise WrongKeyError(
+                    f"{path}: this store was created with a key file, not a passphrase; nothing was read or changed"
+                )
             if row is None:
                 row = _MetaRow(key="scrypt_salt", value=secrets.token_bytes(SALT_BYTES))
                 session.add(row)
@@ -561,15 +608,19 @@ class DeviceDataStore(SqlStore):
         batch = list(records)
         for index, record in enumerate(batch):
             _check_record(index, record)
-        batch = [Interaction(float(r.timestamp), int(r.item_id), None if r.rating is None else float(r.rating))
-                 for r in batch]
+        batch = [
+            Interaction(float(r.timestamp), int(r.item_id), None if r.rating is None else float(r.rating))
+            for r in batch
+        ]
         limit = self.num_items
         if limit is not None:
             beyond = [(i, r.item_id) for i, r in enumerate(batch) if r.item_id >= limit]
             if beyond:
                 i, item = beyond[0]
-                raise ValueError(f"record {i}: item id {item} is outside the catalogue [0, {limit}) "
-                                 f"({len(beyond)} such records); nothing imported")
+                raise ValueError(
+                    f"record {i}: item id {item} is outside the catalogue [0, {limit}) "
+                    f"({len(beyond)} such records); nothing imported"
+                )
         with self._session() as session, session.begin():
             blob, revision = self._read(session, _INTERACTIONS)
             stored = [] if blob is None else _decode_interactions(blob)
@@ -658,8 +709,130 @@ class DeviceDataStore(SqlStore):
         loaded = torch.load(io.BytesIO(blob), weights_only=True)
         return dict(loaded)
 
+    # ------------------------------------------------------- contribution receipts
+
+    def add_contribution_receipt(
+        self,
+        *,
+        run: str,
+        version: int,
+        task_id: int,
+        num_examples: int,
+        delta: Mapping[str, torch.Tensor],
+        clipping_range: float | None = None,
+        quantization_range: int | None = None,
+        modulus_range: int | None = None,
+        max_weight: float | None = None,
+        clipped: bool | None = None,
+        keep: int = RECEIPTS_KEPT,
+    ) -> ContributionReceipt:
+        """Keep a receipt of a SecAgg+ contribution (encrypted), dropping all but the ``keep`` most recent.
+
+        Called by the device before its masked update leaves it (``client/secagg_client.py``).
+        See :class:`ContributionReceipt` for the fields.
+
+        Raises
+        ------
+        ValueError
+            If ``keep < 1`` or ``num_examples < 0``.
+        ConcurrentWriteError
+            If another process added a receipt at the same time (retry).
+        """
+        import torch
+
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        if num_examples < 0:
+            raise ValueError(f"num_examples must be non-negative, got {num_examples}")
+        now = time.time()
+        fields: dict[str, Any] = {
+            "run": str(run),
+            "version": int(version),
+            "task_id": int(task_id),
+            "num_examples": int(num_examples),
+            "created_at": now,
+            "clipping_range": None if clipping_range is None else float(clipping_range),
+            "quantization_range": None if quantization_range is None else int(quantization_range),
+            "modulus_range": None if modulus_range is None else int(modulus_range),
+            "max_weight": None if max_weight is None else float(max_weight),
+            "clipped": None if clipped is None else bool(clipped),
+        }
+        tensors = {str(k): v.detach().cpu().clone() for k, v in delta.items()}
+        buffer = io.BytesIO()
+        torch.save({"format": _RECEIPT_FORMAT, **fields, "delta": tensors}, buffer)
+        with self._session() as session, session.begin():
+            names = self._receipt_names(session)
+            seq = _receipt_seq(names[-1]) + 1 if names else 1
+            name = f"{_RECEIPT_PREFIX}{seq:010d}"
+            self._write(session, name, buffer.getvalue(), 0)
+            stale = [*names, name][:-keep]
+            if stale:
+                session.execute(delete(_BlobRow).where(_BlobRow.name.in_(stale)))
+        return ContributionReceipt(seq=seq, delta=tensors, **fields)
+
+    def contribution_receipts(self) -> list[ContributionReceipt]:
+        """This device's kept SecAgg+ contribution receipts, oldest first (at most :data:`RECEIPTS_KEPT`).
+
+        Raises
+        ------
+        StoreCorruptError
+            If a receipt does not authenticate (damaged or tampered with).
+        """
+        with self._session() as session:
+            rows = session.scalars(
+                select(_BlobRow).where(_BlobRow.name.startswith(_RECEIPT_PREFIX)).order_by(_BlobRow.name)
+            ).all()
+            blobs = [(row.name, self._open_row(row)) for row in rows]
+        if not blobs:
+            return []
+        import torch
+
+        receipts = []
+        for name, blob in blobs:
+            data = torch.load(io.BytesIO(blob), weights_only=True)
+            if not isinstance(data, dict) or data.get("format") != _RECEIPT_FORMAT:
+                raise StoreCorruptError(f"{self.path}: receipt {name!r} has an unknown format")
+            data.pop("format")
+            receipts.append(ContributionReceipt(seq=_receipt_seq(name), **data))
+        return receipts
+
+    @staticmethod
+    def _receipt_names(session: Session) -> list[str]:
+        return list(
+            session.scalars(
+                select(_BlobRow.name).where(_BlobRow.name.startswith(_RECEIPT_PREFIX)).order_by(_BlobRow.name)
+            ).all()
+        )
+
+
+def _receipt_seq(name: str) -> int:
+    return int(name[len(_RECEIPT_PREFIX) :])
+
 
 # ---------------------------------------------------------------- ClientApp
+
+
+def open_node_store(node_config: Mapping[str, Any]) -> DeviceDataStore | None:
+    """A deployed device's encrypted store, opened from its node config; None for a simulated device.
+
+    Deployed means ``store`` plus a key source (``key-file`` or ``passphrase-env``) and
+    ``device-id``, as for :func:`device_data_from_node`. The caller closes the store.
+
+    Raises
+    ------
+    DataError, ValueError
+        For a missing store file or ``device-id``, an unusable key, or a wrong key.
+    """
+    if "store" not in node_config or not ({"key-file", "passphrase-env"} & set(node_config)):
+        return None
+    if "device-id" not in node_config:
+        raise ValueError("node config: 'store' is set but 'device-id' is missing")
+    path = Path(str(node_config["store"])).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: device store not found (run `fedrec device enroll` first)")
+    key = key_from_node_config(node_config, path)
+    assert key is not None  # a key source is present (checked above)
+    return DeviceDataStore(path, get_int(node_config, "device-id"), key)
 
 
 def device_data_from_node(cfg: FedrecConfig, node_config: Mapping[str, Any]) -> tuple[DeviceData, int] | None:
@@ -684,18 +857,11 @@ def device_data_from_node(cfg: FedrecConfig, node_config: Mapping[str, Any]) -> 
         For a missing ``device-id``, an unusable key, a wrong key, or unusable data.
     """
     del cfg  # the catalogue comes from the node or the store, not from the data config
-    if "store" not in node_config or not ({"key-file", "passphrase-env"} & set(node_config)):
+    opened = open_node_store(node_config)
+    if opened is None:
         return None
-    if "device-id" not in node_config:
-        raise ValueError("node config: 'store' is set but 'device-id' is missing")
-    path = Path(str(node_config["store"])).expanduser()
-    if not path.is_file():
-        raise DataError(f"{path}: device store not found (run `fedrec device enroll` first)")
-    key = key_from_node_config(node_config, path)
-    assert key is not None  # a key source is present (checked above)
-    device_id = get_int(node_config, "device-id")
-    with DeviceDataStore(path, device_id, key) as store:
+    with opened as store:
         num_items = get_int(node_config, "num-items") if "num-items" in node_config else store.num_items
         if num_items is None:
-            raise DataError(f"{path}: no catalogue size recorded; set 'num-items' in the node config")
+            raise DataError(f"{store.path}: no catalogue size recorded; set 'num-items' in the node config")
         return store.device_data(num_items), num_items

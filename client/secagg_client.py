@@ -16,6 +16,14 @@ is kept in ``context.state`` by the mod between the messages.
 A device that refuses (privacy budget) or fails raises, which the runtime turns
 into an error reply: for SecAgg+ that is a dropout, recovered from as long as
 the reconstruction threshold still holds.
+
+A deployed device (one with its own encrypted store) keeps a *contribution
+receipt* of every update it feeds into the masking: the run, version and task,
+its ``num_examples``, the plain delta and the protocol's clipping and
+quantization settings (:class:`client.device_store.ContributionReceipt`). The
+server only ever learns the cohort's sum, so this local record is the only way
+for the device's owner to see what the device contributed; it is written before
+the masked vector leaves the device, stays encrypted on it and is never sent.
 """
 
 from __future__ import annotations
@@ -34,7 +42,9 @@ from flwr.common import NDArrays, Scalar
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 
 from client.device import Device, RefusalReply, TrainReply
+from client.device_store import open_node_store
 from server.secagg import PARAM_KEYS
+from shared.records import get_float, get_int
 
 log = logging.getLogger("fedrec.secagg")
 
@@ -83,24 +93,65 @@ class _SecAggNumPyClient(NumPyClient):
             raise DeviceRefused(reply.reason)
         commit(reply, config)
         delta = [reply.delta[k].detach().cpu().numpy() for k in keys]
-        self._warn_if_clipped(delta, reply.num_examples)
+        clipped = self._warn_if_clipped(delta, reply.num_examples)
+        self._keep_receipt(reply, keys, config, clipped)
         # No metrics: unlike the masked vector, they would reach the server in plaintext.
         return delta, int(reply.num_examples), {}
 
-    def _warn_if_clipped(self, delta: NDArrays, num_examples: int) -> None:
-        """The mod clips ``n / max_weight * delta`` to the clipping range; only the device can see it."""
+    def _protocol_settings(self) -> dict[str, float]:
+        """The SecAgg+ settings the setup stage gave this device (kept by the mod in ``context.state``)."""
         if RECORD_KEY_STATE not in self._context.state.config_records:
-            return
+            return {}
         state = self._context.state.config_records[RECORD_KEY_STATE]
-        max_weight = float(state.get("max_weight", 0.0))  # type: ignore[arg-type]
-        clip = float(state.get("clipping_range", 0.0))  # type: ignore[arg-type]
+        names = ("max_weight", "clipping_range", "target_range", "mod_range")
+        return {n: get_float(state, n) for n in names if n in state}
+
+    def _warn_if_clipped(self, delta: NDArrays, num_examples: int) -> bool | None:
+        """The mod clips ``n / max_weight * delta`` to the clipping range; only the device can see it.
+
+        Returns whether it will (None when the protocol's settings are unknown).
+        """
+        settings = self._protocol_settings()
+        max_weight = settings.get("max_weight", 0.0)
+        clip = settings.get("clipping_range", 0.0)
         if max_weight <= 0 or clip <= 0:
-            return
+            return None
         peak = max((float(np.abs(d).max()) for d in delta if d.size), default=0.0)
         if peak * num_examples / max_weight > clip:
             log.warning(
                 "SecAgg+ will clip this update: |delta| %.4g x %d / max_weight %g exceeds clipping_range %g",
-                peak, num_examples, max_weight, clip,
+                peak,
+                num_examples,
+                max_weight,
+                clip,
+            )
+            return True
+        return False
+
+    def _keep_receipt(
+        self, reply: TrainReply, keys: list[str], config: Mapping[str, Scalar], clipped: bool | None
+    ) -> None:
+        """Keep a receipt of this contribution in a deployed device's encrypted store (module docstring).
+
+        A simulated device has no store of its own and keeps none. A failure here fails
+        the task (a dropout) rather than sending an update the owner cannot see.
+        """
+        store = open_node_store(self._context.node_config)
+        if store is None:
+            return
+        settings = self._protocol_settings()
+        with store:
+            store.add_contribution_receipt(
+                run=str(config.get("run", "")),
+                version=get_int(config, "version") if "version" in config else -1,
+                task_id=get_int(config, "task-seed") if "task-seed" in config else -1,
+                num_examples=int(reply.num_examples),
+                delta={k: reply.delta[k] for k in keys},
+                clipping_range=settings.get("clipping_range"),
+                quantization_range=int(settings["target_range"]) if "target_range" in settings else None,
+                modulus_range=int(settings["mod_range"]) if "mod_range" in settings else None,
+                max_weight=settings.get("max_weight"),
+                clipped=clipped,
             )
 
 

@@ -21,7 +21,11 @@ What it checks (the issue's acceptance criteria):
   or its personal embedding;
 * the device store on disk holds no imported item id in the clear, and a wrong key
   fails clearly and leaves the file byte-identical;
-* a synchronous SecAgg+ run (``secure-aggregation = true``) completes.
+* a synchronous SecAgg+ run (``secure-aggregation = true``) completes, and the aggregate
+  it applied equals the plain weighted mean ``sum n_i d_i / sum n_i`` of the devices'
+  updates within the quantization error bound (``server.secagg.quantization_error_bound``):
+  the updates and ``n_i`` are read from the contribution receipts each device keeps in its
+  own encrypted store, the aggregate from the run's global model.
 
 Slow (a few minutes: each message to an idle SuperNode costs a poll interval and a
 fresh ``flwr-clientapp`` process). Deselect with ``--deselect tests/test_deployment.py`` or
@@ -93,6 +97,13 @@ SECAGG_CONFIG: dict[str, Any] = {
     "num-versions": 1,
     "concurrency": 3,
     "eval-every": 1,
+    # Plain FedAvg step (new = old + aggregate) from the seeded initial model, so the saved
+    # global model minus the initial one is exactly the SecAgg+ aggregate (up to float32).
+    "server-optimizer": "sgd",
+    "server-learning-rate": 1.0,
+    "server-momentum": 0.0,
+    "secagg-clipping-range": 8.0,
+    "secagg-max-weight": 1000.0,
 }
 RUN_TIMEOUT = 600.0  # seconds for one `flwr run`
 
@@ -122,7 +133,12 @@ def _spawn(argv: list[str], env: dict[str, str], log: Path, *, cwd: Path = REPO)
     """Start a background process in its own process group, output to ``log``."""
     with log.open("ab") as out:
         return subprocess.Popen(  # noqa: S603 - fixed executables
-            argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            argv,
+            env=env,
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
 
@@ -315,7 +331,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("deploy")
     server_dir = root / "server"
     fleet = Fleet(
-        root=root, server_dir=server_dir, server_home=root / "server-flwr-home", port=_free_port(),
+        root=root,
+        server_dir=server_dir,
+        server_home=root / "server-flwr-home",
+        port=_free_port(),
         devices=[Device(i, root / f"device-{i}") for i in range(NUM_DEVICES)],
         spare=Device(UNREGISTERED, root / f"device-{UNREGISTERED}"),
     )
@@ -524,8 +543,13 @@ def test_async_dp_run_trains_and_audits(fleet: Fleet, async_run: RunResult) -> N
             assert run_keys.public_key(device.index) == device.ledger_key
 
     done = subprocess.run(
-        [str(BIN / "fedrec"), "audit", str(out)], env=fleet.server_env(), cwd=REPO, capture_output=True,
-        text=True, timeout=300, check=False,
+        [str(BIN / "fedrec"), "audit", str(out)],
+        env=fleet.server_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -593,11 +617,11 @@ def test_messages_carry_no_personal_data(fleet: Fleet, async_run: RunResult) -> 
                 overlap = history & set(values)
                 assert len(overlap) <= 1, f"{reply.message_type} carries history item ids {sorted(overlap)[:10]}"
             for pair in pairs:
-                for dtype in (np.int32, np.int64):
-                    assert np.asarray(pair, dtype=dtype).tobytes() not in raw
+                for int_dtype in (np.int32, np.int64):
+                    assert np.asarray(pair, dtype=int_dtype).tobytes() not in raw
             for records in (content.config_records,):
-                for record in records.values():
-                    for value in record.values():
+                for config in records.values():
+                    for value in config.values():
                         texts = value if isinstance(value, list) else [value]
                         for text in texts:
                             if isinstance(text, str) and text.startswith("{"):
@@ -675,3 +699,80 @@ def test_secure_aggregation_run(fleet: Fleet, async_run: RunResult) -> None:
     assert saved["version"] >= 1
     for device in fleet.devices:
         assert len(_ledger(device)) > before[device.index], f"device {device.index} did not release"
+    _check_secagg_aggregate(fleet, result)
+
+
+def _check_secagg_aggregate(fleet: Fleet, result: RunResult) -> None:
+    """The aggregate the SecAgg+ run applied equals the plain weighted mean of what the devices fed in.
+
+    Aggregate: the run's saved global model (one version, plain SGD step with learning
+    rate 1) minus the seeded initial model the ServerApp starts from. Plain mean: from the
+    contribution receipts each contributor kept in its own encrypted store (its plain
+    delta and ``num_examples``, as it went into the masking). Contributors: the run's
+    tasks accepted into version 1.
+    """
+    import torch
+
+    from client.device_store import DeviceDataStore, key_from_file
+    from server.secagg import quantization_error_bound
+    from shared.config import parse_config
+    from shared.models.factory import build_model
+    from shared.results.store import RunStore
+
+    out = result.output_dir
+    saved = torch.load(out / "global_model.pt", map_location="cpu", weights_only=True)
+    assert saved["version"] == 1, "expected exactly one aggregate applied"
+    with RunStore(f"sqlite:///{out / 'fedrec.db'}") as runs:
+        (run_id,) = runs.run_ids()
+        tasks = [t for t in runs.tasks(run_id) if t.status == "accepted" and t.applied_version == 1]
+    assert len(tasks) >= 2, tasks
+    devices = {d.index: d for d in fleet.devices}
+
+    receipts = []
+    for task in tasks:
+        device = devices[task.device_id]
+        with DeviceDataStore(device.store, device.index, key_from_file(device.key_file)) as store:
+            kept = store.contribution_receipts()
+        mine = [r for r in kept if r.task_id == task.task_id and r.run.startswith(f"{out.name}#")]
+        assert len(mine) == 1, f"device {device.index}: receipts {[(r.run, r.task_id) for r in kept]}"
+        receipt = mine[0]
+        assert receipt.version == 0 and receipt.num_examples > 0
+        # The receipt names this run: the device's signed ledger has the same run and task.
+        assert any(e.run == receipt.run and e.task_id == task.task_id for e in _ledger(device))
+        receipts.append(receipt)
+    assert len({r.run for r in receipts}) == 1
+    settings = {(r.clipping_range, r.quantization_range, r.modulus_range, r.max_weight) for r in receipts}
+    assert len(settings) == 1, settings
+    ((clip, qrange, modulus, max_weight),) = settings
+    assert clip == SECAGG_CONFIG["secagg-clipping-range"] and max_weight == SECAGG_CONFIG["secagg-max-weight"]
+    assert clip is not None and qrange is not None and modulus is not None and max_weight is not None
+    assert len(receipts) * qrange < modulus
+
+    cfg = parse_config({**SECAGG_CONFIG, "output-dir": str(out), "key-registry": str(fleet.server_dir / "fedrec.db")})
+    initial = build_model(cfg.model, ML100K_ITEMS, 1, seed=cfg.seed).global_state()
+    assert set(saved["params"]) == set(initial) and all(set(r.delta) == set(initial) for r in receipts)
+    counts = [r.num_examples for r in receipts]
+    total = sum(counts)
+    applied, plain = {}, {}
+    for k in initial:
+        applied[k] = saved["params"][k].double() - initial[k].double()
+        plain[k] = torch.stack([r.num_examples * r.delta[k].double() for r in receipts]).sum(0) / total
+        assert applied[k].shape == plain[k].shape and plain[k].numel() > 0
+    peak = max(float(r.delta[k].abs().max()) for r in receipts for k in initial)
+    # Nothing was clipped (the bound assumes it): n_i / max_weight * |d_i| <= clipping range.
+    assert all(r.clipped is False for r in receipts)
+    assert max(counts) / max_weight * peak <= clip
+    bound = quantization_error_bound(
+        counts, peak, clipping_range=clip, quantization_range=qrange, max_weight=max_weight
+    )
+    # Storing old + aggregate as float32 rounds it by at most half an ulp of the result.
+    rounding = torch.finfo(torch.float32).eps * max(float(v.abs().max()) for v in saved["params"].values())
+    error = max(float((applied[k] - plain[k]).abs().max()) for k in initial)
+    size = max(float(v.abs().max()) for v in plain.values())
+    figures = (
+        f"SecAgg+ deployment run: {len(receipts)} contributors, n = {counts}; max|secagg - plain| = {error:.3g}, "
+        f"bound = {bound:.3g} (+ float32 storage {rounding:.2g}); max|plain mean| = {size:.3g}"
+    )
+    print(figures)
+    assert error <= bound + rounding, figures
+    assert size > 10 * (bound + rounding), f"the aggregate is too small to tell from quantization error: {figures}"

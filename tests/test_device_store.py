@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 import struct
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from client.device_store import (
+    RECEIPTS_KEPT,
     DeviceDataStore,
     Interaction,
     KeyFileError,
@@ -22,6 +24,7 @@ from client.device_store import (
     is_enrolled,
     key_from_file,
     key_from_passphrase,
+    open_node_store,
     stored_device_id,
 )
 from client.ledger_store import DeviceLedgerStore
@@ -236,3 +239,104 @@ def test_device_data_from_node(tmp_path: Path, key: bytes, monkeypatch: pytest.M
     monkeypatch.setenv("FEDREC_TEST_PW", "wrong")
     with pytest.raises(WrongKeyError):
         device_data_from_node(cfg, {"store": str(pw_path), "passphrase-env": "FEDREC_TEST_PW", "device-id": 1})
+
+
+def _delta(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "item_embedding.weight": torch.randn(20, 4, generator=gen) * 1e-2 + 1234.5,  # values easy to spot
+        "mlp.0.bias": torch.randn(4, generator=gen),
+    }
+
+
+def test_contribution_receipts_round_trip_and_bounded(tmp_path: Path, key: bytes) -> None:
+    path = tmp_path / "device.db"
+    deltas = {n: _delta(n) for n in range(RECEIPTS_KEPT + 2)}
+    with DeviceDataStore(path, 2, key) as store:
+        assert store.contribution_receipts() == []
+        first = store.add_contribution_receipt(
+            run="r#1-ab", version=0, task_id=10, num_examples=37, delta=deltas[0],
+            clipping_range=8.0, quantization_range=2**22, modulus_range=2**32, max_weight=1000.0, clipped=False,
+        )  # fmt: skip
+        assert first.seq == 1
+        for n in range(1, RECEIPTS_KEPT + 2):
+            store.add_contribution_receipt(run="r#1-ab", version=n, task_id=10 + n, num_examples=37 + n,
+                                           delta=deltas[n])  # fmt: skip
+    with DeviceDataStore(path, 2, key) as store:  # reopened: they persist
+        kept = store.contribution_receipts()
+    # Only the most recent RECEIPTS_KEPT, oldest first, numbered on.
+    assert [r.seq for r in kept] == list(range(3, RECEIPTS_KEPT + 3))
+    assert [r.version for r in kept] == list(range(2, RECEIPTS_KEPT + 2))
+    for r in kept:
+        assert r.run == "r#1-ab" and r.task_id == 10 + r.version and r.num_examples == 37 + r.version
+        assert set(r.delta) == set(deltas[r.version])
+        for k, v in deltas[r.version].items():
+            assert r.delta[k].dtype == v.dtype
+            torch.testing.assert_close(r.delta[k], v, rtol=0, atol=0)
+        assert r.clipping_range is None and r.quantization_range is None and r.clipped is None
+        assert r.created_at > 0
+    with DeviceDataStore(path, 2, key) as store:  # the protocol settings round-trip too
+        store.add_contribution_receipt(
+            run="r#2-cd", version=0, task_id=1, num_examples=5, delta=deltas[0],
+            clipping_range=8.0, quantization_range=2**22, modulus_range=2**32, max_weight=1000.0, clipped=False,
+        )  # fmt: skip
+        last = store.contribution_receipts()[-1]
+        assert len(store.contribution_receipts()) == RECEIPTS_KEPT
+    assert (last.run, last.clipping_range, last.quantization_range, last.modulus_range, last.max_weight) == (
+        "r#2-cd",
+        8.0,
+        2**22,
+        2**32,
+        1000.0,
+    )
+    assert last.clipped is False
+    with DeviceDataStore(path, 2, key) as store, pytest.raises(ValueError, match="keep"):
+        store.add_contribution_receipt(run="r", version=0, task_id=0, num_examples=1, delta=deltas[0], keep=0)
+
+
+def test_contribution_receipts_are_encrypted_at_rest(tmp_path: Path, key: bytes) -> None:
+    store_dir = tmp_path / "store"
+    delta = _delta(7)
+    with DeviceDataStore(store_dir / "device.db", 5, key) as store:
+        store.add_contribution_receipt(run="run-secret-label", version=3, task_id=4, num_examples=29, delta=delta)
+    raw = _files_bytes(store_dir)
+    for value in delta.values():
+        flat = value.numpy().ravel()
+        for dtype in (np.float32, np.float64):
+            assert np.asarray(flat[:2], dtype=dtype).tobytes() not in raw
+    assert b"run-secret-label" not in raw and b"item_embedding" not in raw
+    # A wrong key reads nothing; a tampered receipt does not authenticate.
+    with pytest.raises(WrongKeyError):
+        DeviceDataStore(store_dir / "device.db", 5, os.urandom(32))
+    # Renamed (another receipt number) or altered, a receipt does not authenticate.
+    with sqlite3.connect(store_dir / "device.db") as con:
+        con.execute("UPDATE device_data_blobs SET name = 'receipt/0000000009' WHERE name LIKE 'receipt/%'")
+    with DeviceDataStore(store_dir / "device.db", 5, key) as store, pytest.raises(StoreCorruptError):
+        store.contribution_receipts()
+    with sqlite3.connect(store_dir / "device.db") as con:
+        con.execute("UPDATE device_data_blobs SET name = 'receipt/0000000001' WHERE name LIKE 'receipt/%'")
+    with DeviceDataStore(store_dir / "device.db", 5, key) as store:
+        assert [r.seq for r in store.contribution_receipts()] == [1]
+    with sqlite3.connect(store_dir / "device.db") as con:
+        (blob,) = con.execute("SELECT ciphertext FROM device_data_blobs WHERE name LIKE 'receipt/%'").fetchone()
+        flipped = bytes([blob[0] ^ 1]) + blob[1:]
+        con.execute("UPDATE device_data_blobs SET ciphertext = ? WHERE name LIKE 'receipt/%'", (flipped,))
+    with DeviceDataStore(store_dir / "device.db", 5, key) as store, pytest.raises(StoreCorruptError, match="tamper"):
+        store.contribution_receipts()
+
+
+def test_open_node_store(tmp_path: Path, key: bytes) -> None:
+    path = tmp_path / "device.db"
+    with DeviceDataStore(path, 4, key) as store:
+        store.add_contribution_receipt(run="r", version=0, task_id=0, num_examples=1, delta=_delta(0))
+    assert open_node_store({"partition-id": 4}) is None
+    assert open_node_store({"store": str(path), "device-id": 4}) is None  # no key source: simulation
+    node = {"store": str(path), "key-file": str(tmp_path / "device.key"), "device-id": 4}
+    opened = open_node_store(node)
+    assert opened is not None
+    with opened as store:
+        assert len(store.contribution_receipts()) == 1
+    with pytest.raises(ValueError, match="device-id"):
+        open_node_store({"store": str(path), "key-file": str(tmp_path / "device.key")})
+    with pytest.raises(DataError, match="not found"):
+        open_node_store({**node, "store": str(tmp_path / "missing.db")})
