@@ -271,6 +271,8 @@ class FedrecConfig:
                 "secure-aggregation: not with user-dp (user-level DP clips each update on the server, "
                 "which SecAgg+ hides from it)"
             )
+        if self.privacy.clipping_mode == "ghost" and self.model.name == "sasrec":
+            raise ConfigError("clipping-mode: 'ghost' is not supported for model 'sasrec'; use 'hooks' or 'auto'")
 
 
 # Keys whose dataclass field name differs from the flat key.

@@ -59,3 +59,9 @@ def test_config_objects_are_frozen() -> None:
     cfg = parse_config({})
     with pytest.raises(AttributeError):
         cfg.privacy.dp = False  # type: ignore[misc]
+
+
+def test_ghost_clipping_for_sasrec_is_refused_at_parse_time() -> None:
+    with pytest.raises(ConfigError, match="clipping-mode"):
+        parse_config({"model": "sasrec", "clipping-mode": "ghost"})
+    assert parse_config({"model": "sasrec", "clipping-mode": "auto"}).privacy.clipping_mode == "auto"
