@@ -124,7 +124,14 @@ def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, parse_config({**dict(context.run_config), **fixed}))
+        cfg = parse_config({**dict(context.run_config), **fixed})
+        if type(grid).__name__ == "InMemoryGrid":
+            # `flwr run .` on a local simulation federation: Flower starts its message extractor
+            # only after its backend is up, so installing here (before any message) takes effect.
+            from simulations import message_scan
+
+            message_scan.install()
+        run_federation(grid, cfg)
 
     return app
 

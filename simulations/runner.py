@@ -8,6 +8,7 @@ partitions, then starts Flower with one virtual SuperNode per device.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -17,6 +18,18 @@ from shared.config import FedrecConfig, parse_config, to_flat
 from shared.data.partition import prepare_partitions
 
 log = logging.getLogger("fedrec.simulate")
+
+
+def _cpus_per_actor(cpus: int, num_actors: int) -> float:
+    """Ray CPUs to reserve per actor so that Flower's pool holds exactly ``num_actors``.
+
+    More actors than cores is allowed (fractional CPUs): a task's message round trip leaves an actor
+    idle for a moment, which a third actor on two cores fills. Rounded down to 1/1000 so that
+    Flower's ``int(cpus / per_actor)`` cannot come out one short through float error.
+    """
+    if num_actors < 1:
+        raise ValueError(f"need at least one actor, got {num_actors}")
+    return math.floor(1000 * cpus / num_actors) / 1000
 
 
 def simulate(overrides: Mapping[str, Any], num_actors: int = 2, backend: str = "ray") -> dict[str, Any]:
@@ -65,9 +78,19 @@ def simulate(overrides: Mapping[str, Any], num_actors: int = 2, backend: str = "
 
     cpus = max(1, os.cpu_count() or 1)
     backend_config = {
-        "client_resources": {"num_cpus": max(1, cpus // max(1, num_actors)), "num_gpus": 0.0},
+        "client_resources": {"num_cpus": _cpus_per_actor(cpus, num_actors), "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "logging_level": "error", "log_to_driver": True},
     }
+    from simulations import message_scan
+
+    # Flower's stock scan would keep a core busy walking all devices ten times a second.
+    message_scan.install()
+    # The server's share of a simulation is light (checking and folding in updates); the cores
+    # belong to the Ray actors that train. A second intra-op thread here only spins (OpenMP
+    # busy-waits after each parallel op), measured at about a fifth of a core taken from them.
+    import torch
+
+    torch.set_num_threads(1)
     started = time.monotonic()
     run_simulation(
         server_app=server_app,

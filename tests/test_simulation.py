@@ -58,7 +58,8 @@ def test_real_flower_simulation_async_completes_and_writes_outputs(ray_async) ->
 
 
 def test_real_flower_simulation_sync_completes(tmp_path: Path) -> None:
-    summary = simulate(_overrides(tmp_path, "ray-sync", mode="sync", num_versions=2), backend="ray")
+    # Three actors: more than this machine's cores when it has two (fractional Ray CPUs).
+    summary = simulate(_overrides(tmp_path, "ray-sync", mode="sync", num_versions=2), num_actors=3, backend="ray")
     assert summary["aggregation"]["mode"] == "sync"
     assert summary["aggregation"]["versions"] == 2
     assert summary["aggregation"]["staleness-max"] == 0
@@ -185,3 +186,15 @@ def test_secure_aggregation_gives_the_plain_fedavg_model_within_quantization(tmp
 
     assert main(["audit", str(tmp_path / "secure")]) == 0
     assert secure["privacy"]["epsilon-max"] == pytest.approx(plain["privacy"]["epsilon-max"])
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8, 16, 64])
+def test_cpus_per_actor_gives_flower_a_pool_of_exactly_the_asked_size(cpus: int) -> None:
+    from simulations.runner import _cpus_per_actor
+
+    for actors in range(1, 33):
+        per_actor = _cpus_per_actor(cpus, actors)
+        # flwr's pool_size_from_resources: int(node CPUs / client num_cpus)
+        assert int(cpus / per_actor) == actors, (cpus, actors, per_actor)
+    with pytest.raises(ValueError, match="at least one actor"):
+        _cpus_per_actor(cpus, 0)
