@@ -32,6 +32,7 @@ from client.device_store import DeviceDataStore, device_data_from_node, key_from
 from client.ledger_store import DeviceLedgerStore
 from client.policy import DevicePolicy, PolicyViolation
 from client.secagg_client import Commit, is_secagg_message, secagg_train
+from client.task_lock import exclusive_task
 from client.wire_log import wire_log_mods
 from shared.config import FedrecConfig, parse_config
 from shared.data.partition import load_device, prepare_partitions
@@ -208,23 +209,28 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        if is_secagg_message(msg):
-            # Synchronous secure aggregation runs Flower's legacy SecAgg+ flow (server/secagg.py).
-            return secagg_train(msg, context, lambda ctx: _secagg_device(config_of(ctx), ctx))
         try:
             cfg = config_of(context)
         except PolicyViolation as exc:
+            if is_secagg_message(msg):
+                raise  # Flower's SecAgg+ flow reports a raising client as a failure
             refusal = RecordDict({
                 "status": ConfigRecord({"status": "refused", "reason": str(exc)}),
                 "metrics": MetricRecord({"epsilon": 0.0, "delta": 0.0}),
             })
             return Message(refusal, reply_to=msg)
-        conf = msg.content.config_records["config"]
-        store = _open_store(cfg, context)
-        try:
-            return _train(cfg, msg, context, store, conf)
-        finally:
-            store.close()
+        # From reading what the device has spent to recording what this task spends, no other
+        # task of the same device may run: both could pass the budget check (client/task_lock.py).
+        with exclusive_task(_store_path(cfg, context)):
+            if is_secagg_message(msg):
+                # Synchronous secure aggregation runs Flower's legacy SecAgg+ flow (server/secagg.py).
+                return secagg_train(msg, context, lambda ctx: _secagg_device(config_of(ctx), ctx))
+            conf = msg.content.config_records["config"]
+            store = _open_store(cfg, context)
+            try:
+                return _train(cfg, msg, context, store, conf)
+            finally:
+                store.close()
 
     def _train(
         cfg: FedrecConfig, msg: Message, context: Context, store: DeviceLedgerStore, conf: ConfigRecord

@@ -126,8 +126,9 @@ def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         cfg = parse_config({**dict(context.run_config), **fixed})
         if type(grid).__name__ == "InMemoryGrid":
-            # `flwr run .` on a local simulation federation: Flower starts its message extractor
-            # only after its backend is up, so installing here (before any message) takes effect.
+            # `flwr run .` on a local simulation federation. Flower starts its message extractor
+            # after its backend (Ray) is up, seconds after this app starts, so this normally takes
+            # effect; if the extractor were already running, Flower's own (slower) loop stays.
             from simulations import message_scan
 
             message_scan.install()
