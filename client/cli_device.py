@@ -8,9 +8,15 @@ The commands, in the order a device owner runs them::
         --superlink fl.example.org:9093 --root-cert ca.crt --auth-key ~/.fedrec/device-supernode-auth
     fedrec device recommend --store ~/.fedrec/device.db --key-file ~/.fedrec/device.key --model global_model.pt
 
-``--passphrase-env VAR`` may replace ``--key-file`` everywhere: the store key is then
-derived (scrypt) from the passphrase in the environment variable ``VAR`` (never from a
-command-line argument, which other local users can read in the process list).
+and, to rotate the store key in place (keeping the ledger, its identity and the spent epsilon)::
+
+    fedrec device rekey --store ~/.fedrec/device.db --key-file ~/.fedrec/device.key \\
+        --new-key-file ~/.fedrec/device-2.key
+
+``--passphrase-env VAR`` may replace ``--key-file`` everywhere (and ``--new-passphrase-env
+VAR`` ``--new-key-file``): the store key is then derived (scrypt) from the passphrase in
+the environment variable ``VAR`` (never from a command-line argument, which other local
+users can read in the process list).
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
 from client.device_store import (
+    ConcurrentWriteError,
     DeviceDataStore,
     KeyFileError,
     create_key_file,
@@ -51,10 +59,20 @@ def _key_options(parser: argparse.ArgumentParser, *, required: bool = True) -> N
                        help="derive the store key from the passphrase in environment variable VAR (scrypt)")
 
 
-def _passphrase(var: str) -> str:
+def _new_key_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--new-key-file", type=Path, metavar="PATH",
+                       help="the new store key file: used if it holds a valid key (mode 0600), "
+                            "else created (32 random bytes, mode 0600); any other existing file is refused")
+    group.add_argument("--new-passphrase-env", metavar="VAR",
+                       help="derive the new store key from the passphrase in environment variable VAR "
+                            "(scrypt, new salt)")
+
+
+def _passphrase(var: str, option: str = "--passphrase-env") -> str:
     value = os.environ.get(var, "")
     if not value:
-        raise ValueError(f"--passphrase-env: environment variable {var!r} is unset or empty")
+        raise ValueError(f"{option}: environment variable {var!r} is unset or empty")
     return value
 
 
@@ -255,6 +273,99 @@ def _cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _opens_with(store: Path, device_id: int, key: bytes) -> bool:
+    """Whether ``key`` opens the store (read-only check: opening an enrolled store writes nothing).
+
+    Any failure counts as "no": callers only use a yes to delete something.
+    """
+    try:
+        with DeviceDataStore(store, device_id, key):
+            return True
+    except Exception:
+        return False
+
+
+def _rekey(data_store: DeviceDataStore, new_key: bytes | None = None, new_passphrase: str | None = None) -> int:
+    """:meth:`DeviceDataStore.rekey`, a busy store reported as the CLI's clean error (exit 2)."""
+    try:
+        return data_store.rekey(new_key, new_passphrase=new_passphrase)
+    except ConcurrentWriteError as exc:
+        raise ValueError(str(exc)) from None
+
+
+#: How long ``rekey`` waits for a running training task of the device to finish.
+REKEY_WAIT_S = 10.0
+
+
+@contextmanager
+def _no_task_running(store: Path) -> Iterator[None]:
+    """Hold the device's task lock; a task in progress is reported as the CLI's clean error."""
+    from client.task_lock import DeviceBusy, exclusive_task
+
+    try:
+        with exclusive_task(store, timeout_s=REKEY_WAIT_S):
+            yield
+    except DeviceBusy:
+        raise ValueError(
+            f"{store}: a training task of this device is running; stop the device (its SuperNode) first; "
+            "nothing changed"
+        ) from None
+
+
+def _cmd_rekey(args: argparse.Namespace) -> int:
+    """Re-encrypt the store under a new key in place (one transaction); ledger, identity and epsilon are kept."""
+    from client.ledger_store import DeviceLedgerStore
+
+    store, device_id = _existing_store(args)
+    key = _key(args, store)
+    old_key_file = None if args.key_file is None else Path(args.key_file).expanduser().resolve()
+    new_passphrase = None
+    if args.new_passphrase_env is not None:
+        new_passphrase = _passphrase(args.new_passphrase_env, "--new-passphrase-env")
+    # Not while a training task of this device runs (client/task_lock.py): it would read or seal
+    # records under the old key halfway through.
+    with _no_task_running(store), DeviceDataStore(store, device_id, key) as data_store:  # a wrong key fails here
+        if new_passphrase is not None:
+            count = _rekey(data_store, new_passphrase=new_passphrase)
+            key_note = f"passphrase from ${args.new_passphrase_env} (scrypt, new salt)"
+        else:
+            new_path = Path(args.new_key_file).expanduser().resolve()
+            if new_path == old_key_file:
+                raise ValueError(f"--new-key-file: {new_path} is the current key file; give a new path")
+            if new_path == store:
+                raise ValueError(f"--new-key-file: {new_path} is the store itself")
+            created = not new_path.exists()
+            # An existing file is only ever read (and refused unless it is a valid key): never overwritten.
+            new_key = create_key_file(new_path) if created else key_from_file(new_path)
+            try:
+                count = _rekey(data_store, new_key)
+            except BaseException:
+                # The key file made for this attempt protects nothing: remove it, but only once the
+                # store is confirmed to be still under the current key.
+                if created and _opens_with(store, device_id, key):
+                    new_path.unlink(missing_ok=True)
+                raise
+            key_note = (f"new key file {new_path} (back it up: without it the data cannot be read)" if created
+                        else f"key file {new_path}")
+    with DeviceLedgerStore(store, device_id=device_id) as ledger:
+        public_key = ledger.identity().public_key
+        entries = ledger.entries()
+    spent = (f"latest cumulative epsilon {entries[-1].epsilon:.4g} ({entries[-1].unit}-level)" if entries
+             else "no privacy spent yet")
+    print(f"device {device_id}: store re-encrypted under the new key ({count} encrypted records)")
+    print(f"  store:               {store}")
+    print(f"  new store key:       {key_note}")
+    print(f"  kept:                ledger of {len(entries)} entries, {spent}")
+    print(f"  ledger public key:   {public_key} (unchanged: no re-registration needed)")
+    if old_key_file is not None:
+        print(f"  old key file:        {old_key_file} no longer opens the store and was NOT deleted:")
+        print(f"                       shred it (e.g. shred -u {old_key_file}) once the new key is backed up")
+    else:
+        print(f"  old passphrase:      ${args.passphrase_env}'s passphrase no longer opens the store")
+    print("  from now on pass the new key to every `fedrec device` command (start, import, recommend)")
+    return 0
+
+
 def _load_global_model(path: Path) -> tuple[int | None, dict[str, Any]]:
     import torch
 
@@ -369,9 +480,10 @@ def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
 def register(subparsers: Any) -> None:
     """Add the ``device`` command group to ``fedrec``'s subparsers (``parser.add_subparsers()``)."""
     device = subparsers.add_parser(
-        "device", help="run fedrec on an edge device: enroll, import, recommend, start",
+        "device", help="run fedrec on an edge device: enroll, import, recommend, start, rekey",
         description="Commands for the device owner: "
-                    "enroll -> import -> start (join the federation) -> recommend.",
+                    "enroll -> import -> start (join the federation) -> recommend; "
+                    "rekey rotates the store key.",
     )
     sub = device.add_subparsers(dest="device_command", required=True)
 
@@ -412,6 +524,17 @@ def register(subparsers: Any) -> None:
     start.add_argument("--port", type=int, default=9094, help="the SuperNode's local port (default 9094)")
     start.add_argument("--dry-run", action="store_true", help="print the flower-supernode command instead")
     start.set_defaults(func=_cmd_start)
+
+    rekey = sub.add_parser(
+        "rekey", help="re-encrypt the store under a new key, in place (ledger, identity and spent epsilon kept)",
+        description="Re-encrypt every encrypted record of the device store under a new key in one transaction: "
+                    "afterwards only the new key opens it; on any error nothing changed. Stop `fedrec device "
+                    "start` first. The old key file is not deleted: shred it.",
+    )
+    rekey.add_argument("--store", required=True)
+    _key_options(rekey)
+    _new_key_options(rekey)
+    rekey.set_defaults(func=_cmd_rekey)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

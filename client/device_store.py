@@ -26,6 +26,13 @@ constant encrypted under the key) lets :class:`DeviceDataStore` tell a wrong key
 (:class:`WrongKeyError`) from damaged data (:class:`StoreCorruptError`) before it
 touches anything; a wrong key never writes to the file.
 
+Rotating the key (:meth:`DeviceDataStore.rekey`, ``fedrec device rekey``) re-encrypts
+every blob (the key check included) under a new key in one SQLite transaction, with the
+same associated data, and replaces or removes the scrypt salt in the same transaction:
+the store is either wholly under the new key or unchanged. The ledger tables (identity,
+signed entries, hence the accountant's history and the spent epsilon) are not encrypted
+under the store key and are left as they are.
+
 Contribution receipts
 ---------------------
 Under secure aggregation (SecAgg+) the server only ever sees the sum of a cohort's
@@ -61,6 +68,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from sqlalchemy import Double, Engine, Integer, LargeBinary, String, create_engine, delete, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from shared.data.split import leave_one_out
@@ -360,6 +368,11 @@ def key_from_passphrase(store_path: Path | str, passphrase: str) -> bytes:
             salt = bytes(row.value)
     finally:
         engine.dispose()
+    return _derive_key(passphrase, salt)
+
+
+def _derive_key(passphrase: str, salt: bytes) -> bytes:
+    """The scrypt (n=2**15, r=8, p=1) store key of ``passphrase`` under ``salt``."""
     kdf = Scrypt(salt=salt, length=KEY_BYTES, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
     return kdf.derive(passphrase.encode("utf-8"))
 
@@ -508,6 +521,103 @@ class DeviceDataStore(SqlStore):
             ) from None
         if plain != _KEY_CHECK_PLAINTEXT:
             raise StoreCorruptError(f"{self.path}: the key check record is damaged")
+
+    # --------------------------------------------------------------- key rotation
+
+    def rekey(self, new_key: bytes | None = None, *, new_passphrase: str | None = None) -> int:
+        """Re-encrypt the whole store under a new key, in place, in one transaction.
+
+        Give exactly one of ``new_key`` (32 bytes, e.g. from :func:`create_key_file` or
+        :func:`key_from_file`) and ``new_passphrase`` (the key is then derived with scrypt
+        under a fresh random salt, which replaces the store's salt). Every encrypted blob
+        (interactions, personal state, contribution receipts, the key check and any other
+        row of the blob table) is decrypted with the current key and sealed again under the
+        new one with a fresh nonce and the same associated data (device, table, row). In
+        the same transaction the scrypt salt is written (new passphrase) or removed (new
+        key file), so a later open reports the right key source. The transaction holds
+        SQLite's write lock from its start (``BEGIN IMMEDIATE``): no other writer can
+        interleave. On any error it rolls back, leaving the store under the current key.
+
+        Nothing outside the encrypted data tables is touched: the device id, the catalogue
+        size, the ledger identity, the signed ledger entries and therefore the privacy
+        accountant's history (the spent epsilon) are kept. Afterwards this object uses the
+        new key; other open handles on the file (another process) still hold the old one and
+        fail to read, so stop the device's SuperNode first.
+
+        Returns
+        -------
+        int
+            The number of encrypted records re-encrypted (the key check included).
+
+        Raises
+        ------
+        ValueError
+            If not exactly one of the arguments is given, the key is not 32 bytes, the
+            passphrase is empty, or the new key is the store's current key (nothing changed).
+        StoreCorruptError
+            If a stored blob does not authenticate under the current key (nothing changed).
+        ConcurrentWriteError
+            If another process holds the store's write lock (nothing changed; retry once
+            the device is stopped).
+        WrongKeyError
+            If the store's key was changed by another process since this object opened it.
+        """
+        if (new_key is None) == (new_passphrase is None):
+            raise ValueError("give exactly one of new_key and new_passphrase")
+        salt: bytes | None = None
+        if new_passphrase is not None:
+            if not new_passphrase:
+                raise ValueError("the new passphrase is empty")
+            salt = secrets.token_bytes(SALT_BYTES)
+            new_key = _derive_key(new_passphrase, salt)
+        if not isinstance(new_key, bytes) or len(new_key) != KEY_BYTES:
+            raise ValueError(f"the new store key must be {KEY_BYTES} bytes")
+        new_aead = AESGCM(new_key)
+        with self._session() as session, session.begin():
+            self._begin_immediate(session)
+            self._verify(session)  # under the write lock: still our key, nobody rekeyed meanwhile
+            check = session.get(_BlobRow, _KEY_CHECK)
+            assert check is not None  # _verify checked it
+            try:
+                new_aead.decrypt(check.nonce, check.ciphertext, self._ad(_KEY_CHECK))
+            except InvalidTag:
+                pass
+            else:
+                raise ValueError(f"{self.path}: the new key is the store's current key; nothing changed")
+            rows = session.scalars(select(_BlobRow).order_by(_BlobRow.name)).all()
+            # Every blob must authenticate under the current key before anything is written.
+            plaintexts = [(row, self._open_row(row)) for row in rows]
+            # Table 1: the key source's public part (the salt), 2: every encrypted blob.
+            if salt is None:
+                session.execute(delete(_MetaRow).where(_MetaRow.key == "scrypt_salt"))
+            else:
+                session.merge(_MetaRow(key="scrypt_salt", value=salt))
+            session.flush()
+            now = time.time()
+            for row, plaintext in plaintexts:
+                nonce = secrets.token_bytes(NONCE_BYTES)
+                row.ciphertext = new_aead.encrypt(nonce, plaintext, self._ad(row.name))
+                row.nonce = nonce
+                # A writer that read the old revision (under the old key) now fails instead of overwriting.
+                row.revision += 1
+                row.updated_at = now
+                session.flush()
+        self._aead = new_aead
+        return len(plaintexts)
+
+    def _begin_immediate(self, session: Session) -> None:
+        """Start the session's transaction with SQLite's write lock held (before any read).
+
+        Python's sqlite3 module would begin the transaction only at the first write, letting
+        another process write between this transaction's reads and its writes.
+        """
+        try:
+            session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+        except OperationalError as exc:
+            raise ConcurrentWriteError(
+                f"{self.path}: the store is being written by another process (stop the device first); "
+                f"nothing changed ({exc.orig})"
+            ) from None
 
     # --------------------------------------------------------------- encryption
 

@@ -1,20 +1,25 @@
-"""``fedrec device``: argument parsing, and enroll -> import -> recommend for real on MovieLens-100K."""
+"""``fedrec device``: argument parsing, enroll -> import -> recommend for real on MovieLens-100K, and rekey."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import sqlite3
 import stat
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.common.config import parse_config_args
+from sqlalchemy import Engine, create_engine
 
-from client import cli_device
+from client import cli_device, device_store
 from client.cli_device import auth_key_paths, main, node_config_value, register
-from client.device_store import DeviceDataStore, key_from_file
+from client.device_store import DeviceDataStore, key_from_file, key_from_passphrase
 from client.ledger_store import DeviceLedgerStore
 from shared.config import parse_config
 from shared.data.movielens import load_bundled_ml100k, resolve_cache_dir
@@ -208,3 +213,215 @@ def test_enroll_refuses_a_lost_key_for_an_existing_store(tmp_path: Path, capsys:
     assert "already enrolled as device 2" in capsys.readouterr().err
     assert np.array_equal(np.frombuffer(store.read_bytes()[:16], np.uint8),
                           np.frombuffer(b"SQLite format 3\x00", np.uint8))
+
+
+# ------------------------------------------------------------------ rekey
+
+
+def test_rekey_parses() -> None:
+    p = _parser()
+    a = p.parse_args(["device", "rekey", "--store", "s.db", "--key-file", "k", "--new-passphrase-env", "NEW"])
+    assert (a.device_command, a.key_file, a.new_passphrase_env, a.new_key_file) == ("rekey", Path("k"), "NEW", None)
+    a = p.parse_args(["device", "rekey", "--store", "s.db", "--passphrase-env", "PW", "--new-key-file", "n"])
+    assert (a.passphrase_env, a.new_key_file) == ("PW", Path("n"))
+    for bad in (["--key-file", "k"],  # a new key is required
+                ["--new-key-file", "n"],  # and the current one
+                ["--key-file", "k", "--new-key-file", "n", "--new-passphrase-env", "NEW"]):  # only one new key
+        with pytest.raises(SystemExit):
+            p.parse_args(["device", "rekey", "--store", "s.db", *bad])
+
+
+def _enrolled_device(tmp_path: Path, key_args: list[str], device_id: int = 6) -> Path:
+    """An enrolled store with history, personal state, a receipt and three ledger entries."""
+    store = tmp_path / "device.db"
+    assert main(["device", "enroll", "--device-id", str(device_id), "--num-items", "50", "--store", str(store),
+                 *key_args]) == 0  # fmt: skip
+    history = tmp_path / "h.csv"
+    history.write_text("item_id,timestamp,rating\n1,10,4\n2,20,5\n3,30,3\n")
+    assert main(["device", "import", "--store", str(store), *key_args, str(history)]) == 0
+    with DeviceDataStore(store, device_id, _current_key(store, key_args)) as data_store:
+        data_store.save_personal({"user_embedding.weight": torch.arange(4.0).reshape(1, 4)})
+        data_store.add_contribution_receipt(run="r", version=1, task_id=2, num_examples=3,
+                                            delta={"w": torch.ones(3)})  # fmt: skip
+    with DeviceLedgerStore(store) as ledger:
+        for k in range(3):
+            ledger.append(run="r", version=k, task_id=k, unit="record", mechanism="subsampled-gaussian",
+                          noise_multiplier=1.0, sample_rate=0.1, steps=5, clip_norm=1.0, accountant="rdp",
+                          epsilon=0.25 * (k + 1), delta=1e-5)  # fmt: skip
+    return store
+
+
+def _current_key(store: Path, key_args: list[str]) -> bytes:
+    option, value = key_args
+    if option == "--key-file":
+        return key_from_file(value)
+    return key_from_passphrase(store, os.environ[value])
+
+
+def _contents(store: Path, device_id: int, key: bytes) -> dict[str, object]:
+    with DeviceDataStore(store, device_id, key) as data_store:
+        data: dict[str, object] = {
+            "interactions": data_store.interactions(),
+            "num_items": data_store.num_items,
+            "personal": {k: v.tolist() for k, v in data_store.load_personal().items()},
+            "receipts": [(r.seq, r.run, r.version, r.created_at, {k: v.tolist() for k, v in r.delta.items()})
+                         for r in data_store.contribution_receipts()],  # fmt: skip
+        }
+    with DeviceLedgerStore(store) as ledger:
+        data |= {"public_key": ledger.identity().public_key, "entries": ledger.entries(),
+                 "history": ledger.history(), "device_id": ledger.device_id}  # fmt: skip
+    return data
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_rekey_key_file_to_passphrase(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old_key_file = tmp_path / "old.key"
+    store = _enrolled_device(tmp_path, ["--key-file", str(old_key_file)])
+    before = _contents(store, 6, key_from_file(old_key_file))
+    capsys.readouterr()
+    monkeypatch.setenv("FEDREC_NEW_PW", "a brand new passphrase")
+    rekey = ["device", "rekey", "--store", str(store)]
+
+    # A wrong current key (or an unset new passphrase) fails clearly and changes nothing.
+    digest = _digest(store)
+    device_store.create_key_file(tmp_path / "other.key")
+    assert main([*rekey, "--key-file", str(tmp_path / "other.key"), "--new-passphrase-env", "FEDREC_NEW_PW"]) == 2
+    assert "wrong key or passphrase" in capsys.readouterr().err
+    never = tmp_path / "never.key"
+    assert main([*rekey, "--key-file", str(tmp_path / "other.key"), "--new-key-file", str(never)]) == 2
+    assert "wrong key or passphrase" in capsys.readouterr().err and not never.exists()
+    assert main([*rekey, "--key-file", str(old_key_file), "--new-passphrase-env", "FEDREC_UNSET_PW"]) == 2
+    err = capsys.readouterr().err
+    assert "--new-passphrase-env" in err and "'FEDREC_UNSET_PW' is unset or empty" in err
+    assert _digest(store) == digest
+
+    assert main([*rekey, "--key-file", str(old_key_file), "--new-passphrase-env", "FEDREC_NEW_PW"]) == 0
+    out = capsys.readouterr().out
+    assert "store re-encrypted" in out and "ledger of 3 entries" in out and "epsilon 0.75" in out
+    assert str(before["public_key"]) in out
+    assert f"shred -u {old_key_file.resolve()}" in out and "NOT deleted" in out
+    assert old_key_file.exists()  # the command does not delete it: the operator shreds it
+
+    history = tmp_path / "h.csv"
+    assert main(["device", "import", "--store", str(store), "--key-file", str(old_key_file), str(history)]) == 2
+    assert "wrong key or passphrase" in capsys.readouterr().err
+    assert main(["device", "import", "--store", str(store), "--passphrase-env", "FEDREC_NEW_PW", str(history)]) == 0
+    assert "imported 0 interactions" in capsys.readouterr().out
+    assert _contents(store, 6, key_from_passphrase(store, "a brand new passphrase")) == before
+
+
+def test_rekey_passphrase_to_key_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FEDREC_PW", "the first passphrase")
+    store = _enrolled_device(tmp_path, ["--passphrase-env", "FEDREC_PW"], device_id=4)
+    before = _contents(store, 4, key_from_passphrase(store, "the first passphrase"))
+    capsys.readouterr()
+    rekey = ["device", "rekey", "--store", str(store)]
+
+    # An existing file that is not a usable key is refused, never overwritten.
+    digest = _digest(store)
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not a key\n")
+    junk.chmod(0o600)
+    loose = tmp_path / "loose.key"
+    loose.write_bytes(os.urandom(32))
+    loose.chmod(0o644)
+    for path, message in ((junk, "not a key file"), (loose, "chmod 600"), (store, "the store itself")):
+        content = path.read_bytes()
+        assert main([*rekey, "--passphrase-env", "FEDREC_PW", "--new-key-file", str(path)]) == 2
+        assert message in capsys.readouterr().err
+        assert path.read_bytes() == content
+    assert _digest(store) == digest
+
+    new_key_file = tmp_path / "keys" / "new.key"
+    assert main([*rekey, "--passphrase-env", "FEDREC_PW", "--new-key-file", str(new_key_file)]) == 0
+    out = capsys.readouterr().out
+    assert "store re-encrypted" in out and f"new key file {new_key_file.resolve()}" in out
+    assert "old passphrase" in out
+    assert stat.S_IMODE(new_key_file.stat().st_mode) == 0o600
+    history = tmp_path / "h.csv"
+    assert main(["device", "import", "--store", str(store), "--passphrase-env", "FEDREC_PW", str(history)]) == 2
+    assert "created with a key file" in capsys.readouterr().err  # the old passphrase (and its salt) are gone
+    assert main(["device", "import", "--store", str(store), "--key-file", str(new_key_file), str(history)]) == 0
+    assert _contents(store, 4, key_from_file(new_key_file)) == before
+
+    # Key file -> an existing valid key file: used as it is; the current file itself is refused.
+    assert main([*rekey, "--key-file", str(new_key_file), "--new-key-file", str(new_key_file)]) == 2
+    assert "is the current key file" in capsys.readouterr().err
+    third = tmp_path / "third.key"
+    third_key = device_store.create_key_file(third)
+    assert main([*rekey, "--key-file", str(new_key_file), "--new-key-file", str(third)]) == 0
+    assert f"key file {third.resolve()}" in capsys.readouterr().out and third.read_bytes() == third_key
+    assert _contents(store, 4, third_key) == before
+
+
+def test_rekey_of_a_busy_store_changes_nothing_and_keeps_no_new_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old_key_file = tmp_path / "old.key"
+    store = _enrolled_device(tmp_path, ["--key-file", str(old_key_file)])
+    capsys.readouterr()
+
+    def impatient_engine(path: Path) -> Engine:
+        return create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.05})
+
+    monkeypatch.setattr(device_store, "_engine", impatient_engine)
+    digest = _digest(store)
+    new_key_file = tmp_path / "new.key"
+    with closing(sqlite3.connect(store)) as other:
+        other.execute("BEGIN IMMEDIATE")  # e.g. the SuperNode's ClientApp writing a receipt
+        assert main(["device", "rekey", "--store", str(store), "--key-file", str(old_key_file),
+                     "--new-key-file", str(new_key_file)]) == 2  # fmt: skip
+        other.rollback()
+    assert "another process" in capsys.readouterr().err
+    assert _digest(store) == digest
+    assert not new_key_file.exists()  # created for the attempt, removed since the old key still opens the store
+    with DeviceDataStore(store, 6, key_from_file(old_key_file)) as data_store:
+        assert len(data_store.interactions()) == 3
+
+
+def test_rekey_refuses_while_a_training_task_of_the_device_runs_and_waits_for_one_ending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import threading
+    import time
+
+    from client import cli_device
+    from client.task_lock import exclusive_task
+
+    monkeypatch.setattr(cli_device, "REKEY_WAIT_S", 0.3)
+    old_key_file = tmp_path / "old.key"
+    store = _enrolled_device(tmp_path, ["--key-file", str(old_key_file)])
+    capsys.readouterr()
+    digest = _digest(store)
+    new_key_file = tmp_path / "new.key"
+    rekey = ["device", "rekey", "--store", str(store), "--key-file", str(old_key_file),
+             "--new-key-file", str(new_key_file)]  # fmt: skip
+    with exclusive_task(store):  # a ClientApp task of this device holds it while it trains
+        assert main(rekey) == 2
+    assert "training task of this device is running" in capsys.readouterr().err
+    assert _digest(store) == digest
+    assert not new_key_file.exists()
+
+    # A task that ends within the wait: rekey goes ahead after it.
+    monkeypatch.setattr(cli_device, "REKEY_WAIT_S", 10.0)
+    holding = threading.Event()
+
+    def short_task() -> None:
+        with exclusive_task(store):
+            holding.set()
+            time.sleep(0.3)
+
+    task = threading.Thread(target=short_task)
+    task.start()
+    holding.wait(5)
+    assert main(rekey) == 0
+    task.join()
+    with DeviceDataStore(store, 6, key_from_file(new_key_file)) as data_store:
+        assert len(data_store.interactions()) == 3

@@ -1,19 +1,28 @@
-"""The device's encrypted store: nothing readable at rest, wrong keys destroy nothing, atomic imports."""
+"""The device's encrypted store: nothing readable at rest, wrong keys destroy nothing, atomic imports and rekeys."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import sqlite3
 import stat
 import struct
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy import Engine, create_engine
 
+from client import device_store
 from client.device_store import (
     RECEIPTS_KEPT,
+    ConcurrentWriteError,
     DeviceDataStore,
     Interaction,
     KeyFileError,
@@ -340,3 +349,215 @@ def test_open_node_store(tmp_path: Path, key: bytes) -> None:
         open_node_store({"store": str(path), "key-file": str(tmp_path / "device.key")})
     with pytest.raises(DataError, match="not found"):
         open_node_store({**node, "store": str(tmp_path / "missing.db")})
+
+
+# ------------------------------------------------------------------ key rotation
+
+
+def _fill_store(path: Path, device_id: int, key: bytes) -> None:
+    """A store with everything a deployed device keeps: data, personal state, receipts, ledger."""
+    with DeviceDataStore(path, device_id, key, num_items=2_000_000) as store:
+        store.import_interactions(_history())
+        store.save_personal({"user_embedding.weight": torch.full((1, 4), 1234.5678)})
+        for n in range(2):
+            store.add_contribution_receipt(run="r#1", version=n, task_id=n, num_examples=9, delta=_delta(n),
+                                           clipping_range=8.0, clipped=False)  # fmt: skip
+    with DeviceLedgerStore(path, device_id=device_id) as ledger:
+        for k in range(3):
+            ledger.append(run="r#1", version=k, task_id=k, unit="record", mechanism="subsampled-gaussian",
+                          noise_multiplier=1.1, sample_rate=0.01, steps=20, clip_norm=1.0, accountant="rdp",
+                          epsilon=0.5 * (k + 1), delta=1e-5, timestamp=1_700_000_000.0 + k)  # fmt: skip
+
+
+def _snapshot(path: Path, device_id: int, key: bytes) -> dict[str, object]:
+    """Everything the store holds, read back through the public API, in comparable form."""
+    with DeviceDataStore(path, device_id, key) as store:
+        receipts = store.contribution_receipts()
+        snap: dict[str, object] = {
+            "interactions": store.interactions(),
+            "num_items": store.num_items,
+            "personal": {k: v.tolist() for k, v in store.load_personal().items()},
+            "receipts": [(dataclasses.replace(r, delta={}), {k: v.tolist() for k, v in r.delta.items()})
+                         for r in receipts],  # fmt: skip
+        }
+    with DeviceLedgerStore(path) as ledger:
+        identity = ledger.identity()
+        snap |= {
+            "device_id": ledger.device_id,
+            "public_key": identity.public_key,
+            "private_key": identity.private_bytes(),
+            "entries": ledger.entries(),
+            "history": ledger.history(),
+        }
+    return snap
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _rows(path: Path, table: str) -> dict[str, tuple[Any, ...]]:
+    query = {"device_data_blobs": "SELECT name, nonce, ciphertext, revision FROM device_data_blobs",
+             "device_data_meta": "SELECT key, value FROM device_data_meta"}[table]  # fmt: skip
+    with closing(sqlite3.connect(path)) as con:
+        return {row[0]: tuple(row[1:]) for row in con.execute(query)}
+
+
+def test_rekey_key_file_to_passphrase_keeps_everything(tmp_path: Path, key: bytes) -> None:
+    path = tmp_path / "device.db"
+    _fill_store(path, 3, key)
+    before = _snapshot(path, 3, key)
+    blobs_before, meta_before = _rows(path, "device_data_blobs"), _rows(path, "device_data_meta")
+    assert set(blobs_before) == {"key_check", "interactions", "personal", "receipt/0000000001", "receipt/0000000002"}
+    assert "scrypt_salt" not in meta_before
+
+    with DeviceDataStore(path, 3, key) as store:
+        assert store.rekey(new_passphrase="a new long passphrase") == len(blobs_before)
+        assert store.interactions() == _history()  # the open handle goes on with the new key
+
+    with pytest.raises(WrongKeyError, match="wrong key or passphrase"):
+        DeviceDataStore(path, 3, key)
+    new_key = key_from_passphrase(path, "a new long passphrase")
+    assert _snapshot(path, 3, new_key) == before
+    with pytest.raises(WrongKeyError, match="wrong key or passphrase"):
+        DeviceDataStore(path, 3, key_from_passphrase(path, "a new long passphrasE"))
+    # Every blob (the key check too) was sealed again: same rows, new nonces and ciphertexts, under the
+    # same associated data (device, table, row); the salt is new and nothing else in the clear changed.
+    blobs_after, meta_after = _rows(path, "device_data_blobs"), _rows(path, "device_data_meta")
+    assert set(blobs_after) == set(blobs_before)
+    aead = AESGCM(new_key)
+    for name, (nonce, ciphertext, revision) in blobs_after.items():
+        old_nonce, old_ciphertext, old_revision = blobs_before[name]
+        assert nonce != old_nonce and ciphertext != old_ciphertext and revision == old_revision + 1
+        ad = f"fedrec-device-store/v1|device=3|table=device_data_blobs|name={name}".encode()
+        aead.decrypt(nonce, ciphertext, ad)
+        with pytest.raises(InvalidTag):
+            aead.decrypt(nonce, ciphertext, ad.replace(b"device=3", b"device=4"))
+    assert len(meta_after.pop("scrypt_salt")[0]) == 16
+    assert meta_after == meta_before
+
+
+def test_rekey_passphrase_to_key_file_and_to_a_new_passphrase(tmp_path: Path) -> None:
+    path = tmp_path / "device.db"
+    old_key = key_from_passphrase(path, "the old passphrase")
+    _fill_store(path, 8, old_key)
+    before = _snapshot(path, 8, old_key)
+    old_salt = _rows(path, "device_data_meta")["scrypt_salt"]
+
+    with DeviceDataStore(path, 8, old_key) as store:  # passphrase -> passphrase: a new salt
+        store.rekey(new_passphrase="the old passphrase")
+    assert _rows(path, "device_data_meta")["scrypt_salt"] != old_salt
+    with pytest.raises(WrongKeyError):
+        DeviceDataStore(path, 8, old_key)  # same passphrase, old salt: not the key any more
+    middle_key = key_from_passphrase(path, "the old passphrase")
+    assert _snapshot(path, 8, middle_key) == before
+
+    new_key = create_key_file(tmp_path / "new.key")
+    with DeviceDataStore(path, 8, middle_key) as store:  # passphrase -> key file: the salt goes
+        store.rekey(new_key)
+    assert "scrypt_salt" not in _rows(path, "device_data_meta")
+    with pytest.raises(WrongKeyError, match="created with a key file"):
+        key_from_passphrase(path, "the old passphrase")
+    assert _snapshot(path, 8, key_from_file(tmp_path / "new.key")) == before
+
+
+def test_rekey_with_a_wrong_or_stale_key_changes_nothing(tmp_path: Path, key: bytes) -> None:
+    path = tmp_path / "device.db"
+    _fill_store(path, 3, key)
+    digest = _sha256(path)
+    with pytest.raises(WrongKeyError, match="wrong key or passphrase"):
+        DeviceDataStore(path, 3, os.urandom(32)).rekey(os.urandom(32))
+    assert _sha256(path) == digest
+    # Two handles on the file: once one has rotated the key, the other's rekey is refused, not applied.
+    new_key = os.urandom(32)
+    with DeviceDataStore(path, 3, key) as first, DeviceDataStore(path, 3, key) as second:
+        first.rekey(new_key)
+        digest = _sha256(path)
+        with pytest.raises(WrongKeyError, match="wrong key or passphrase"):
+            second.rekey(os.urandom(32))
+    assert _sha256(path) == digest
+    with DeviceDataStore(path, 3, new_key) as store:
+        assert store.interactions() == _history()
+        with pytest.raises(ValueError, match="current key"):
+            store.rekey(new_key)
+        for bad in ({}, {"new_key": os.urandom(32), "new_passphrase": "pw"}, {"new_key": b"short"},
+                    {"new_passphrase": ""}):  # fmt: skip
+            with pytest.raises(ValueError):
+                store.rekey(**bad)
+    assert _sha256(path) == digest
+
+
+@pytest.mark.parametrize("direction", ["key-file-to-passphrase", "passphrase-to-key-file"])
+def test_rekey_failing_midway_rolls_everything_back(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch, direction: str
+) -> None:
+    path = tmp_path / "device.db"
+    old_key = key if direction == "key-file-to-passphrase" else key_from_passphrase(path, "old passphrase")
+    _fill_store(path, 3, old_key)
+    before, digest = _snapshot(path, 3, old_key), _sha256(path)
+    real_aesgcm = AESGCM
+    sealed: list[bytes] = []
+    lock_checked: list[bool] = []
+
+    class FailingAESGCM:
+        """The new key's AESGCM: its second encryption fails, after the salt and one blob were written."""
+
+        def __init__(self, new_key: bytes) -> None:
+            self._aead = real_aesgcm(new_key)
+
+        def decrypt(self, nonce: bytes, data: bytes, ad: bytes) -> bytes:
+            # The "is it the current key?" check, before any write: the write lock is already held.
+            with closing(sqlite3.connect(path, timeout=0)) as other, pytest.raises(sqlite3.OperationalError,
+                                                                                   match="locked"):  # fmt: skip
+                other.execute("BEGIN IMMEDIATE")
+            lock_checked.append(True)
+            return self._aead.decrypt(nonce, data, ad)
+
+        def encrypt(self, nonce: bytes, data: bytes, ad: bytes) -> bytes:
+            sealed.append(ad)
+            if len(sealed) == 2:
+                raise RuntimeError("simulated failure while re-encrypting the blobs")
+            return self._aead.encrypt(nonce, data, ad)
+
+    with DeviceDataStore(path, 3, old_key) as store:
+        monkeypatch.setattr(device_store, "AESGCM", FailingAESGCM)  # for the new key only
+        with pytest.raises(RuntimeError, match="simulated failure"):
+            if direction == "key-file-to-passphrase":
+                store.rekey(new_passphrase="new passphrase")
+            else:
+                store.rekey(os.urandom(32))
+        assert len(sealed) == 2 and lock_checked == [True]
+        assert store.interactions() == _history()  # the handle keeps the old key
+    monkeypatch.setattr(device_store, "AESGCM", real_aesgcm)
+    assert _sha256(path) == digest  # rolled back: byte-identical, salt and first blob included
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["device.db", "device.key"]  # no journal left
+    assert _snapshot(path, 3, old_key) == before
+    with DeviceDataStore(path, 3, old_key) as store:  # and a retry succeeds
+        store.rekey(new_passphrase="new passphrase")
+    assert _snapshot(path, 3, key_from_passphrase(path, "new passphrase")) == before
+
+
+def test_rekey_of_a_damaged_or_busy_store_changes_nothing(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "device.db"
+    _fill_store(path, 3, key)
+    with closing(sqlite3.connect(path)) as con, con:
+        (blob,) = con.execute("SELECT ciphertext FROM device_data_blobs WHERE name = 'receipt/0000000002'").fetchone()
+        con.execute("UPDATE device_data_blobs SET ciphertext = ? WHERE name = 'receipt/0000000002'",
+                    (bytes([blob[0] ^ 1]) + blob[1:],))  # fmt: skip
+    digest = _sha256(path)
+    with DeviceDataStore(path, 3, key) as store, pytest.raises(StoreCorruptError, match="receipt/0000000002"):
+        store.rekey(os.urandom(32))
+    assert _sha256(path) == digest
+
+    def impatient_engine(p: Path) -> Engine:
+        return create_engine(f"sqlite:///{p}", connect_args={"timeout": 0.05})
+
+    monkeypatch.setattr(device_store, "_engine", impatient_engine)
+    with closing(sqlite3.connect(path)) as other:
+        other.execute("BEGIN IMMEDIATE")  # another process is writing
+        with DeviceDataStore(path, 3, key) as store, pytest.raises(ConcurrentWriteError, match="another process"):
+            store.rekey(os.urandom(32))
+        other.rollback()
+    assert _sha256(path) == digest
