@@ -40,6 +40,7 @@ from shared.privacy.ledger import entry_to_json
 from shared.records import get_int
 
 _STATE_KEY = "fedrec-device"
+_DAY_S = 86_400.0
 _PERSONAL_KEY = "fedrec-personal"
 
 
@@ -275,12 +276,25 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         cfg = config_of(context)
-        store = _open_store(cfg, context)
-        try:
-            device = _device(cfg, context, store)  # its ledger gives the epsilon it reports
-        finally:
-            store.close()
+        policy = DevicePolicy.from_node_config(context.node_config)
         conf = msg.content.config_records["config"]
+        # Counting and recording the answer are one step per device, like a training task's budget.
+        with exclusive_task(_store_path(cfg, context)):
+            store = _open_store(cfg, context)
+            try:
+                if policy is not None:
+                    answered = store.evaluations_since(time.time() - _DAY_S)
+                    if answered >= policy.max_evaluations_per_day:
+                        reason = (f"device policy: {answered} evaluations answered in the last 24 hours "
+                                  f"(max-evaluations-per-day = {policy.max_evaluations_per_day})")
+                        declined = ConfigRecord({"status": "declined", "reason": reason})
+                        return Message(RecordDict({"status": declined}), reply_to=msg)
+                    store.record_evaluation(
+                        run=str(conf.get("run", "")), version=get_int(conf, "version"), split=str(conf["split"])
+                    )
+                device = _device(cfg, context, store)  # its ledger gives the epsilon it reports
+            finally:
+                store.close()
         result: EvalReply = device.evaluate(_global_params(msg), str(conf["split"]), cfg.eval.top_k)
         records: dict[str, Any] = {
             "metrics": MetricRecord(
@@ -293,7 +307,6 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
                 }
             )
         }
-        policy = DevicePolicy.from_node_config(context.node_config)
         if bool(conf.get("export-top-k", False)) and (policy is None or policy.allow_top_k_export):
             records["top-k"] = ConfigRecord({"items": [int(i) for i in result.top_items]})
         return Message(RecordDict(records), reply_to=msg)

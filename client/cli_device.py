@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -41,6 +41,7 @@ from client.device_store import (
     key_from_passphrase,
     stored_device_id,
 )
+from client.policy import POLICY_KEYS, DevicePolicy, PolicyViolation
 
 __all__ = ["ML100K_ITEMS", "auth_key_paths", "main", "node_config_value", "register", "supernode_argv"]
 
@@ -174,11 +175,25 @@ def supernode_argv(
     port: int,
     key_file: Path | None = None,
     passphrase_env: str | None = None,
+    policy: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """The ``flower-supernode`` command line that runs this device in a federation."""
+    """The ``flower-supernode`` command line that runs this device in a federation.
+
+    ``policy`` holds the device's privacy-policy node-config keys (client/policy.py); they are
+    checked here, so a typo or a bad value fails before the SuperNode starts.
+    """
     if (key_file is None) == (passphrase_env is None):
         raise ValueError("give exactly one of key_file and passphrase_env")
+    policy = dict(policy or {})
+    unknown = sorted(set(policy) - set(POLICY_KEYS))
+    if unknown:
+        raise ValueError(f"--policy: unknown key(s) {unknown}; known: {', '.join(POLICY_KEYS)}")
+    try:
+        DevicePolicy.from_node_config({"store": str(store), **policy})
+    except PolicyViolation as exc:
+        raise ValueError(f"--policy: {exc}") from None
     parts = [f"store={node_config_value(str(store))}"]
+    parts += [f"{key}={node_config_value(str(value))}" for key, value in sorted(policy.items())]
     if key_file is not None:
         parts.append(f"key-file={node_config_value(str(key_file))}")
     else:
@@ -453,6 +468,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "flower-supernode" if args.dry_run else _find_supernode(),
         store=store, device_id=device_id, superlink=args.superlink, root_cert=root_cert, auth_key=auth_key,
         port=args.port, key_file=key_file, passphrase_env=args.passphrase_env,
+        policy=_parse_sets(args.policy or []),
     )
     if args.dry_run:
         import shlex
@@ -522,6 +538,9 @@ def register(subparsers: Any) -> None:
     start.add_argument("--root-cert", required=True, type=Path, help="the federation's CA certificate (ca.crt)")
     start.add_argument("--auth-key", required=True, type=Path, help="the SuperNode auth private key from enroll")
     start.add_argument("--port", type=int, default=9094, help="the SuperNode's local port (default 9094)")
+    start.add_argument("--policy", action="append", metavar="KEY=VALUE",
+                       help="the device's own privacy limit, e.g. max-epsilon=4 or max-evaluations-per-day=6 "
+                            "(repeatable; keys in docs/deploy.md)")
     start.add_argument("--dry-run", action="store_true", help="print the flower-supernode command instead")
     start.set_defaults(func=_cmd_start)
 

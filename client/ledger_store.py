@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Final
 
-from sqlalchemy import Double, Engine, Integer, LargeBinary, String, Text, create_engine, select
+from sqlalchemy import Double, Engine, Integer, LargeBinary, String, Text, create_engine, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -90,6 +90,17 @@ class _EntryRow(_Base):
     prev_hash: Mapped[str] = mapped_column()
     entry_hash: Mapped[str] = mapped_column()
     signature: Mapped[str] = mapped_column(String(128))
+
+
+class _EvaluationRow(_Base):
+    """An evaluation the device answered (metrics are not DP: the policy rate-limits them)."""
+
+    __tablename__ = "evaluations_answered"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    answered_at: Mapped[float] = mapped_column(Double, index=True)
+    run: Mapped[str] = mapped_column(String)
+    version: Mapped[int] = mapped_column(Integer)
+    split: Mapped[str] = mapped_column(String)
 
 
 _ENTRY_FIELDS: Final = tuple(LedgerEntry.__dataclass_fields__)
@@ -296,6 +307,21 @@ class DeviceLedgerStore(SqlStore):
         query = select(_EntryRow).where(_EntryRow.seq > after_seq).order_by(_EntryRow.id)
         with self._session() as session:
             return [_to_entry(row) for row in session.scalars(query)]
+
+    # ---------------------------------------------------------------- evaluations
+
+    def record_evaluation(self, *, run: str, version: int, split: str, at: float | None = None) -> None:
+        """Note that the device answered an evaluation request (before the answer is sent)."""
+        with self._session() as session, session.begin():
+            session.add(_EvaluationRow(
+                answered_at=time.time() if at is None else at, run=run, version=version, split=split,
+            ))
+
+    def evaluations_since(self, since: float) -> int:
+        """How many evaluation requests the device answered at or after ``since`` (epoch seconds)."""
+        query = select(func.count()).select_from(_EvaluationRow).where(_EvaluationRow.answered_at >= since)
+        with self._session() as session:
+            return int(session.scalar(query) or 0)
 
     def history(self, unit: str = "record") -> list[tuple[float, float, int]]:
         """Return the accountant history ``[(noise_multiplier, sample_rate, steps), ...]``.

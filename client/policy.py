@@ -16,6 +16,10 @@ Node-config keys (all optional; the defaults are the safe ones):
 * ``allow-no-dp`` (false): whether it may train without DP at all;
 * ``allow-top-k-export`` (false): whether evaluation may send its top-k list (an active
   server can learn which items a user has from repeated lists; see docs/privacy.md).
+* ``max-evaluations-per-day`` (24): how many evaluation requests the device answers in any
+  24 hours; later ones are declined. Evaluation metrics are not differentially private: an active
+  server can craft models and read a user's rank metrics to narrow down which items the user has,
+  a few bits per answer. The limit bounds how fast that can go, not whether (docs/privacy.md).
 
 Simulated devices (no ``store`` in the node config) have no policy: the run config is
 the experiment.
@@ -30,6 +34,12 @@ from typing import Any
 
 from shared.config import FedrecConfig
 
+#: The node-config keys of a device's policy (documented above).
+POLICY_KEYS = (
+    "max-epsilon", "max-delta", "min-noise-multiplier", "max-user-epsilon", "allow-no-dp",
+    "allow-top-k-export", "max-evaluations-per-day",
+)
+
 
 class PolicyViolation(ValueError):
     """The run asks this device for less privacy than its own policy allows."""
@@ -37,6 +47,13 @@ class PolicyViolation(ValueError):
 
 def _flag(value: Any) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes")
+
+
+def _count(value: Any) -> int:
+    number = float(value)
+    if not number.is_integer():
+        raise ValueError(f"max-evaluations-per-day must be a whole number, got {value!r}")
+    return int(number)
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,13 @@ class DevicePolicy:
     max_user_epsilon: float = 8.0
     allow_no_dp: bool = False
     allow_top_k_export: bool = False
+    max_evaluations_per_day: int = 24
+
+    def __post_init__(self) -> None:
+        if self.max_evaluations_per_day < 0:
+            raise PolicyViolation(
+                f"node config: max-evaluations-per-day must be >= 0, got {self.max_evaluations_per_day}"
+            )
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> DevicePolicy | None:
@@ -63,6 +87,7 @@ class DevicePolicy:
                 max_user_epsilon=float(node_config.get("max-user-epsilon", cls.max_user_epsilon)),
                 allow_no_dp=_flag(node_config.get("allow-no-dp", False)),
                 allow_top_k_export=_flag(node_config.get("allow-top-k-export", False)),
+                max_evaluations_per_day=_count(node_config.get("max-evaluations-per-day", cls.max_evaluations_per_day)),
             )
         except (TypeError, ValueError) as exc:
             raise PolicyViolation(f"node config: unreadable privacy policy ({exc})") from None

@@ -383,7 +383,9 @@ class Federation:
     # -- evaluation ------------------------------------------------------------------
     def evaluate(self, devices: list[int], split: str, export: bool) -> EvalOutcome:
         """On-device evaluation of the current global model on ``devices``."""
-        content_cfg: dict[str, Any] = {"split": split, "version": self.scheduler.version, "export-top-k": export}
+        content_cfg: dict[str, Any] = {
+            "split": split, "version": self.scheduler.version, "export-top-k": export, "run": self.run_label,
+        }
         sums = {"hit": 0.0, "ndcg": 0.0, "sampled-hit": 0.0, "sampled-ndcg": 0.0}
         users = 0
         tops: dict[int, list[int]] = {}
@@ -396,8 +398,14 @@ class Federation:
                 content = RecordDict({"global": self._model_record(), "config": ConfigRecord(dict(content_cfg))})
                 mids[device] = self.driver.send(device, content, MessageType.EVALUATE)
             replies.extend((device, self.driver.wait(mid)) for device, mid in mids.items())
+        declined = 0
         for device, reply in replies:
             if reply is None or reply.has_error():
+                continue
+            if "metrics" not in reply.content.metric_records:
+                # A deployed device's policy rate-limits evaluations (client/policy.py); the
+                # device is fine and stays scheduled for training.
+                declined += 1
                 continue
             m = reply.content.metric_records["metrics"]
             if "epsilon" in m:
@@ -407,6 +415,9 @@ class Federation:
             users += 1
             if export and "top-k" in reply.content.config_records:
                 tops[device] = get_int_list(reply.content.config_records["top-k"], "items")
+        if declined:
+            log.info("evaluation of version %d: %d devices declined (their evaluation limit)",
+                     self.scheduler.version, declined)
         mean = {k: (v / users if users else math.nan) for k, v in sums.items()}
         coverage = None
         if tops:

@@ -425,3 +425,31 @@ def test_rekey_refuses_while_a_training_task_of_the_device_runs_and_waits_for_on
     task.join()
     with DeviceDataStore(store, 6, key_from_file(new_key_file)) as data_store:
         assert len(data_store.interactions()) == 3
+
+
+def test_start_passes_the_devices_own_policy_and_refuses_a_bad_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from client.policy import DevicePolicy
+
+    store, key = tmp_path / "device.db", tmp_path / "device.key"
+    assert main(["device", "enroll", "--device-id", "2", "--store", str(store), "--key-file", str(key)]) == 0
+    ca = tmp_path / "ca.crt"
+    ca.write_text("cert")
+    private, _ = auth_key_paths(store.resolve())
+    captured: list[list[str]] = []
+    monkeypatch.setattr(cli_device.os, "execv", lambda path, argv: captured.append(argv))
+    base = ["device", "start", "--store", str(store), "--key-file", str(key), "--superlink", "10.0.0.1:9093",
+            "--root-cert", str(ca), "--auth-key", str(private)]  # fmt: skip
+    main([*base, "--policy", "max-epsilon=4", "--policy", "max-evaluations-per-day=6"])
+    (argv,) = captured
+    node = parse_config_args([dict(zip(argv[1::2], argv[2::2], strict=True))["--node-config"]])
+    policy = DevicePolicy.from_node_config(node)
+    assert policy is not None
+    assert (policy.max_epsilon, policy.max_evaluations_per_day) == (4.0, 6)
+    capsys.readouterr()
+    for bad, why in (("max-epsilion=4", "unknown key"), ("max-evaluations-per-day=-2", ">= 0"),
+                     ("max-epsilon", "key=value")):
+        assert main([*base, "--policy", bad]) == 2
+        assert why in capsys.readouterr().err
+    assert len(captured) == 1  # nothing started for the bad ones

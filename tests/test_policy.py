@@ -73,3 +73,39 @@ def test_a_deployed_device_does_not_export_its_top_k_unless_allowed(
     assert "top-k" not in _send(overrides, node, MessageType.EVALUATE, conf).content.config_records
     allowed = {**node, "allow-top-k-export": "true"}
     assert "top-k" in _send(overrides, allowed, MessageType.EVALUATE, conf).content.config_records
+
+
+def test_a_deployed_device_answers_at_most_its_evaluations_per_day_and_declines_the_rest(
+    overrides: dict[str, object], tmp_path: Path
+) -> None:
+    import time
+
+    from client.ledger_store import DeviceLedgerStore
+
+    conf = {"split": "valid", "export-top-k": False, "version": 3, "run": "r1"}
+    node = {"store": str(tmp_path / "dev.db"), "partition-id": 1, "max-evaluations-per-day": "2"}
+    for _ in range(2):
+        answered = _send(overrides, node, MessageType.EVALUATE, conf).content
+        assert "ndcg" in answered.metric_records["metrics"]
+    declined = _send(overrides, node, MessageType.EVALUATE, conf).content
+    assert "metrics" not in declined.metric_records  # no metric leaves the device
+    status = declined.config_records["status"]
+    assert status["status"] == "declined"
+    assert "max-evaluations-per-day = 2" in str(status["reason"])
+    # Training is not limited by it.
+    assert _train(overrides, node).content.config_records["status"]["status"] == "ok"
+    # The window slides: answers older than 24 hours no longer count.
+    with DeviceLedgerStore(tmp_path / "dev.db") as store:
+        assert store.evaluations_since(time.time() - 86_400) == 2
+        assert store.evaluations_since(time.time() + 1) == 0
+    # A simulated device (no store in its node config) has no such policy.
+    simulated = {"partition-id": 1}
+    for _ in range(3):
+        assert "metrics" in _send(overrides, simulated, MessageType.EVALUATE, conf).content.metric_records
+
+
+@pytest.mark.parametrize("value", ["-1", "2.5", "many"])
+def test_an_unreadable_evaluation_limit_is_refused_naming_the_key(value: str) -> None:
+    with pytest.raises(PolicyViolation, match="max-evaluations-per-day|unreadable"):
+        DevicePolicy.from_node_config({"store": "x", "max-evaluations-per-day": value})
+    assert DevicePolicy.from_node_config({"store": "x"}).max_evaluations_per_day == 24  # type: ignore[union-attr]

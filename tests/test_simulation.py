@@ -198,3 +198,27 @@ def test_cpus_per_actor_gives_flower_a_pool_of_exactly_the_asked_size(cpus: int)
         assert int(cpus / per_actor) == actors, (cpus, actors, per_actor)
     with pytest.raises(ValueError, match="at least one actor"):
         _cpus_per_actor(cpus, 0)
+
+
+def test_a_device_that_declines_evaluations_is_left_out_of_the_metrics_and_keeps_training(tmp_path: Path) -> None:
+    from client.app import build_client_app
+    from server.app import run_federation
+    from shared.config import parse_config, to_flat
+    from shared.data.partition import prepare_partitions
+    from simulations.local_grid import LocalGrid
+
+    cfg = parse_config(_overrides(tmp_path, "declines"))
+    info = prepare_partitions(cfg.data)
+    grid = LocalGrid(build_client_app(to_flat(cfg)), info.num_devices)
+    # Device 0 behaves as a deployed device whose own policy answers no evaluation at all.
+    node = grid._contexts[1].node_config
+    node["store"] = str(tmp_path / "device-0.db")
+    node["max-evaluations-per-day"] = "0"
+    summary = run_federation(grid, cfg)
+    assert summary["final"]["users"] == info.num_devices - 1
+    with RunStore(f"sqlite:///{tmp_path / 'declines' / 'fedrec.db'}") as store:
+        (run_id,) = store.run_ids()
+        applied = {t.device_id for t in store.tasks(run_id) if t.status == "accepted"}
+        evaluated = [e.users for e in store.evaluations(run_id)]
+    assert 0 in applied  # declining evaluations did not retire it
+    assert evaluated and all(users < info.num_devices for users in evaluated)
