@@ -10,7 +10,10 @@ private model would have to approximate to beat popularity by a given factor:
 * ``markov L``: the user's last L items vote for the items that followed them in any
   user's sequence (first-order transition counts, recency weights 0.8^age);
 * ``item-knn L``: cosine similarity of item co-occurrence vectors, summed over the
-  user's last L items (L = all: the whole history).
+  user's last L items (L = all: the whole history);
+* ``popularity + N(0, s^2)``: popularity counts with Gaussian noise (mean of 3 draws), the scale of
+  noise a differentially private count or a DP-trained item bias would have to stay under;
+* ``item bias of RUN`` (``--model runs/RUN/global_model.pt``): a trained model's item bias alone.
 
     python benchmarks/split_signal.py [--set key=value ...] [--json out.json]
 """
@@ -45,10 +48,19 @@ def evaluate(devices: list[DeviceData], scores_of: Callable[[np.ndarray], np.nda
     return totals.as_dict()
 
 
+def _fixed(scores: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """A scorer that gives every user the same scores."""
+    return lambda history: scores
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (data keys)")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--count-noise", type=float, nargs="*", default=[60.0, 120.0],
+                        help="also rank by popularity plus Gaussian noise of these std devs (in interactions)")
+    parser.add_argument("--model", type=Path, action="append", default=[],
+                        help="also rank by the item bias of this saved global_model.pt (repeatable)")
     args = parser.parse_args()
     cfg = parse_config(parse_sets(args.set))
     info = prepare_partitions(cfg.data)
@@ -80,11 +92,23 @@ def main() -> None:
     for window in (5, 20, None):
         rows[f"item-knn L={window or 'all'}"] = evaluate(devices, recent(cosine, window, 1.0), k)
 
+    # How much count noise popularity tolerates: the scale a DP count (or a DP-trained item bias) must beat.
+    for sd in args.count_noise:
+        draws = [pop + np.random.default_rng(seed).normal(0.0, sd, pop.shape) for seed in range(3)]
+        runs = [evaluate(devices, _fixed(scores), k) for scores in draws]
+        rows[f"popularity + N(0,{sd:g}^2)"] = {key: float(np.mean([r[key] for r in runs])) for key in runs[0]}
+    for path in args.model:
+        # Rank by a saved global model's item bias alone: how much of popularity it recovered.
+        import torch
+
+        bias = torch.load(path, map_location="cpu", weights_only=True)["params"]["item_bias.weight"]
+        rows[f"item bias of {path.parent.name}"] = evaluate(devices, _fixed(bias.flatten().double().numpy()), k)
+
     base = rows["popularity"]["ndcg@10"]
     print(f"non-private ceilings on {info.source} (test item, full ranking over unseen items)")
-    print(f"{'scorer':20s} {'HR@10':>8s} {'NDCG@10':>8s} {'x popularity':>13s}")
+    print(f"{'scorer':26s} {'HR@10':>8s} {'NDCG@10':>8s} {'x popularity':>13s}")
     for name, m in rows.items():
-        print(f"{name:20s} {m['hr@10']:8.4f} {m['ndcg@10']:8.4f} {m['ndcg@10'] / base:13.2f}")
+        print(f"{name:26s} {m['hr@10']:8.4f} {m['ndcg@10']:8.4f} {m['ndcg@10'] / base:13.2f}")
     dump(args.json, {"rows": rows, "source": info.source})
 
 
