@@ -276,3 +276,26 @@ def test_an_upload_rejected_at_intake_fails_the_audit(run_dir: Path, tmp_path: P
     code, report = _audit(str(run))
     assert code == 1
     assert [f["kind"] for f in report["findings"]] == ["rejected-upload"]
+
+
+def test_server_user_releases_the_device_never_signed_are_flagged(run_dir: Path, tmp_path: Path) -> None:
+    run = _copy(run_dir, tmp_path)
+    db = run / "fedrec.db"
+    con = sqlite3.connect(db)
+    device, released = con.execute(
+        "SELECT device_id, COUNT(*) FROM user_releases GROUP BY device_id ORDER BY device_id LIMIT 1"
+    ).fetchone()
+    signed = con.execute(
+        "SELECT COUNT(*) FROM ledger_entries WHERE device_id = ? AND unit = 'user'", (device,)
+    ).fetchone()[0]
+    con.close()
+    assert released <= signed, "a clean run never logs more releases than the device signed"
+    columns = [r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(user_releases)")]
+    copied = ", ".join(f'"{c}"' for c in columns if c != "id")
+    for _ in range(signed - released + 1):  # one release more than the device ever signed
+        _execute(db, f"INSERT INTO user_releases ({copied}) SELECT {copied} FROM user_releases "
+                     "WHERE device_id = ? ORDER BY id DESC LIMIT 1", device)  # fmt: skip
+    code, report = _audit(str(run))
+    assert code == 1
+    flagged = [f for f in report["findings"] if f["kind"] == "unbacked-user-release"]
+    assert [f["device_id"] for f in flagged] == [device]

@@ -81,7 +81,7 @@ class Finding:
     """One problem the audit found; every finding is a violation (the audit exits non-zero)."""
 
     kind: str  # edited | deleted | reordered | forged | unsigned | unknown-key | mismatch |
-    #            claim-mismatch | over-budget
+    #            claim-mismatch | unbacked-user-release | over-budget
     device_id: int
     seq: int | None
     unit: str | None
@@ -235,6 +235,15 @@ def run_audit(data: AuditInput, user_order: float | None = None) -> AuditReport:
             ))
         # User level, server side: the releases it actually applied, with their weights.
         releases = list(data.user_releases.get(device, []))
+        if releases and len(releases) > len(user):
+            # The device signs a user entry for every update it sends, and the server can apply
+            # only updates it received: more server releases than signed entries (over the
+            # device's whole life, so this run's can only be fewer) were not backed by the device.
+            findings.append(Finding(
+                "unbacked-user-release", device, None, "user",
+                f"the server logged {len(releases)} user-level releases for device {device}, but the device "
+                f"signed only {len(user)} user-level ledger entries",
+            ))
         srv_claim = releases[-1].epsilon if releases else dev_user_claim
         srv_true = dev_user_true
         if releases:
