@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run a federated simulation (one virtual device per user)")
     run_options(sim)
     sim.add_argument("--actors", type=int, default=None,
-                     help="ClientApps running in parallel (default: one more than the CPU cores)")
+                     help="ClientApps running in parallel "
+                          "(default: one more than the CPU cores, at most one per GiB of memory)")
     sim.add_argument("--backend", choices=("ray", "local"), default="ray",
                      help="ray: Flower's simulation runtime (default); local: in-process, same numbers")
     sim.set_defaults(func=_cmd_simulate)

@@ -222,3 +222,12 @@ def test_a_device_that_declines_evaluations_is_left_out_of_the_metrics_and_keeps
         evaluated = [e.users for e in store.evaluations(run_id)]
     assert 0 in applied  # declining evaluations did not retire it
     assert evaluated and all(users < info.num_devices for users in evaluated)
+
+
+def test_default_actors_is_one_more_than_the_cores_as_far_as_memory_allows() -> None:
+    from simulations.runner import default_actors
+
+    assert default_actors(cpus=2, memory_gib=24.0) == 3
+    assert default_actors(cpus=64, memory_gib=32.0) == 30  # 1 GiB each after 2 GiB reserved
+    assert default_actors(cpus=8, memory_gib=2.5) == 1
+    assert default_actors() >= 1  # this machine
