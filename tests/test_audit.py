@@ -299,3 +299,23 @@ def test_server_user_releases_the_device_never_signed_are_flagged(run_dir: Path,
     assert code == 1
     flagged = [f for f in report["findings"] if f["kind"] == "unbacked-user-release"]
     assert [f["device_id"] for f in flagged] == [device]
+
+
+def test_a_run_with_the_prv_accountant_passes_and_its_claims_are_recomputed(tmp_path: Path) -> None:
+    out = tmp_path / "prv"
+    overrides = {**_overrides(out), "accountant": "prv", "user-dp": False, "num-versions": 4}
+    simulate(overrides, backend="local")
+    code, report = _audit(str(out))
+    assert code == 0, report["findings"]
+    claimed = [d for d in report["devices"] if d["record_releases"]]
+    assert claimed
+    for d in claimed:
+        assert abs(d["record_claimed"] - d["record_recomputed"]) <= max(0.01 * d["record_recomputed"], 0.02)
+    # A PRV claim is tighter than RDP: the RDP recomputation alone would have flagged these.
+    from shared.privacy.audit import independent_record_epsilon
+
+    with DeviceLedgerStore(sorted((out / "devices").glob("device-*.db"))[0]) as ledger:
+        record = [e for e in ledger.entries() if e.unit == "record"]
+    assert record and record[-1].accountant == "prv"
+    rdp = independent_record_epsilon([(e.noise_multiplier, e.sample_rate, e.steps) for e in record], 1e-5)
+    assert rdp > record[-1].epsilon * 1.01

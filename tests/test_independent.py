@@ -155,3 +155,30 @@ def test_relative_error_edge_cases() -> None:
     assert relative_error(0.1, 0.0) == math.inf
     assert relative_error(math.inf, 5.0) == math.inf
     assert TOLERANCE == 0.01
+
+
+PRV_GRID = [*itertools.product(SIGMAS, [1 / 2, 1 / 13, 1 / 92], [10, 100]), (1.0, 1 / 92, 500)]
+
+
+def test_prv_claims_are_recomputed_by_a_pld_accountant_within_tolerance() -> None:
+    from shared.privacy.accounting import DeviceAccountant, Release
+    from shared.privacy.independent import prv_claim_agrees, record_level_epsilon_pld
+
+    worst_rel, worst_abs = 0.0, 0.0
+    for sigma, q, steps in PRV_GRID:
+        claim = DeviceAccountant("prv", DELTA, 1e9).epsilon_if(Release(sigma, q, steps))  # what a device claims
+        recomputed = record_level_epsilon_pld([(sigma, q, steps)], DELTA)
+        assert prv_claim_agrees(claim, recomputed), (sigma, q, steps, claim, recomputed)
+        worst_rel = max(worst_rel, relative_error(claim, recomputed))
+        worst_abs = max(worst_abs, abs(claim - recomputed))
+        # PRV is tight: clearly below RDP's bound, so an RDP recomputation would (wrongly) flag it.
+        if claim > 1.0:
+            assert claim < rdp_epsilon([(sigma, q, steps)], DELTA)
+        # A claim 10% (at least 0.05) low or high is caught.
+        off = max(0.1 * claim, 0.05)
+        assert not prv_claim_agrees(claim - off, recomputed)
+        assert not prv_claim_agrees(claim + off, recomputed)
+    print(f"PRV vs PLD: max relative {worst_rel:.3%}, max absolute {worst_abs:.4f}")
+    assert record_level_epsilon_pld([], DELTA) == 0.0
+    with pytest.raises(ValueError):
+        record_level_epsilon_pld([(-1.0, 0.5, 3)], DELTA)
