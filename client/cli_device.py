@@ -43,7 +43,7 @@ from client.device_store import (
 )
 from client.policy import POLICY_KEYS, DevicePolicy, PolicyViolation
 
-__all__ = ["ML100K_ITEMS", "auth_key_paths", "main", "node_config_value", "register", "supernode_argv"]
+__all__ = ["ML100K_ITEMS", "auth_key_paths", "main", "node_config_value", "register", "supernode_argv", "supervise"]
 
 # The bundled MovieLens-100K catalogue (fedrec's default data set): enrol's default catalogue size.
 ML100K_ITEMS: Final = 1682
@@ -475,9 +475,67 @@ def _cmd_start(args: argparse.Namespace) -> int:
 
         print(shlex.join(argv))
         return 0
+    if args.retry_for < 0:
+        raise ValueError(f"--retry-for must be >= 0 seconds, got {args.retry_for:g}")
+    if args.retry_for > 0:
+        return supervise(argv, args.retry_for)
     sys.stdout.flush()
     os.execv(argv[0], argv)  # replaces this process; only returns by raising OSError
     return 1  # pragma: no cover
+
+
+#: Seconds between two starts of a SuperNode that exited with an error (``--retry-for``).
+RETRY_DELAY_S = 10.0
+
+
+def supervise(argv: Sequence[str], retry_for: float) -> int:
+    """Run ``argv`` (the SuperNode), starting it again after an error exit for up to ``retry_for`` s.
+
+    Right after a crash the SuperLink refuses the node for about a minute (two missed heartbeats,
+    docs/deploy.md), so a device restarted at once fails to start; this retries it every
+    :data:`RETRY_DELAY_S` seconds. The window counts from the first failure of a streak: a SuperNode
+    that ran for longer than ``retry_for`` before failing starts a new streak. A clean exit (0) or
+    SIGINT/SIGTERM to this process (passed on to the SuperNode) ends it. Returns the last exit code.
+    """
+    import signal
+    import subprocess
+    import time
+
+    stopping: list[int] = []
+    child: subprocess.Popen[bytes] | None = None
+
+    def forward(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        streak_start: float | None = None
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.monotonic()
+            sys.stdout.flush()
+            child = subprocess.Popen(list(argv))  # noqa: S603 - our own flower-supernode command line
+            code = child.wait()
+            if code == 0 or stopping:
+                return code
+            now = time.monotonic()
+            if streak_start is None or now - started > retry_for:
+                streak_start = started
+            if now + RETRY_DELAY_S - streak_start > retry_for:
+                print(f"fedrec: flower-supernode exited with {code}; giving up after {attempt} attempts "
+                      f"(--retry-for {retry_for:g} s)", file=sys.stderr)
+                return code
+            print(f"fedrec: flower-supernode exited with {code} (attempt {attempt}); starting it again in "
+                  f"{RETRY_DELAY_S:g} s", file=sys.stderr)
+            time.sleep(RETRY_DELAY_S)
+            if stopping:
+                return code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
@@ -541,6 +599,9 @@ def register(subparsers: Any) -> None:
     start.add_argument("--policy", action="append", metavar="KEY=VALUE",
                        help="the device's own privacy limit, e.g. max-epsilon=4 or max-evaluations-per-day=6 "
                             "(repeatable; keys in docs/deploy.md)")
+    start.add_argument("--retry-for", type=float, default=0.0, metavar="SECONDS",
+                       help="if flower-supernode exits with an error (e.g. refused for a minute after a crash), "
+                            f"start it again every {RETRY_DELAY_S:g} s for up to SECONDS (default 0: run it once)")
     start.add_argument("--dry-run", action="store_true", help="print the flower-supernode command instead")
     start.set_defaults(func=_cmd_start)
 

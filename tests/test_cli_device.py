@@ -453,3 +453,58 @@ def test_start_passes_the_devices_own_policy_and_refuses_a_bad_one(
         assert main([*base, "--policy", bad]) == 2
         assert why in capsys.readouterr().err
     assert len(captured) == 1  # nothing started for the bad ones
+
+
+def _fake_supernode(tmp_path: Path, fail_times: int, code: int = 1) -> tuple[Path, Path]:
+    """An executable standing in for flower-supernode: fails ``fail_times`` times, then exits 0."""
+    import stat
+    import sys
+
+    counter = tmp_path / "attempts"
+    script = tmp_path / "flower-supernode"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import pathlib, sys\n"
+        f"p = pathlib.Path({str(counter)!r})\n"
+        "n = int(p.read_text()) + 1 if p.exists() else 1\n"
+        "p.write_text(str(n))\n"
+        f"sys.exit({code} if n <= {fail_times} else 0)\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return script, counter
+
+
+@pytest.mark.parametrize(("fail_times", "retry_for", "expected_code", "expected_attempts"),
+                         [(2, 30.0, 0, 3), (100, 0.5, 3, None)])  # fmt: skip
+def test_start_retries_a_refused_supernode_within_the_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    fail_times: int, retry_for: float, expected_code: int, expected_attempts: int | None,
+) -> None:
+    store, key = tmp_path / "device.db", tmp_path / "device.key"
+    assert main(["device", "enroll", "--device-id", "4", "--store", str(store), "--key-file", str(key)]) == 0
+    ca = tmp_path / "ca.crt"
+    ca.write_text("cert")
+    private, _ = auth_key_paths(store.resolve())
+    script, counter = _fake_supernode(tmp_path, fail_times, code=3)
+    monkeypatch.setattr(cli_device, "_find_supernode", lambda: str(script))
+    monkeypatch.setattr(cli_device, "RETRY_DELAY_S", 0.05)
+    code = main(["device", "start", "--store", str(store), "--key-file", str(key), "--superlink", "127.0.0.1:9",
+                 "--root-cert", str(ca), "--auth-key", str(private), "--retry-for", str(retry_for)])  # fmt: skip
+    assert code == expected_code
+    attempts = int(counter.read_text())
+    if expected_attempts is not None:
+        assert attempts == expected_attempts
+    else:
+        assert 2 <= attempts < 100  # retried, then gave up when the window closed
+        assert "giving up" in capsys.readouterr().err
+
+
+def test_start_refuses_a_negative_retry_window(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store, key = tmp_path / "device.db", tmp_path / "device.key"
+    assert main(["device", "enroll", "--device-id", "4", "--store", str(store), "--key-file", str(key)]) == 0
+    ca = tmp_path / "ca.crt"
+    ca.write_text("cert")
+    private, _ = auth_key_paths(store.resolve())
+    assert main(["device", "start", "--store", str(store), "--key-file", str(key), "--superlink", "127.0.0.1:9",
+                 "--root-cert", str(ca), "--auth-key", str(private), "--retry-for", "-5"]) == 2  # fmt: skip
+    assert "--retry-for" in capsys.readouterr().err
