@@ -427,20 +427,25 @@ def test_rekey_refuses_while_a_training_task_of_the_device_runs_and_waits_for_on
         assert len(data_store.interactions()) == 3
 
 
+def _start_args(tmp_path: Path, superlink: str = "127.0.0.1:9") -> list[str]:
+    """``fedrec device start`` arguments for a freshly enrolled device (a stand-in CA file)."""
+    store, key = tmp_path / "device.db", tmp_path / "device.key"
+    assert main(["device", "enroll", "--device-id", "4", "--store", str(store), "--key-file", str(key)]) == 0
+    ca = tmp_path / "ca.crt"
+    ca.write_text("cert")
+    private, _ = auth_key_paths(store.resolve())
+    return ["device", "start", "--store", str(store), "--key-file", str(key), "--superlink", superlink,
+            "--root-cert", str(ca), "--auth-key", str(private)]  # fmt: skip
+
+
 def test_start_passes_the_devices_own_policy_and_refuses_a_bad_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from client.policy import DevicePolicy
 
-    store, key = tmp_path / "device.db", tmp_path / "device.key"
-    assert main(["device", "enroll", "--device-id", "2", "--store", str(store), "--key-file", str(key)]) == 0
-    ca = tmp_path / "ca.crt"
-    ca.write_text("cert")
-    private, _ = auth_key_paths(store.resolve())
+    base = _start_args(tmp_path, "10.0.0.1:9093")
     captured: list[list[str]] = []
     monkeypatch.setattr(cli_device.os, "execv", lambda path, argv: captured.append(argv))
-    base = ["device", "start", "--store", str(store), "--key-file", str(key), "--superlink", "10.0.0.1:9093",
-            "--root-cert", str(ca), "--auth-key", str(private)]  # fmt: skip
     main([*base, "--policy", "max-epsilon=4", "--policy", "max-evaluations-per-day=6"])
     (argv,) = captured
     node = parse_config_args([dict(zip(argv[1::2], argv[2::2], strict=True))["--node-config"]])
@@ -480,16 +485,11 @@ def test_start_retries_a_refused_supernode_within_the_window(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
     fail_times: int, retry_for: float, expected_code: int, expected_attempts: int | None,
 ) -> None:
-    store, key = tmp_path / "device.db", tmp_path / "device.key"
-    assert main(["device", "enroll", "--device-id", "4", "--store", str(store), "--key-file", str(key)]) == 0
-    ca = tmp_path / "ca.crt"
-    ca.write_text("cert")
-    private, _ = auth_key_paths(store.resolve())
+    args = _start_args(tmp_path)
     script, counter = _fake_supernode(tmp_path, fail_times, code=3)
     monkeypatch.setattr(cli_device, "_find_supernode", lambda: str(script))
     monkeypatch.setattr(cli_device, "RETRY_DELAY_S", 0.05)
-    code = main(["device", "start", "--store", str(store), "--key-file", str(key), "--superlink", "127.0.0.1:9",
-                 "--root-cert", str(ca), "--auth-key", str(private), "--retry-for", str(retry_for)])  # fmt: skip
+    code = main([*args, "--retry-for", str(retry_for)])
     assert code == expected_code
     attempts = int(counter.read_text())
     if expected_attempts is not None:
@@ -500,11 +500,5 @@ def test_start_retries_a_refused_supernode_within_the_window(
 
 
 def test_start_refuses_a_negative_retry_window(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    store, key = tmp_path / "device.db", tmp_path / "device.key"
-    assert main(["device", "enroll", "--device-id", "4", "--store", str(store), "--key-file", str(key)]) == 0
-    ca = tmp_path / "ca.crt"
-    ca.write_text("cert")
-    private, _ = auth_key_paths(store.resolve())
-    assert main(["device", "start", "--store", str(store), "--key-file", str(key), "--superlink", "127.0.0.1:9",
-                 "--root-cert", str(ca), "--auth-key", str(private), "--retry-for", "-5"]) == 2  # fmt: skip
+    assert main([*_start_args(tmp_path), "--retry-for", "-5"]) == 2
     assert "--retry-for" in capsys.readouterr().err
