@@ -97,10 +97,10 @@ def main() -> None:
         draws = [pop + np.random.default_rng(seed).normal(0.0, sd, pop.shape) for seed in range(3)]
         runs = [evaluate(devices, _fixed(scores), k) for scores in draws]
         rows[f"popularity + N(0,{sd:g}^2)"] = {key: float(np.mean([r[key] for r in runs])) for key in runs[0]}
+    if args.model:
+        import torch  # only to read saved models
     for path in args.model:
         # Rank by a saved global model's item bias alone: how much of popularity it recovered.
-        import torch
-
         bias = torch.load(path, map_location="cpu", weights_only=True)["params"]["item_bias.weight"]
         rows[f"item bias of {path.parent.name}"] = evaluate(devices, _fixed(bias.flatten().double().numpy()), k)
 

@@ -202,11 +202,14 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     fixed = dict(overrides or {})
     app = ClientApp(mods=wire_log_mods())  # inert unless $FEDREC_WIRE_LOG is set
 
-    def config_of(context: Context) -> FedrecConfig:
+    def config_and_policy(context: Context) -> tuple[FedrecConfig, DevicePolicy | None]:
         cfg = parse_config({**dict(context.run_config), **fixed})
         policy = DevicePolicy.from_node_config(context.node_config)
         # A deployed device's own limits win over the run config (client/policy.py).
-        return policy.apply(cfg) if policy is not None else cfg
+        return (policy.apply(cfg) if policy is not None else cfg), policy
+
+    def config_of(context: Context) -> FedrecConfig:
+        return config_and_policy(context)[0]
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -275,8 +278,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        cfg = config_of(context)
-        policy = DevicePolicy.from_node_config(context.node_config)
+        cfg, policy = config_and_policy(context)
         conf = msg.content.config_records["config"]
         # Counting and recording the answer are one step per device, like a training task's budget.
         with exclusive_task(_store_path(cfg, context)):

@@ -34,12 +34,6 @@ from typing import Any
 
 from shared.config import FedrecConfig
 
-#: The node-config keys of a device's policy (documented above).
-POLICY_KEYS = (
-    "max-epsilon", "max-delta", "min-noise-multiplier", "max-user-epsilon", "allow-no-dp",
-    "allow-top-k-export", "max-evaluations-per-day",
-)
-
 
 class PolicyViolation(ValueError):
     """The run asks this device for less privacy than its own policy allows."""
@@ -114,3 +108,7 @@ class DevicePolicy:
             user_epsilon_budget=min(p.user_epsilon_budget, self.max_user_epsilon),
         )
         return dataclasses.replace(cfg, privacy=privacy)
+
+
+#: The node-config keys of a device's policy: its fields' names, hyphenated (documented above).
+POLICY_KEYS = tuple(f.name.replace("_", "-") for f in dataclasses.fields(DevicePolicy))

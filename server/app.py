@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import InMemoryGrid
 
 from server.federation import Federation
 from server.privacy_store import PrivacyStore
@@ -125,7 +126,7 @@ def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = parse_config({**dict(context.run_config), **fixed})
-        if type(grid).__name__ == "InMemoryGrid":
+        if isinstance(grid, InMemoryGrid):
             # `flwr run .` on a local simulation federation. Flower starts its message extractor
             # after its backend (Ray) is up, seconds after this app starts, so this normally takes
             # effect; if the extractor were already running, Flower's own (slower) loop stays.

@@ -107,7 +107,7 @@ def simulate(overrides: Mapping[str, Any], num_actors: int | None = None, backen
 
     cpus = max(1, os.cpu_count() or 1)
     if num_actors is None:
-        num_actors = default_actors()
+        num_actors = default_actors(cpus)
     backend_config = {
         "client_resources": {"num_cpus": _cpus_per_actor(cpus, num_actors), "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "logging_level": "error", "log_to_driver": True},
