@@ -268,7 +268,9 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     print("                       register it with the server (privacy key for device-keys = registered)")
     print(f"  SuperNode auth key:  {private} ({'created' if created else 'kept'}, mode 0600: stays here)")
     print(f"  register on server:  {public}")
-    print(f"                       e.g. flwr supernode register {public} <federation>")
+    # "=" form: one ledger key in 64 starts with "-", which a shell-copied space form splits badly.
+    print(f"                       fedrec server register-device --dir <server dir> --device-id {args.device_id} "
+          f"--auth-key {public.name} --ledger-key={public_key}")
     return 0
 
 

@@ -6,7 +6,7 @@ The commands, in the order a server engineer runs them on an empty host::
     fedrec server start --dir /srv/fedrec --host 0.0.0.0 --port 9093        # foreground; Ctrl-C stops
     # in another shell, for each device (its owner sends the two public keys):
     fedrec server register-device --dir /srv/fedrec --device-id 7 \\
-        --auth-key device7-supernode-auth.pub --ledger-key <base64 ledger key>
+        --auth-key device7-supernode-auth.pub --ledger-key=<base64 ledger key>
     fedrec server list-devices --dir /srv/fedrec
     fedrec server revoke-device --dir /srv/fedrec --device-id 7
 

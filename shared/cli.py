@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -199,9 +200,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose value is an Ed25519 public key in URL-safe base64. One key in 64 starts with
+# "-", which argparse would read as an option ("expected one argument").
+_KEY_OPTIONS = frozenset({"--ledger-key", "--public-key"})
+_KEY_TEXT = re.compile(r"[A-Za-z0-9_-]{43}=?")
+
+
+def _attach_key_values(argv: Sequence[str]) -> list[str]:
+    """Rewrite ``--ledger-key -abc...`` as ``--ledger-key=-abc...`` when the value is key-shaped.
+
+    Only a token that is exactly the text of a 32-byte key is attached, so a forgotten
+    value followed by another option still gets argparse's own error.
+    """
+    out: list[str] = []
+    tokens = list(argv)
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+        if token in _KEY_OPTIONS and nxt is not None and nxt.startswith("-") and _KEY_TEXT.fullmatch(nxt):
+            out.append(f"{token}={nxt}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedrec`` console command."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_attach_key_values(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args))
     except (ConfigError, DataError, KeyError, FileNotFoundError, ValueError) as exc:

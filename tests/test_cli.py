@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.cli import main
+from client.ledger_store import DeviceLedgerStore
+from shared.cli import _attach_key_values, build_parser, main
+from shared.privacy.accounting import rdp_epsilon
 
 
 def test_config_prints_the_resolved_configuration(capsys: pytest.CaptureFixture[str]) -> None:
@@ -49,3 +51,42 @@ def test_presets_lists_every_preset(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for name in ("default", "smoke", "no-dp", "sync", "sasrec", "large"):
         assert name in out
+
+
+def test_key_shaped_values_are_attached_to_key_options() -> None:
+    key = "-hOZhfGbPtfOZWCUE34JrC1kZwLP05VGVqSq98jhlXM="  # the value that failed CI: base64 that starts with "-"
+    argv = ["server", "register-device", "--ledger-key", key, "--replace-ledger-key"]
+    assert _attach_key_values(argv) == ["server", "register-device", f"--ledger-key={key}", "--replace-ledger-key"]
+    # A forgotten value is left for argparse to report, not swallowed as the key.
+    assert _attach_key_values(["--ledger-key", "--replace-ledger-key"]) == ["--ledger-key", "--replace-ledger-key"]
+    assert _attach_key_values(["--public-key", "-x"]) == ["--public-key", "-x"]
+    args = build_parser().parse_args(_attach_key_values(
+        ["server", "register-device", "--dir", "d", "--device-id", "1", "--auth-key", "k.pub", "--ledger-key", key]
+    ))  # fmt: skip
+    assert args.ledger_key == key
+
+
+def test_audit_of_a_device_ledger_whose_key_starts_with_a_dash(tmp_path: Path) -> None:
+    """One ledger key in 64 starts with "-": `--public-key KEY` (space form) must still reach the audit."""
+    for attempt in range(2000):
+        path = tmp_path / f"ledger-{attempt}.db"
+        with DeviceLedgerStore(path, device_id=3) as ledger:
+            key = ledger.identity().public_key
+            if not key.startswith("-"):
+                continue
+            history = [(1.1, 0.05, 40)]
+            ledger.append(run="r", version=0, task_id=0, unit="record", mechanism="subsampled-gaussian",
+                          noise_multiplier=1.1, sample_rate=0.05, steps=40, clip_norm=1.0, accountant="rdp",
+                          epsilon=rdp_epsilon(history, 1e-5), delta=1e-5, timestamp=1_700_000_000.0)  # fmt: skip
+        break
+    else:
+        pytest.fail("no key starting with '-' in 2000 draws")
+    out = tmp_path / "audit"
+    assert main(["audit", "--ledger", str(path), "--public-key", key, "--output", str(out)]) == 0
+    report = json.loads((out / "audit.json").read_text())
+    assert report["findings"] == []
+    # The same ledger under another key is a finding: the key given was the one checked.
+    other = tmp_path / "other.db"
+    with DeviceLedgerStore(other, device_id=4) as ledger:
+        other_key = ledger.identity().public_key
+    assert main(["audit", "--ledger", str(path), "--public-key", other_key, "--output", str(tmp_path / "o")]) == 1

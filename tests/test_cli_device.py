@@ -81,6 +81,8 @@ def test_enroll_import_recommend_for_real(
     out = capsys.readouterr().out
     with DeviceLedgerStore(store) as ledger:
         assert ledger.device_id == 5 and ledger.identity().public_key in out
+        # The printed server command carries the key in "=" form (a key may start with "-").
+        assert f"--device-id 5 --auth-key device-supernode-auth.pub --ledger-key={ledger.identity().public_key}" in out
     private, public = auth_key_paths(store.resolve())
     assert str(public) in out
     assert stat.S_IMODE(private.stat().st_mode) == 0o600 and stat.S_IMODE(key.stat().st_mode) == 0o600

@@ -366,7 +366,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             out = _run(
                 [str(BIN / "fedrec"), "server", "register-device", "--dir", str(server_dir),
                  "--device-id", str(device.index), "--auth-key", str(device.auth_pub),
-                 "--ledger-key", device.ledger_key],
+                 f"--ledger-key={device.ledger_key}"],
                 env,
             )  # fmt: skip
             assert f"device {device.index} registered" in out
