@@ -13,7 +13,12 @@ private model would have to approximate to beat popularity by a given factor:
   user's last L items (L = all: the whole history);
 * ``popularity + N(0, s^2)``: popularity counts with Gaussian noise (mean of 3 draws), the scale of
   noise a differentially private count or a DP-trained item bias would have to stay under;
-* ``item bias of RUN`` (``--model runs/RUN/global_model.pt``): a trained model's item bias alone.
+* ``item bias of RUN`` (``--model runs/RUN/global_model.pt``): a trained model's item bias alone;
+* ``markov L=5 + N(0, s^2)`` (``--transition-noise``): the Markov scorer on transition and popularity
+  counts that both carry Gaussian noise of std ``s`` per cell, the popularity weight picked on the
+  validation item. Two rows place the noise of one DP release of those counts at ``--epsilon``:
+  ``central`` (one noise draw on the fleet's sum: a trusted aggregator or secure aggregation) and
+  ``local`` (each device adds its own noise, as record-level DP on an untrusted server requires).
 
     python benchmarks/split_signal.py [--set key=value ...] [--json out.json]
 """
@@ -21,6 +26,7 @@ private model would have to approximate to beat popularity by a given factor:
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,6 +54,50 @@ def evaluate(devices: list[DeviceData], scores_of: Callable[[np.ndarray], np.nda
     return totals.as_dict()
 
 
+def validate(devices: list[DeviceData], scores_of: Callable[[np.ndarray], np.ndarray], k: int) -> float:
+    """Validation NDCG@k of a scorer that sees the training items only (for picking a weight)."""
+    totals = MetricTotals(k=k)
+    rng = np.random.default_rng(0)
+    for d in devices:
+        scores = scores_of(d.train_items)
+        totals.add(full_ranking(scores, d.valid_item, d.train_items, k),
+                   sampled_ranking(scores, d.valid_item, d.train_items, rng, 100, k))  # fmt: skip
+    return float(totals.as_dict()[f"ndcg@{k}"])
+
+
+# Candidate weights of the popularity counts next to the transition votes (picked on validation);
+# inf ranks by the noisy popularity alone, the better choice once the transitions drown in noise.
+_POPULARITY_WEIGHTS = (1e-3, 0.02, 0.05, 0.1, 1.0, math.inf)
+
+
+def markov(transitions: np.ndarray, pop: np.ndarray, weight: float) -> Callable[[np.ndarray], np.ndarray]:
+    """The user's last 5 items vote (weights 0.8^age) for their successors, plus weighted popularity."""
+
+    if math.isinf(weight):
+        return _fixed(pop)
+
+    def scores(history: np.ndarray) -> np.ndarray:
+        last = history[-5:]
+        weights = 0.8 ** np.arange(len(last))[::-1]
+        return (weights[:, None] * transitions[last]).sum(axis=0) + weight * pop
+
+    return scores
+
+
+def gaussian_sd(epsilon: float, delta: float) -> float:
+    """Noise std of one Gaussian release of a sensitivity-1 query that is (epsilon, delta)-DP (PLD, tight)."""
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
+    def eps(sd: float) -> float:
+        return float(pld.from_gaussian_mechanism(sd, value_discretization_interval=1e-4).get_epsilon_for_delta(delta))
+
+    lo, hi = 0.05, 50.0
+    for _ in range(40):  # bisection: epsilon falls as the noise grows
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if eps(mid) <= epsilon else (mid, hi)
+    return hi
+
+
 def _fixed(scores: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """A scorer that gives every user the same scores."""
     return lambda history: scores
@@ -59,6 +109,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--count-noise", type=float, nargs="*", default=[60.0, 120.0],
                         help="also rank by popularity plus Gaussian noise of these std devs (in interactions)")
+    parser.add_argument("--transition-noise", type=float, nargs="*", default=[],
+                        help="also rank by the Markov scorer with Gaussian noise of these std devs on every count")
+    parser.add_argument("--epsilon", type=float, default=8.0,
+                        help="with --transition-noise: the per-device budget of the central/local release rows")
     parser.add_argument("--model", type=Path, action="append", default=[],
                         help="also rank by the item bias of this saved global_model.pt (repeatable)")
     args = parser.parse_args()
@@ -97,6 +151,22 @@ def main() -> None:
         draws = [pop + np.random.default_rng(seed).normal(0.0, sd, pop.shape) for seed in range(3)]
         runs = [evaluate(devices, _fixed(scores), k) for scores in draws]
         rows[f"popularity + N(0,{sd:g}^2)"] = {key: float(np.mean([r[key] for r in runs])) for key in runs[0]}
+    if args.transition_noise:
+        # One record joins at most two consecutive pairs and its item's count; removing it also joins its
+        # neighbours (items in a history are distinct): L2 sensitivity sqrt(3 + 1) = 2.
+        sd_unit = gaussian_sd(args.epsilon, cfg.privacy.delta)
+        levels = [(f"{s:g}", s) for s in args.transition_noise] + [
+            (f"central eps={args.epsilon:g}: {2 * sd_unit:.2f}", 2 * sd_unit),
+            (f"local eps={args.epsilon:g}: {2 * sd_unit * np.sqrt(len(devices)):.1f}",
+             2 * sd_unit * np.sqrt(len(devices))),
+        ]  # fmt: skip
+        for label, sd in levels:
+            rng = np.random.default_rng(1)
+            noisy_t = transitions + rng.normal(0.0, sd, transitions.shape)
+            noisy_pop = pop + rng.normal(0.0, sd, pop.shape)
+            weight = max(_POPULARITY_WEIGHTS, key=lambda w: validate(devices, markov(noisy_t, noisy_pop, w), k))
+            name = f"markov L=5 + N(0,s^2), s={label}" + (" (popularity alone)" if math.isinf(weight) else "")
+            rows[name] = evaluate(devices, markov(noisy_t, noisy_pop, weight), k)
     if args.model:
         import torch  # only to read saved models
     for path in args.model:
@@ -106,9 +176,10 @@ def main() -> None:
 
     base = rows["popularity"]["ndcg@10"]
     print(f"non-private ceilings on {info.source} (test item, full ranking over unseen items)")
-    print(f"{'scorer':26s} {'HR@10':>8s} {'NDCG@10':>8s} {'x popularity':>13s}")
+    width = max(26, *map(len, rows))
+    print(f"{'scorer':{width}s} {'HR@10':>8s} {'NDCG@10':>8s} {'x popularity':>13s}")
     for name, m in rows.items():
-        print(f"{name:26s} {m['hr@10']:8.4f} {m['ndcg@10']:8.4f} {m['ndcg@10'] / base:13.2f}")
+        print(f"{name:{width}s} {m['hr@10']:8.4f} {m['ndcg@10']:8.4f} {m['ndcg@10'] / base:13.2f}")
     dump(args.json, {"rows": rows, "source": info.source})
 
 
