@@ -213,7 +213,9 @@ class Federation:
 
         The server sees only each cohort's sum. Simulated drop-outs never join the round;
         devices' ledger entries, which the legacy SecAgg+ reply cannot carry, are fetched
-        with a query after each round and verified like any others.
+        with a query after each round and verified like any others, before the sum is
+        applied: a contribution whose ledger fails cannot be taken back out of a masked
+        sum, so the whole aggregate is then withheld.
         """
         from server.secagg import SecAggError, run_secagg_round
 
@@ -242,27 +244,42 @@ class Federation:
                     log.warning("SecAgg+ round at version %d failed: %s", sched.version, exc)
             else:
                 log.warning("cohort at version %d has %d live devices; SecAgg+ needs 3", sched.version, len(live))
-            for c in sched.complete_cohort(tasks, delta, contributed):
+            rejected = self._collect_ledgers({t.device_id: t.task_id for t in tasks if t.device_id in contributed})
+            if rejected and delta is not None:
+                log.warning(
+                    "SecAgg+ aggregate at version %d withheld: ledgers of devices %s failed verification",
+                    sched.version, sorted(rejected),
+                )
+                delta = None
+            for c in sched.complete_cohort(tasks, delta, contributed, rejected=rejected):
                 self._record(c, None)
-            self._collect_ledgers(sorted(contributed), tasks)
             if delta is not None:
                 self._on_version(sched.version)
 
-    def _collect_ledgers(self, devices: list[int], tasks: list[Task]) -> None:
-        """Fetch and verify the new ledger entries of ``devices`` (after a SecAgg+ round)."""
+    def _collect_ledgers(self, contributors: dict[int, int]) -> set[int]:
+        """Fetch and verify the new ledger entries of SecAgg+ contributors (device -> task id).
+
+        Returns the devices whose ledger did not arrive or failed verification, including
+        a ledger without a release for the task whose update is in the sum.
+        """
         if self.intake is None or not self.intake.enabled:
-            return
-        del tasks  # the entries name their own tasks
+            return set()
         mids = {}
-        for device in devices:
+        for device in sorted(contributors):
             conf = ConfigRecord({"ledger-head": self.intake.head_seq(device)})
             mids[device] = self.driver.send(device, RecordDict({"config": conf}), MessageType.QUERY)
+        rejected = set()
         for device, mid in mids.items():
             reply = self.driver.wait(mid)
             if reply is None or reply.has_error():
                 log.warning("device %d did not send its ledger", device)
+                rejected.add(device)
                 continue
-            self._check_ledger(device, None, reply, None)
+            result = self._check_ledger(device, contributors[device], reply, None)
+            if not result.accepted:
+                log.warning("device %d: ledger rejected: %s", device, "; ".join(result.problems))
+                rejected.add(device)
+        return rejected
 
     def _note_epsilon(self, device_id: int, epsilon: float) -> None:
         """Keep the highest cumulative epsilon any reply of the device has reported.
@@ -485,6 +502,7 @@ class Federation:
                 "updates-rejected-stale": counts.get("rejected-stale", 0),
                 "tasks-failed": counts.get("failed", 0),
                 "updates-rejected-ledger": counts.get("rejected-ledger", 0),
+                "updates-withheld": counts.get("withheld", 0),
                 "tasks-dropped": counts.get("dropped", 0),
                 "tasks-timed-out": counts.get("timeout", 0),
                 "tasks-refused": counts.get("refused", 0),

@@ -95,7 +95,7 @@ class Completion:
     """What processing one task did, for logging and the results store."""
 
     task: Task
-    status: str  # accepted | rejected-stale | failed | dropped | timeout | refused
+    status: str  # accepted | rejected-stale | rejected-ledger | failed | dropped | timeout | refused | withheld
     staleness: int | None
     applied_version: int | None  # the version this completion produced, if it applied the buffer
     num_examples: int | None
@@ -285,14 +285,22 @@ class Scheduler:
 
     def complete_cohort(
         self, tasks: list[Task], mean_delta: StateDict | None, contributed: set[int],
-        num_examples: dict[int, int] | None = None,
+        num_examples: dict[int, int] | None = None, rejected: set[int] | frozenset[int] = frozenset(),
     ) -> list[Completion]:
         """Sync mode with secure aggregation: complete a whole cohort from its aggregate alone.
 
         The server never sees individual updates, only the cohort's example-weighted mean
-        delta (``mean_delta``; None when the round failed). ``contributed`` are the devices
-        whose updates are in it; the others failed or dropped out.
+        delta (``mean_delta``; None when the round failed or was withheld). ``contributed``
+        are the devices whose updates are in it; the others failed or dropped out.
+        ``rejected`` are contributors whose ledger failed verification: one bad update
+        cannot be taken back out of a masked sum, so the caller withholds the whole
+        aggregate (``mean_delta`` None); the rejected devices count a failure, the other
+        contributors are ``withheld`` without blame.
         """
+        if rejected and mean_delta is not None:
+            raise ValueError("an aggregate with a rejected contribution must not be applied")
+        if not rejected <= contributed:
+            raise ValueError("only contributors' ledgers can be rejected")
         if self.cfg.mode != "sync":
             raise RuntimeError("a cohort is completed at once only in synchronous mode")
         if sorted(self._in_flight) != sorted(tasks):
@@ -311,11 +319,13 @@ class Scheduler:
             self.status[t.device_id] = DeviceStatus.IDLE
             if t.lost:
                 status = t.lost
-            elif t.device_id in contributed:
+            elif t.device_id in contributed and t.device_id not in rejected and applied is not None:
                 status = "accepted"
                 self._consecutive_failures[t.device_id] = 0
+            elif t.device_id in contributed and t.device_id not in rejected and rejected:
+                status = "withheld"  # honest, but in a sum that also held a rejected update
             else:
-                status = "failed"
+                status = "rejected-ledger" if t.device_id in rejected else "failed"
                 self._consecutive_failures[t.device_id] += 1
                 if self._consecutive_failures[t.device_id] >= self.cfg.max_device_failures:
                     self.status[t.device_id] = DeviceStatus.RETIRED

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from server.scheduler import DeviceStatus, Failure, Refusal, Scheduler, Update
@@ -235,3 +236,23 @@ def test_user_level_aggregation_clips_and_adds_the_configured_noise() -> None:
                                torch.Generator().manual_seed(1))["w"]
     assert noise.abs().max() > 0
     torch.testing.assert_close(s.params["w"].double(), (k * clipped + noise) / k, atol=1e-6, rtol=0)
+
+
+def test_a_secure_cohort_with_a_rejected_contributor_applies_nothing_and_blames_only_it() -> None:
+    s = _scheduler(mode="sync", concurrency=4)
+    tasks = s.dispatch()
+    ids = {t.device_id for t in tasks}
+    bad = min(ids)
+    delta = {"w": torch.ones(3)}
+    with pytest.raises(ValueError, match="must not be applied"):
+        s.complete_cohort(tasks, delta, ids, rejected={bad})
+    with pytest.raises(ValueError, match="only contributors"):
+        s.complete_cohort(tasks, None, ids - {bad}, rejected={bad})
+    log = s.complete_cohort(tasks, None, ids, rejected={bad})
+    assert s.version == 0 and torch.equal(s.params["w"], PARAMS["w"])
+    status = {c.task.device_id: c.status for c in log}
+    assert status[bad] == "rejected-ledger"
+    assert {status[d] for d in ids - {bad}} == {"withheld"}
+    assert all(c.applied_version is None for c in log)
+    assert s._consecutive_failures[bad] == 1
+    assert all(s._consecutive_failures[d] == 0 for d in ids - {bad})

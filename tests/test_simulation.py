@@ -188,6 +188,58 @@ def test_secure_aggregation_gives_the_plain_fedavg_model_within_quantization(tmp
     assert secure["privacy"]["epsilon-max"] == pytest.approx(plain["privacy"]["epsilon-max"])
 
 
+def test_secure_aggregation_withholds_a_sum_whose_contributor_ledger_fails(tmp_path: Path) -> None:
+    """A SecAgg+ contributor whose ledger does not verify: the masked sum is never applied.
+
+    Device 0 answers the post-round ledger query with no entries (as a device hiding its
+    spending would). Its update cannot be taken back out of the cohort's sum, so every
+    cohort it joins is withheld, it is retired after ``max-device-failures`` rejections,
+    and the honest contributors' spending is still recorded from their verified entries.
+    """
+    from flwr.app import ConfigRecord, MessageType
+
+    from client.app import build_client_app
+    from server.app import run_federation
+    from shared.config import parse_config, to_flat
+    from simulations.local_grid import LocalGrid
+
+    class HidingDeviceGrid(LocalGrid):
+        def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+            replies = list(super().pull_messages(message_ids))
+            for reply in replies:
+                hiding = reply.metadata.src_node_id == 1 and reply.metadata.message_type == MessageType.QUERY
+                if hiding and not reply.has_error() and "ledger" in reply.content.config_records:
+                    reply.content.config_records["ledger"] = ConfigRecord({"entries": []})
+            return replies
+
+    cfg = parse_config(
+        _overrides(tmp_path, "hiding", mode="sync", concurrency=8, num_versions=2, secure_aggregation=True)
+    )
+    grid = HidingDeviceGrid(build_client_app(to_flat(cfg)), 8)
+    summary = run_federation(grid, cfg)
+    agg = summary["aggregation"]
+    assert agg["versions"] == 2
+    assert agg["updates-rejected-ledger"] == cfg.aggregation.max_device_failures
+    assert agg["updates-withheld"] >= cfg.aggregation.max_device_failures
+    assert agg["devices-retired"] == 1
+    with RunStore(f"sqlite:///{tmp_path / 'hiding' / 'fedrec.db'}") as store:
+        (run_id,) = store.run_ids()
+        tasks = store.tasks(run_id)
+        spent = {r.task_id for r in store.privacy_records(run_id) if r.status == "spent"}
+    hidden = [t for t in tasks if t.device_id == 0]
+    assert hidden and all(t.status == "rejected-ledger" and t.applied_version is None for t in hidden)
+    withheld = [t for t in tasks if t.status == "withheld"]
+    assert all(t.applied_version is None and t.device_id != 0 for t in withheld)
+    # A withheld cohort applies nothing: every applied version comes from a cohort without device 0.
+    for t in tasks:
+        if t.applied_version is not None:
+            cohort = [u for u in tasks if u.base_version == t.base_version and u.dispatched_at == t.dispatched_at]
+            assert all(u.device_id != 0 for u in cohort)
+    # The honest devices spent privacy in the withheld rounds too, and the server recorded it.
+    assert {t.task_id for t in withheld} <= spent
+    assert not {t.task_id for t in hidden} & spent
+
+
 @pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8, 16, 64])
 def test_cpus_per_actor_gives_flower_a_pool_of_exactly_the_asked_size(cpus: int) -> None:
     from simulations.runner import _cpus_per_actor
