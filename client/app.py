@@ -112,7 +112,9 @@ def _personal_store(context: Context) -> DeviceDataStore | None:
     return DeviceDataStore(path, _device_index(context), key)
 
 
-def _device(cfg: FedrecConfig, context: Context, store: DeviceLedgerStore | None = None) -> Device:
+def _device(
+    cfg: FedrecConfig, context: Context, store: DeviceLedgerStore | None = None, run_user_budget: float | None = None
+) -> Device:
     deployed = device_data_from_node(cfg, context.node_config)
     if deployed is not None:
         # A real device: its own encrypted store, which survives restarts of the process.
@@ -135,7 +137,7 @@ def _device(cfg: FedrecConfig, context: Context, store: DeviceLedgerStore | None
         ]
         state.user_contributions = sum(1 for e in entries if e.unit == "user")
         state.tasks_done = sum(1 for e in entries if e.unit == "record") or state.tasks_done
-    return Device(cfg, data, num_items, state)
+    return Device(cfg, data, num_items, state, run_user_budget)
 
 
 def _record_releases(
@@ -202,19 +204,20 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     fixed = dict(overrides or {})
     app = ClientApp(mods=wire_log_mods())  # inert unless $FEDREC_WIRE_LOG is set
 
-    def config_and_policy(context: Context) -> tuple[FedrecConfig, DevicePolicy | None]:
-        cfg = parse_config({**dict(context.run_config), **fixed})
+    def run_and_device_config(context: Context) -> tuple[FedrecConfig, FedrecConfig, DevicePolicy | None]:
+        """The run's config, the config this device trains under, and its policy (None: simulated)."""
+        run = parse_config({**dict(context.run_config), **fixed})
         policy = DevicePolicy.from_node_config(context.node_config)
         # A deployed device's own limits win over the run config (client/policy.py).
-        return (policy.apply(cfg) if policy is not None else cfg), policy
+        return run, (policy.apply(run) if policy is not None else run), policy
 
     def config_of(context: Context) -> FedrecConfig:
-        return config_and_policy(context)[0]
+        return run_and_device_config(context)[1]
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         try:
-            cfg = config_of(context)
+            run_cfg, cfg, _policy = run_and_device_config(context)
         except PolicyViolation as exc:
             if is_secagg_message(msg):
                 raise  # Flower's SecAgg+ flow reports a raising client as a failure
@@ -232,14 +235,15 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             conf = msg.content.config_records["config"]
             store = _open_store(cfg, context)
             try:
-                return _train(cfg, msg, context, store, conf)
+                return _train(cfg, msg, context, store, conf, run_cfg.privacy.user_epsilon_budget)
             finally:
                 store.close()
 
     def _train(
-        cfg: FedrecConfig, msg: Message, context: Context, store: DeviceLedgerStore, conf: ConfigRecord
+        cfg: FedrecConfig, msg: Message, context: Context, store: DeviceLedgerStore, conf: ConfigRecord,
+        run_user_budget: float,
     ) -> Message:
-        device = _device(cfg, context, store)
+        device = _device(cfg, context, store, run_user_budget)
         task_seed = get_int(conf, "task-seed")
         reply = device.train(_global_params(msg), task_seed)
         if isinstance(reply, RefusalReply):
@@ -278,7 +282,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        cfg, policy = config_and_policy(context)
+        _run_cfg, cfg, policy = run_and_device_config(context)
         conf = msg.content.config_records["config"]
         # Counting and recording the answer are one step per device, like a training task's budget.
         with exclusive_task(_store_path(cfg, context)):

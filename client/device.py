@@ -20,7 +20,7 @@ from shared.metrics import RankResult, full_ranking, sampled_ranking, top_k
 from shared.models.base import Recommender, UserContext
 from shared.models.factory import build_model
 from shared.privacy.accounting import BudgetExhausted, DeviceAccountant
-from shared.privacy.user_level import RenyiFilter, clip_update
+from shared.privacy.user_level import RenyiFilter, choose_order, clip_update
 from shared.seeding import EVAL_SAMPLING, MODEL_INIT, device_seed
 from shared.training import plan_release, train_locally
 
@@ -69,11 +69,17 @@ class EvalReply:
 class Device:
     """One device's runtime: its data, its state, and the model code."""
 
-    def __init__(self, cfg: FedrecConfig, data: DeviceData, num_items: int, state: DeviceState) -> None:
+    def __init__(
+        self, cfg: FedrecConfig, data: DeviceData, num_items: int, state: DeviceState,
+        run_user_budget: float | None = None,
+    ) -> None:
         self.cfg = cfg
         self.data = data
         self.num_items = num_items
         self.state = state
+        # The run's own user-level budget, which fixes the Rényi order its filter uses
+        # (server and intake alike); the device's policy may enforce a lower budget.
+        self.run_user_budget = cfg.privacy.user_epsilon_budget if run_user_budget is None else run_user_budget
 
     def _model(self, global_params: dict[str, torch.Tensor]) -> Recommender:
         # The device's model has a user table of one row: its own user.
@@ -106,7 +112,10 @@ class Device:
         p = self.cfg.privacy
         if not p.user_dp:
             return None
-        user_filter = RenyiFilter(p.user_noise_multiplier, p.delta, p.user_epsilon_budget)
+        # Same order as the server's filter, so that the ε the device signs is the one the
+        # server recomputes; its own (possibly lower) budget is enforced at that order.
+        order = choose_order(p.user_noise_multiplier, self.run_user_budget, p.delta)
+        user_filter = RenyiFilter(p.user_noise_multiplier, p.delta, p.user_epsilon_budget, order=order)
         for _ in range(self.state.user_contributions):
             user_filter.charge(0, 1.0)
         return user_filter

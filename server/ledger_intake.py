@@ -116,7 +116,13 @@ class LedgerIntake:
         return problems
 
     def _claims(self, stored: Sequence[LedgerEntry], new: Sequence[LedgerEntry]) -> list[str]:
-        """Each new entry's cumulative epsilon must be what its unit's accountant gives."""
+        """Each new entry's cumulative epsilon must be what its unit's accountant gives.
+
+        A device's ledger spans runs with other settings, so an entry is priced by what
+        it names: a record entry by its own accountant (RDP here; the audit recomputes
+        PRV claims), a user entry only if it belongs to this run, whose filter the
+        server knows (earlier runs' user entries count towards the total, as on the device).
+        """
         problems: list[str] = []
         history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in stored if e.unit == "record"]
         users = sum(1 for e in stored if e.unit == "user")
@@ -124,11 +130,13 @@ class LedgerIntake:
         for e in new:
             if e.unit == "record":
                 history.append((e.noise_multiplier, e.sample_rate, e.steps))
-                if self.cfg.privacy.accountant != "rdp":
-                    continue  # the audit recomputes PRV claims; RDP is what is checked here
+                if e.accountant != "rdp":
+                    continue
                 truth = rdp_epsilon(history, e.delta)
             elif e.unit == "user":
                 users += 1
+                if e.run != self.run_label:
+                    continue
                 f = RenyiFilter(p.user_noise_multiplier, p.delta, p.user_epsilon_budget)
                 for _ in range(users):
                     f.charge(0, 1.0)
