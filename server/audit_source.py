@@ -46,12 +46,7 @@ def load_run(path: Path, run_id: int | None = None) -> tuple[AuditInput, float |
         except ConfigError as exc:
             raise AuditSourceError(f"{db}: run {rid} has an unreadable configuration: {exc}") from None
         spent = [r for r in runs.privacy_records(rid) if r.status == "spent"]
-        # One record-level entry per spent release, and one user-level entry per task too
-        # when user-level DP is on (the device logs both for each update it sends).
-        units = 1 + int(parse_config(runs.run_info(rid).config).privacy.user_dp)
-        expected: dict[int, int] = {}
-        for r in spent:
-            expected[r.device_id] = expected.get(r.device_id, 0) + units
+        run_label = runs.run_info(rid).ledger_label
         releases: dict[int, list[UserRelease]] = {}
         for u in runs.user_releases(rid):
             releases.setdefault(u.device_id, []).append(
@@ -64,6 +59,21 @@ def load_run(path: Path, run_id: int | None = None) -> tuple[AuditInput, float |
             ledgers.setdefault(e.device_id, []).append(e)
         rejected = store.rejections()
         rejections = len(rejected)
+    # The chain a device uploads spans its whole life, earlier runs with or without user-level
+    # DP included, so its expected length is counted per unit: one record-level entry per spent
+    # row (the server logs one for every record entry it verified, whichever run made it), one
+    # user-level entry per such row of this run when this run has user-level DP, and the user
+    # entries of earlier runs as stored (their runs' settings are not known here). A deleted tail
+    # of this run's entries then shows as missing.
+    expected: dict[int, int] = {}
+    for r in spent:
+        expected[r.device_id] = expected.get(r.device_id, 0) + 1
+    for device, rows in list(expected.items()):
+        chain = ledgers.get(device, [])
+        earlier = [e for e in chain if run_label is not None and e.run != run_label]
+        this_run_rows = rows - sum(1 for e in earlier if e.unit == "record")
+        user_entries = sum(1 for e in earlier if e.unit == "user")
+        expected[device] = rows + user_entries + (max(this_run_rows, 0) if cfg.privacy.user_dp else 0)
     p = cfg.privacy
     order = choose_order(p.user_noise_multiplier, p.user_epsilon_budget, p.delta) if p.user_dp else None
     data = AuditInput(
@@ -77,5 +87,6 @@ def load_run(path: Path, run_id: int | None = None) -> tuple[AuditInput, float |
         user_releases=releases,
         rejections=rejections,
         rejected_uploads=[(r.device_id, r.task_id, r.kind, r.detail) for r in rejected],
+        run_label=run_label,
     )
     return data, order

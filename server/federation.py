@@ -125,6 +125,7 @@ class Federation:
         self.run_id = store.start_run(run_name, cfg.seed, to_flat(cfg))
         # Unique across runs (the database restarts run ids): ledger entries name their run.
         self.run_label = f"{run_name}#{self.run_id}-{secrets.token_hex(4)}"
+        store.label_run(self.run_id, self.run_label)
         self.intake = LedgerIntake(cfg, privacy_store) if privacy_store is not None else None
         if self.intake is not None:
             self.intake.run_label = self.run_label

@@ -319,3 +319,40 @@ def test_a_run_with_the_prv_accountant_passes_and_its_claims_are_recomputed(tmp_
     assert record and record[-1].accountant == "prv"
     rdp = independent_record_epsilon([(e.noise_multiplier, e.sample_rate, e.steps) for e in record], 1e-5)
     assert rdp > record[-1].epsilon * 1.01
+
+
+@pytest.mark.parametrize("earlier_user_dp", [True, False])
+def test_a_ledger_spanning_runs_with_and_without_user_dp_audits_clean_and_a_deleted_tail_is_found(
+    tmp_path: Path, earlier_user_dp: bool
+) -> None:
+    """Devices keep their stores across runs: the audited run's DB holds their lifetime chains.
+
+    An earlier run with user-level DP logged two entries per task, a record-level-only run one
+    (and the other way round). The audit must count the expected chain per unit and per run:
+    no false ``deleted`` for an honest chain, and a removed tail of this run's entries found.
+    """
+    stores = tmp_path / "device-stores"
+    first = {**_overrides(tmp_path / "first"), "user-dp": earlier_user_dp, "device-store-dir": str(stores),
+             "num-versions": 4}
+    second = {**_overrides(tmp_path / "second"), "user-dp": not earlier_user_dp,
+              "device-store-dir": str(stores), "num-versions": 2}
+    simulate(first, backend="local")
+    simulate(second, backend="local")
+    run = tmp_path / "second"
+    code, report = _audit(str(run))
+    assert code == 0, report["findings"]
+    db = run / "fedrec.db"
+    label = sqlite3.connect(db).execute("SELECT ledger_label FROM runs").fetchone()[0]
+    # A device with entries from both runs; remove its last entry of this run's (a record-level one).
+    rows_by_device = {d: _rows(db, d) for d in range(8)}
+    device = max(
+        (d for d, rows in rows_by_device.items() if {r["run"] == label for r in rows} == {True, False}),
+        key=lambda d: len(rows_by_device[d]),
+    )
+    last_record = [r for r in rows_by_device[device] if r["run"] == label and r["unit"] == "record"][-1]
+    tail = [r for r in rows_by_device[device] if r["seq"] >= last_record["seq"]]
+    for r in tail:
+        _execute(db, "DELETE FROM ledger_entries WHERE id = ?", r["id"])
+    code, report = _audit(str(run))
+    assert code == 1
+    assert any(f["kind"] == "deleted" and f["device_id"] == device for f in report["findings"])

@@ -80,6 +80,8 @@ class AuditInput:
     # Uploads the server refused at intake: (device, task, kind, detail). Each is a finding:
     # the device spent budget on a release whose record could not be verified.
     rejected_uploads: Sequence[tuple[int, int, str, str]] = ()
+    # The audited run's ledger label (entries name the run they were made in); None: unknown.
+    run_label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -205,10 +207,9 @@ def _recompute_record_claim(
     return recomputed, error <= TOLERANCE, f"relative error {error:.2%}, tolerance {TOLERANCE:.0%}"
 
 
-def _device_user_epsilon(count: int, entries: Sequence[LedgerEntry], order: float | None, delta: float) -> float:
-    if not count or order is None:
-        return 0.0
-    return user_level_epsilon([1.0] * count, entries[0].noise_multiplier, delta, order)
+def _device_user_epsilon(count: int, last: LedgerEntry, order: float) -> float:
+    # The device prices its lifetime count of updates at its latest entry's noise and delta.
+    return user_level_epsilon([1.0] * count, last.noise_multiplier, last.delta, order)
 
 
 def run_audit(data: AuditInput, user_order: float | None = None) -> AuditReport:
@@ -241,7 +242,8 @@ def run_audit(data: AuditInput, user_order: float | None = None) -> AuditReport:
         rec_claim = record[-1].epsilon if record else 0.0
         history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in record]
         rec_true, agrees, how = _recompute_record_claim(
-            rec_claim, history, data.delta, prv=bool(record) and record[-1].accountant == "prv"
+            rec_claim, history, record[-1].delta if record else data.delta,
+            prv=bool(record) and record[-1].accountant == "prv",
         )
         if record and not agrees:
             findings.append(Finding(
@@ -250,9 +252,13 @@ def run_audit(data: AuditInput, user_order: float | None = None) -> AuditReport:
                 f"recomputed {rec_true:.6g} ({how})",
             ))
         # User level, device side: full weight per update it sent.
+        # Only a claim made in the audited run is priced at its filter order: an earlier run's
+        # order came from that run's budget, which the audit does not know.
         dev_user_claim = user[-1].epsilon if user else 0.0
-        dev_user_true = _device_user_epsilon(len(user), user, user_order, data.delta)
-        if user and user_order is not None and relative_error(dev_user_claim, dev_user_true) > TOLERANCE:
+        dev_user_true = 0.0
+        if user and user_order is not None and data.run_label in (None, user[-1].run):
+            dev_user_true = _device_user_epsilon(len(user), user[-1], user_order)
+        if dev_user_true and relative_error(dev_user_claim, dev_user_true) > TOLERANCE:
             findings.append(Finding(
                 "claim-mismatch", device, user[-1].seq, "user",
                 f"device {device} claims user-level epsilon {dev_user_claim:.6g} for {len(user)} updates; "

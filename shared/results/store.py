@@ -217,6 +217,7 @@ class RunInfo:
     finished_at: datetime | None
     config: dict[str, Any]
     summary: dict[str, Any] | None
+    ledger_label: str | None = None  # what devices' ledger entries of this run name it
 
 
 # ------------------------------------------------------------------------------- ORM
@@ -290,6 +291,9 @@ class RunRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(comment="UTC wall-clock end; NULL if unfinished")
     config: Mapped[dict[str, Any]] = mapped_column(comment="flat run configuration")
     summary: Mapped[dict[str, Any] | None] = mapped_column(comment="final metrics; NULL if unfinished")
+    ledger_label: Mapped[str | None] = mapped_column(
+        String(255), default=None, comment="the run label devices' ledger entries of this run carry"
+    )
 
 
 def _run_fk() -> Mapped[int]:
@@ -618,6 +622,15 @@ class RunStore:
             rows.clear()
         self._pending_count = 0
 
+    def label_run(self, run_id: int, ledger_label: str) -> None:
+        """Record the label this run's ledger entries carry (the audit tells its entries from earlier runs')."""
+        self._require_run(run_id)
+        with self._sessions.begin() as session:
+            row = session.get(RunRow, run_id)
+            if row is None:
+                raise KeyError(f"unknown run_id {run_id}")
+            row.ledger_label = ledger_label
+
     def finish_run(self, run_id: int, summary: Mapping[str, object]) -> None:
         """Flush pending rows and mark the run finished with its summary.
 
@@ -676,6 +689,7 @@ class RunStore:
                 finished_at=row.finished_at,
                 config=row.config,
                 summary=row.summary,
+                ledger_label=row.ledger_label,
             )
 
     def run_summary(self, run_id: int) -> dict[str, Any] | None:
