@@ -298,16 +298,18 @@ class Federation:
         if reply.has_error() or "metrics" not in reply.content.metric_records:
             return
         metrics = reply.content.metric_records["metrics"]
-        if not self.cfg.privacy.dp or "epsilon" not in metrics or task is None:
+        if not self.cfg.privacy.dp or "epsilon" not in metrics:
             return
         status = reply.content.config_records.get("status")
         if status is None or str(status.get("status", "")) != "ok":
             return  # a late refusal spent nothing
         self._note_epsilon(device_id, get_float(metrics, "epsilon"))
         if self.intake is not None:
+            # Whether or not the task is still known here (a device with two lost tasks has one
+            # entry in _lost), its signed entries name their own tasks.
             examples = get_int(metrics, "num-examples") if "num-examples" in metrics else None
             self._check_ledger(device_id, None, reply, examples)
-        else:
+        elif task is not None:
             self._add_privacy(task, metrics, "spent")
 
     def _check_ledger(

@@ -283,3 +283,43 @@ def test_default_actors_is_one_more_than_the_cores_as_far_as_memory_allows() -> 
     assert default_actors(cpus=64, memory_gib=32.0) == 30  # 1 GiB each after 2 GiB reserved
     assert default_actors(cpus=8, memory_gib=2.5) == 1
     assert default_actors() >= 1  # this machine
+
+
+def test_a_late_reply_is_verified_and_recorded_even_when_its_lost_task_is_no_longer_known(tmp_path: Path) -> None:
+    """A device with two lost tasks: the second late reply still delivers its signed entry."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+    from client.app import build_client_app
+    from server.federation import Federation
+    from server.privacy_store import PrivacyStore
+    from server.scheduler import Task
+    from shared.config import parse_config, to_flat
+    from shared.data.partition import prepare_partitions
+    from shared.models.factory import build_model
+    from simulations.local_grid import LocalGrid
+
+    cfg = parse_config(_overrides(tmp_path, "late"))
+    info = prepare_partitions(cfg.data)
+    model = build_model(cfg.model, info.num_items, 1, seed=cfg.seed)
+    initial = {k: v.detach().clone() for k, v in model.global_state().items()}
+    grid = LocalGrid(build_client_app(to_flat(cfg)), info.num_devices)
+    (tmp_path / "late").mkdir()
+    url = f"sqlite:///{tmp_path / 'late' / 'fedrec.db'}"
+    with RunStore(url) as runs, PrivacyStore(url) as privacy:
+        fed = Federation(grid, cfg, info.num_devices, info.num_items, initial, runs, privacy_store=privacy)
+        fed.driver.discover(info.num_devices, timeout=30.0)
+        fed.intake.register(0, fed.driver.public_keys.get(0))  # type: ignore[union-attr]
+        replies = []
+        for task_id in (1, 2):  # both dispatched before the server held any entry of device 0
+            conf = ConfigRecord({"version": 0, "task-seed": task_id, "run": fed.run_label, "ledger-head": -1})
+            msg = Message(RecordDict({"global": ArrayRecord(initial), "config": conf}),
+                          dst_node_id=1, message_type=MessageType.TRAIN)
+            replies.append(grid.send_and_receive([msg], timeout=30.0)[0])  # type: ignore[index]
+        fed._lost[0] = Task(1.0, 0, task_id=1, device_id=0, base_version=0, dispatched_at=0.0, lost="dropped")
+        fed._late_reply(0, replies[0])
+        fed._late_reply(0, replies[1])  # its task is no longer in _lost
+        stored = privacy.entries(0)
+        assert [e.task_id for e in stored] == [1, 2]
+        assert fed.device_epsilon[0] == pytest.approx(stored[-1].epsilon)
+        spending = [r.task_id for r in runs.privacy_records(fed.run_id, 0) if r.status == "spent"]
+    assert spending == [1, 2]
