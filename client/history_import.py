@@ -78,18 +78,26 @@ def _item_id(raw: Any, num_items: int) -> int:
     return value
 
 
+def _to_float(raw: Any, name: str) -> float:
+    """``float(raw)`` for an int, a float or a numeric string; an int beyond float range is a ValueError."""
+    try:
+        return float(raw)
+    except OverflowError:
+        raise ValueError(f"{name} {raw!r} is out of range") from None
+
+
 def _timestamp(raw: Any) -> float:
     """Unix seconds from a number, a numeric string or an ISO 8601 string; ValueError says why not."""
     if isinstance(raw, bool) or raw is None:
         raise ValueError(f"timestamp must be Unix seconds or an ISO 8601 date-time, found {raw!r}")
     if isinstance(raw, (int, float)):
-        value = float(raw)
+        value = _to_float(raw, "timestamp")
     elif isinstance(raw, str):
         text = raw.strip()
         if not text:
             raise ValueError("timestamp is empty")
         if _NUMBER_RE.fullmatch(text):
-            value = float(text)
+            value = _to_float(text, "timestamp")
         else:
             try:
                 moment = datetime.fromisoformat(text)
@@ -99,7 +107,10 @@ def _timestamp(raw: Any) -> float:
                 ) from None
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
-            value = moment.timestamp()
+            try:
+                value = moment.timestamp()
+            except (OverflowError, OSError, ValueError):
+                raise ValueError(f"timestamp {raw!r} is out of range") from None
     else:
         raise ValueError(f"timestamp must be Unix seconds or an ISO 8601 date-time, found {raw!r}")
     if not math.isfinite(value):
@@ -115,9 +126,9 @@ def _rating(raw: Any) -> float | None:
     if isinstance(raw, bool):
         raise ValueError(f"rating must be a number, found {raw!r}")
     if isinstance(raw, (int, float)):
-        value = float(raw)
+        value = _to_float(raw, "rating")
     elif isinstance(raw, str) and _NUMBER_RE.fullmatch(raw.strip()):
-        value = float(raw.strip())
+        value = _to_float(raw.strip(), "rating")
     else:
         raise ValueError(f"rating must be a number, found {raw!r}")
     if not math.isfinite(value):

@@ -73,6 +73,8 @@ def test_csv_errors_name_file_line_and_problem(tmp_path: Path, text: str, expect
         ([[1, 2]], "index 0: expected an object"),
         ([], "the list is empty"),
         ({"item_id": 1}, "expected a JSON list"),
+        ([{"item_id": 1, "timestamp": 10**400}], "index 0: timestamp"),
+        ([{"item_id": 1, "timestamp": 1, "rating": 10**400}], "index 0: rating"),
     ],
 )
 def test_json_errors_name_file_index_and_problem(tmp_path: Path, payload: object, expected: str) -> None:
