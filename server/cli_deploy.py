@@ -58,6 +58,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
     hosts = list(dict.fromkeys([*args.host, _LOCAL]))
     for host in hosts:
         pki.parse_host(host)  # all validated before anything is written
+    if args.reissue and not args.force and not paths.ca_cert.exists():
+        # --reissue promises the devices' ca.crt stays valid: never create a CA under it.
+        return _fail(f"--reissue: no CA in {paths.pki_dir} (wrong --dir?); run init without --reissue to create one")
     try:
         pki.create_ca(paths.pki_dir, common_name=args.ca_name, force=args.force)
     except FileExistsError as exc:
@@ -90,6 +93,14 @@ def _cmd_start(args: argparse.Namespace) -> int:
     print(f"CA fingerprint:    SHA256 {pki.certificate_fingerprint(paths.ca_cert)}")
     print(f"flwr connection:   {args.federation} -> {address} (in {config})")
     print(f"log:               {paths.log_file}")
+    if not deploy.is_loopback(args.host):
+        # Flower 1.42 serves its management (Control) and Runtime APIs on the same port as the
+        # devices' Fleet API, without authentication: whoever reaches the port can submit runs.
+        print(
+            f"warning:           {args.host}:{args.port} also serves Flower's unauthenticated Control and "
+            "Runtime APIs (submit runs, register nodes); expose only /v1/fleet/ to the network "
+            "(docs/deploy.md, Threat model)", file=sys.stderr,
+        )
     print("press Ctrl-C to stop", flush=True)
     # The SuperLink runs in its own session: stop it on SIGTERM (service managers, `kill`)
     # as on Ctrl-C, and on Ctrl-C even where the launching shell left SIGINT ignored.
@@ -143,10 +154,14 @@ def _cmd_list_devices(args: argparse.Namespace) -> int:
 
 def _cmd_revoke_device(args: argparse.Namespace) -> int:
     try:
-        deploy.revoke_device(_paths(args), args.federation, args.device_id)
+        deploy.revoke_device(_paths(args), args.federation, args.device_id, auth_only=args.auth_only)
     except deploy.FlowerCommandError as exc:
         return _fail(str(exc))
-    print(f"device {args.device_id} revoked: SuperNode unregistered, ledger key no longer trusted")
+    if args.auth_only:
+        print(f"device {args.device_id}: SuperNode unregistered, ledger key still trusted "
+              "(register its new auth key with the same --ledger-key)")
+    else:
+        print(f"device {args.device_id} revoked: SuperNode unregistered, ledger key no longer trusted")
     return 0
 
 
@@ -209,5 +224,9 @@ def register(subparsers: Any) -> None:
 
     rev = command("revoke-device", "expel a device: unregister its SuperNode and revoke its ledger key")
     rev.add_argument("--device-id", type=int, required=True)
+    rev.add_argument(
+        "--auth-only", action="store_true",
+        help="unregister only the SuperNode auth key and keep the ledger key trusted (rotating the auth key)",
+    )
     federation(rev)
     rev.set_defaults(func=_cmd_revoke_device)

@@ -30,6 +30,7 @@ mapping in table ``device_nodes`` of the same database.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -231,6 +232,14 @@ def superlink_command(cfg: DeployPaths, host: str, port: int) -> list[str]:
 def _dial_host(host: str) -> str:
     """The address to reach a SuperLink bound to ``host`` from this machine."""
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(host, host.strip("[]"))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the SuperLink reachable from this machine only."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -689,32 +698,49 @@ def list_devices(deploy: DeployPaths, federation: str, *, flwr_home: Path | None
     return records
 
 
-def revoke_device(deploy: DeployPaths, federation: str, device_id: int, *, flwr_home: Path | None = None) -> None:
-    """Expel a device: unregister its SuperNode and revoke its ledger key.
+def revoke_device(
+    deploy: DeployPaths, federation: str, device_id: int, *, auth_only: bool = False, flwr_home: Path | None = None
+) -> None:
+    """Expel a device: revoke its ledger key and unregister its SuperNode.
 
-    The SuperLink refuses the node from then on; its later ledger uploads report
-    ``"unknown-key"``. Entries already accepted stay in the store.
+    The ledger key is revoked first, so a device whose SuperNode cannot be unregistered
+    right now (SuperLink down) already has its later uploads rejected as ``unknown-key``;
+    a node Flower no longer knows (unregistered by hand, a recreated ``state.db``) counts
+    as unregistered. Entries already accepted stay in the store. With ``auth_only`` only
+    the SuperNode key is unregistered and the ledger key stays trusted: the first step
+    of rotating a device's auth key (docs/deploy.md).
 
     Raises
     ------
     KeyError
-        If fedrec knows neither a SuperNode nor a ledger key for the device.
+        If fedrec knows neither a SuperNode nor a ledger key for the device (with
+        ``auth_only``: no registered SuperNode).
     FlowerCommandError
-        If Flower refuses to unregister the node (the ledger key is then left as is).
+        If Flower refuses to unregister the node for another reason than not knowing it.
     """
     _check_device_id(device_id)
     _check_connection_name(federation)
     with _session(deploy) as session:
         row = session.get(_DeviceNodeRow, device_id)
+    registered = row is not None and row.unregistered_at is None
     with PrivacyStore(deploy.fedrec_db_url) as store:
         has_key = store.public_key(device_id) is not None
-        if (row is None or row.unregistered_at is not None) and not has_key:
+        if auth_only and not registered:
+            raise KeyError(f"device {device_id} has no registered SuperNode")
+        if not registered and not has_key:
             raise KeyError(f"device {device_id} is neither registered nor holds an active ledger key")
-        if row is not None and row.unregistered_at is None:
-            _run_flwr(["supernode", "unregister", row.node_id, federation], flwr_home=flwr_home, cwd=deploy.root)
-            with _session(deploy) as session, session.begin():
-                stored = session.get(_DeviceNodeRow, device_id)
-                assert stored is not None  # read above; rows are never deleted
-                stored.unregistered_at = datetime.now(UTC)
-        if has_key:
+        if has_key and not auth_only:
             store.revoke_key(device_id)
+    if registered:
+        assert row is not None
+        try:
+            _run_flwr(["supernode", "unregister", row.node_id, federation], flwr_home=flwr_home, cwd=deploy.root)
+        except FlowerCommandError as exc:
+            if "not found" not in str(exc).lower():
+                raise
+            warnings.warn(f"SuperNode {row.node_id} of device {device_id} was already unknown to the SuperLink",
+                          stacklevel=2)
+        with _session(deploy) as session, session.begin():
+            stored = session.get(_DeviceNodeRow, device_id)
+            assert stored is not None  # read above; rows are never deleted
+            stored.unregistered_at = datetime.now(UTC)

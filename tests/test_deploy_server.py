@@ -108,6 +108,49 @@ def test_register_list_revoke(server: Server, auth_keys: list[Path], capsys: pyt
         deploy.revoke_device(server.paths, CONNECTION, 3, flwr_home=server.flwr_home)
 
 
+def test_auth_key_rotation_keeps_the_ledger_key(server: Server, tmp_path: Path) -> None:
+    """docs/deploy.md's auth-key rotation: revoke --auth-only, a new auth key, the same ledger key."""
+    old_auth = pki.create_device_auth_key(tmp_path / "old")[1]
+    new_auth = pki.create_device_auth_key(tmp_path / "new")[1]
+    ledger_key = DeviceIdentity.generate().public_key
+    first = deploy.register_device(server.paths, CONNECTION, 5, old_auth, ledger_key, flwr_home=server.flwr_home)
+    deploy.revoke_device(server.paths, CONNECTION, 5, auth_only=True, flwr_home=server.flwr_home)
+    with PrivacyStore(server.paths.fedrec_db_url) as store:
+        assert store.public_key(5) == ledger_key  # still trusted
+    second = deploy.register_device(server.paths, CONNECTION, 5, new_auth, ledger_key, flwr_home=server.flwr_home)
+    assert second != first
+    status = {r.node_id: r.status for r in deploy.list_devices(server.paths, CONNECTION, flwr_home=server.flwr_home)}
+    assert status[first] == "unregistered" and status[second] == "registered"
+    with pytest.raises(KeyError, match="no registered SuperNode"):
+        deploy.revoke_device(server.paths, CONNECTION, 6, auth_only=True, flwr_home=server.flwr_home)
+    deploy.revoke_device(server.paths, CONNECTION, 5, flwr_home=server.flwr_home)
+
+
+def test_revoking_a_device_whose_node_flower_no_longer_knows(server: Server, tmp_path: Path) -> None:
+    """A node unregistered behind fedrec's back: revocation still completes, ledger key first."""
+    auth = pki.create_device_auth_key(tmp_path / "gone")[1]
+    ledger_key = DeviceIdentity.generate().public_key
+    node = deploy.register_device(server.paths, CONNECTION, 8, auth, ledger_key, flwr_home=server.flwr_home)
+    deploy._run_flwr(["supernode", "unregister", node, CONNECTION], flwr_home=server.flwr_home,
+                     cwd=server.paths.root)
+    with pytest.warns(UserWarning, match="already unknown"):
+        deploy.revoke_device(server.paths, CONNECTION, 8, flwr_home=server.flwr_home)
+    with PrivacyStore(server.paths.fedrec_db_url) as store:
+        assert store.public_key(8) is None
+    # The device id can be admitted again with a new identity.
+    fresh = pki.create_device_auth_key(tmp_path / "fresh")[1]
+    new_ledger = DeviceIdentity.generate().public_key
+    deploy.register_device(server.paths, CONNECTION, 8, fresh, new_ledger, replace_ledger_key=True,
+                           flwr_home=server.flwr_home)
+    deploy.revoke_device(server.paths, CONNECTION, 8, flwr_home=server.flwr_home)
+
+
+def test_only_a_loopback_bind_is_private() -> None:
+    assert deploy.is_loopback("127.0.0.1") and deploy.is_loopback("::1") and deploy.is_loopback("localhost")
+    assert not deploy.is_loopback("0.0.0.0") and not deploy.is_loopback("fl.example.org")
+    assert not deploy.is_loopback("192.168.1.5") and deploy.is_loopback("[::1]")
+
+
 def test_start_refuses_a_port_in_use(server: Server) -> None:
     with pytest.raises(RuntimeError, match="already in use"):
         deploy.start_superlink(server.paths, "127.0.0.1", server.port)
@@ -285,3 +328,7 @@ def test_cli_init_for_real(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(ValueError, match="host"):
         _run_cli("server", "init", "--dir", str(tmp_path / "bad"), "--host", "bad_host")
     assert not (tmp_path / "bad" / "pki").exists()
+    # --reissue keeps the devices' CA: it never creates one (a mistyped --dir).
+    assert _run_cli("server", "init", "--dir", str(tmp_path / "typo"), "--host", "fl.example.org", "--reissue") == 1
+    assert "no CA" in capsys.readouterr().err
+    assert not (tmp_path / "typo" / "pki" / "ca.crt").exists()
