@@ -80,6 +80,8 @@ def run_federation(grid: Grid, cfg: FedrecConfig) -> dict[str, Any]:
         torch.save({"version": fed.scheduler.version, "params": fed.scheduler.params}, model_path)
         final = fed.evaluate(list(range(num_devices)), "test", export=cfg.eval.export_top_k != "none")
         fed.driver.drain()
+        fed.reconcile_ledgers()
+        fed.driver.drain()
         export = export_top_k(out, final.top_lists, cfg.eval.export_top_k, "test")
         plots = write_plots(
             out, fed.evaluations, sorted(fed.device_epsilon.values()),

@@ -136,6 +136,10 @@ class Federation:
         self._model_rec: ArrayRecord | None = None
         self._model_rec_version = -1
         self._lost: dict[int, Task] = {}  # device -> its task resolved as lost, reply still due
+        # Devices whose latest releases may not have reached the server (a reply that never
+        # came or could not be used): asked for their ledgers at the end (reconcile_ledgers).
+        self._unsettled: set[int] = set()
+        self.unreconciled: set[int] = set()
         rng = np.random.default_rng([cfg.seed, 0xE7A1])
         n_eval = cfg.eval.eval_devices or num_devices
         self.eval_subset = sorted(rng.choice(num_devices, size=min(n_eval, num_devices), replace=False).tolist())
@@ -199,6 +203,8 @@ class Federation:
                     if not intake.accepted:
                         log.warning("device %d: ledger rejected: %s", task.device_id, "; ".join(intake.problems))
                         outcome = Failure("rejected-ledger", "; ".join(intake.problems))
+            if isinstance(outcome, Failure) and outcome.kind in ("timeout", "failed"):
+                self._unsettled.add(task.device_id)
             completion = sched.complete(task, outcome)
             self._record(completion, reply)
             if completion.applied_version is not None:
@@ -245,6 +251,8 @@ class Federation:
                     log.warning("SecAgg+ round at version %d failed: %s", sched.version, exc)
             else:
                 log.warning("cohort at version %d has %d live devices; SecAgg+ needs 3", sched.version, len(live))
+            # Live devices left out of the sum may still have trained and spent.
+            self._unsettled.update(live[n].device_id for n in live if live[n].device_id not in contributed)
             rejected = self._collect_ledgers({t.device_id: t.task_id for t in tasks if t.device_id in contributed})
             if rejected and delta is not None:
                 log.warning(
@@ -275,12 +283,39 @@ class Federation:
             if reply is None or reply.has_error():
                 log.warning("device %d did not send its ledger", device)
                 rejected.add(device)
+                self._unsettled.add(device)
                 continue
             result = self._check_ledger(device, contributors[device], reply, None)
             if not result.accepted:
                 log.warning("device %d: ledger rejected: %s", device, "; ".join(result.problems))
                 rejected.add(device)
         return rejected
+
+    def reconcile_ledgers(self, timeout: float | None = None) -> None:
+        """At the end of a run, ask devices whose latest releases may be missing for their new entries.
+
+        A task that timed out or failed, or a SecAgg+ participant left out of the sum, may
+        have trained and signed a release whose entry never reached the server (a retired
+        device never replies again). Each such device is asked once, with ``timeout``
+        (default: the wall timeout, at most 60 s, so a dead device cannot hold the run's
+        end); the entries are verified like any others. Devices that do not answer are
+        kept in :attr:`unreconciled` and counted in the summary.
+        """
+        if self.intake is None or not self.intake.enabled or not self._unsettled:
+            return
+        wait = min(self.cfg.aggregation.wall_timeout, 60.0) if timeout is None else timeout
+        mids = {}
+        for device in sorted(self._unsettled):
+            conf = ConfigRecord({"ledger-head": self.intake.head_seq(device)})
+            mids[device] = self.driver.send(device, RecordDict({"config": conf}), MessageType.QUERY, timeout=wait)
+        for device, mid in mids.items():
+            reply = self.driver.wait(mid)
+            if reply is None or reply.has_error() or "ledger" not in reply.content.config_records:
+                log.warning("device %d did not answer the final ledger query", device)
+                self.unreconciled.add(device)
+                continue
+            self._check_ledger(device, None, reply, None)
+        self._unsettled.clear()
 
     def _note_epsilon(self, device_id: int, epsilon: float) -> None:
         """Keep the highest cumulative epsilon any reply of the device has reported.
@@ -495,6 +530,9 @@ class Federation:
                 "epsilon-budget": self.cfg.privacy.epsilon_budget,
                 "devices-with-spending": len(eps),
                 "devices-exhausted": counts.get("refused", 0),
+                # Devices whose last releases may be missing here: they never answered the final
+                # ledger query (their own ledgers hold the truth).
+                "devices-unreconciled": len(self.unreconciled),
                 "accountant": self.cfg.privacy.accountant,
                 "user-level": self._user_level_summary(),
             },

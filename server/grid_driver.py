@@ -33,6 +33,7 @@ class GridError(RuntimeError):
 class _Pending:
     device_id: int
     sent_at: float
+    timeout: float  # real seconds before the message is given up
 
 
 @dataclass(order=True)
@@ -43,6 +44,7 @@ class _Deferred:
     handle: str = field(compare=False)
     device_id: int = field(compare=False)
     message: Message = field(compare=False)
+    timeout: float = field(compare=False)
 
 
 class GridDriver:
@@ -122,7 +124,7 @@ class GridDriver:
             while to_ask and len(asked) < window:
                 node = to_ask.popleft()
                 mid = self._push(Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY))
-                self._pending[mid] = _Pending(-1, time.monotonic())  # device id not known yet
+                self._pending[mid] = _Pending(-1, time.monotonic(), self.wall_timeout)  # device id not known yet
                 asked[mid] = node
             if not self._pull():
                 self._backoff()
@@ -150,7 +152,8 @@ class GridDriver:
         return ids[0]
 
     def send(
-        self, device_id: int, content: RecordDict, message_type: str, priority: float = float("inf")
+        self, device_id: int, content: RecordDict, message_type: str, priority: float = float("inf"),
+        timeout: float | None = None,
     ) -> str:
         """Queue a message to a device and return its handle (for :meth:`wait` / :meth:`discard`).
 
@@ -159,13 +162,15 @@ class GridDriver:
         one message per device in flight, so a device's state is never updated by two
         tasks at once (a timed-out task may still be running). Training tasks use their
         virtual finish time as priority, which is the order the server waits for them.
+        ``timeout`` (default: the driver's ``wall_timeout``) bounds this message's wait.
         """
         number = next(self._handles)
         handle = f"fedrec-{number}"
-        message = Message(
-            content, dst_node_id=self.node_of[device_id], message_type=message_type, ttl=self.wall_timeout
-        )
-        heapq.heappush(self._deferred, _Deferred((priority, number), handle, device_id, message))
+        timeout = self.wall_timeout if timeout is None else timeout
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive, got {timeout!r}")
+        message = Message(content, dst_node_id=self.node_of[device_id], message_type=message_type, ttl=timeout)
+        heapq.heappush(self._deferred, _Deferred((priority, number), handle, device_id, message, timeout))
         self._queued.add(handle)
         self._top_up()
         return handle
@@ -177,7 +182,7 @@ class GridDriver:
     def _push_deferred(self, item: _Deferred) -> None:
         mid = self._push(item.message)
         self._queued.discard(item.handle)
-        self._pending[mid] = _Pending(item.device_id, time.monotonic())
+        self._pending[mid] = _Pending(item.device_id, time.monotonic(), item.timeout)
         self._device_msg[item.device_id] = mid
         self._mid_of[item.handle] = mid
         if item.handle in self._discard_on_push:
@@ -246,7 +251,7 @@ class GridDriver:
             self._idle_polls = 0
         now = time.monotonic()
         for mid, pending in list(self._pending.items()):
-            if now - pending.sent_at > self.wall_timeout + 5.0:
+            if now - pending.sent_at > pending.timeout + 5.0:
                 self._discarded.discard(mid)
                 # Flower should have answered with a TTL error by now; give up on it.
                 log.warning("message to device %d unanswered after %.0f s", pending.device_id, now - pending.sent_at)

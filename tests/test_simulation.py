@@ -323,3 +323,40 @@ def test_a_late_reply_is_verified_and_recorded_even_when_its_lost_task_is_no_lon
         assert fed.device_epsilon[0] == pytest.approx(stored[-1].epsilon)
         spending = [r.task_id for r in runs.privacy_records(fed.run_id, 0) if r.status == "spent"]
     assert spending == [1, 2]
+
+
+def test_a_reply_lost_to_a_real_timeout_still_gets_its_ledger_to_the_server(tmp_path: Path) -> None:
+    """The device trained and signed, but its reply never arrived: the final ledger query fetches it."""
+    from flwr.app import MessageType
+
+    from client.app import _store_path, build_client_app
+    from client.ledger_store import DeviceLedgerStore
+    from server.app import run_federation
+    from server.privacy_store import PrivacyStore
+    from shared.config import parse_config, to_flat
+    from simulations.local_grid import LocalGrid
+
+    class LosingGrid(LocalGrid):
+        lost: list[int] = []
+
+        def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+            replies = []
+            for reply in super().pull_messages(message_ids):
+                first_train = reply.metadata.message_type == MessageType.TRAIN and not self.lost
+                if first_train and reply.metadata.src_node_id == 1 and not reply.has_error():
+                    self.lost.append(1)  # executed on the device, never delivered
+                    continue
+                replies.append(reply)
+            return replies
+
+    cfg = parse_config(_overrides(tmp_path, "timeout", wall_timeout=1.0))
+    grid = LosingGrid(build_client_app(to_flat(cfg)), 8)
+    summary = run_federation(grid, cfg)
+    assert grid.lost == [1] and summary["aggregation"]["tasks-timed-out"] >= 1
+    assert summary["privacy"]["devices-unreconciled"] == 0
+    device = DeviceLedgerStore(_store_path(cfg, grid._contexts[1]), device_id=0)
+    signed = [(e.seq, e.entry_hash) for e in device.entries()]
+    with PrivacyStore(f"sqlite:///{tmp_path / 'timeout' / 'fedrec.db'}") as store:
+        held = [(e.seq, e.entry_hash) for e in store.entries(0)]
+    assert signed and held == signed  # the timed-out task's entry included
+    assert summary["privacy"]["epsilon-max"] >= device.entries()[-1].epsilon
