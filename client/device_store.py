@@ -513,6 +513,12 @@ class DeviceDataStore(SqlStore):
         try:
             plain = self._aead.decrypt(check.nonce, check.ciphertext, self._ad(_KEY_CHECK))
         except InvalidTag:
+            if self._another_record_opens(session):
+                # The key opens the data: it is the key check itself that was damaged.
+                raise StoreCorruptError(
+                    f"{self.path}: the key check record is damaged (the key opens the other records); "
+                    "nothing was changed"
+                ) from None
             salted = session.get(_MetaRow, "scrypt_salt") is not None
             source = "a passphrase" if salted else "a key file"
             raise WrongKeyError(
@@ -521,6 +527,16 @@ class DeviceDataStore(SqlStore):
             ) from None
         if plain != _KEY_CHECK_PLAINTEXT:
             raise StoreCorruptError(f"{self.path}: the key check record is damaged")
+
+    def _another_record_opens(self, session: Session) -> bool:
+        """Whether this key decrypts an encrypted record other than the key check."""
+        for row in session.scalars(select(_BlobRow).where(_BlobRow.name != _KEY_CHECK).limit(1)):
+            try:
+                self._aead.decrypt(row.nonce, row.ciphertext, self._ad(row.name))
+            except InvalidTag:
+                return False
+            return True
+        return False
 
     # --------------------------------------------------------------- key rotation
 

@@ -161,6 +161,26 @@ def test_other_device_and_tampering_are_refused(tmp_path: Path, key: bytes) -> N
         store.interactions()
 
 
+def test_a_damaged_key_check_is_reported_as_damage_not_as_a_wrong_key(tmp_path: Path, key: bytes) -> None:
+    import sqlite3
+
+    from client.device_store import _KEY_CHECK
+
+    path = tmp_path / "device.db"
+    with DeviceDataStore(path, 3, key) as store:
+        store.import_interactions(_history())
+    with sqlite3.connect(path) as con:
+        (blob,) = con.execute("SELECT ciphertext FROM device_data_blobs WHERE name = ?", (_KEY_CHECK,)).fetchone()
+        con.execute("UPDATE device_data_blobs SET ciphertext = ? WHERE name = ?",
+                    (bytes([blob[0] ^ 1]) + blob[1:], _KEY_CHECK))
+    before = path.read_bytes()
+    with pytest.raises(StoreCorruptError, match="key check record is damaged"):
+        DeviceDataStore(path, 3, key)
+    with pytest.raises(WrongKeyError, match="wrong key or passphrase"):  # a wrong key is still named so
+        DeviceDataStore(path, 3, os.urandom(32))
+    assert path.read_bytes() == before
+
+
 def test_import_is_atomic_and_idempotent(tmp_path: Path, key: bytes) -> None:
     with DeviceDataStore(tmp_path / "device.db", 0, key, num_items=10) as store:
         first = store.import_interactions(_history((1, 2, 3)))
