@@ -13,7 +13,7 @@ import secrets
 import statistics
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -252,7 +252,7 @@ class Federation:
             else:
                 log.warning("cohort at version %d has %d live devices; SecAgg+ needs 3", sched.version, len(live))
             # Live devices left out of the sum may still have trained and spent.
-            self._unsettled.update(live[n].device_id for n in live if live[n].device_id not in contributed)
+            self._unsettled.update(t.device_id for t in live.values() if t.device_id not in contributed)
             rejected = self._collect_ledgers({t.device_id: t.task_id for t in tasks if t.device_id in contributed})
             if rejected and delta is not None:
                 log.warning(
@@ -273,14 +273,9 @@ class Federation:
         """
         if self.intake is None or not self.intake.enabled:
             return set()
-        mids = {}
-        for device in sorted(contributors):
-            conf = ConfigRecord({"ledger-head": self.intake.head_seq(device)})
-            mids[device] = self.driver.send(device, RecordDict({"config": conf}), MessageType.QUERY)
         rejected = set()
-        for device, mid in mids.items():
-            reply = self.driver.wait(mid)
-            if reply is None or reply.has_error():
+        for device, reply in self._ask_ledgers(contributors).items():
+            if reply is None:
                 log.warning("device %d did not send its ledger", device)
                 rejected.add(device)
                 self._unsettled.add(device)
@@ -290,6 +285,20 @@ class Federation:
                 log.warning("device %d: ledger rejected: %s", device, "; ".join(result.problems))
                 rejected.add(device)
         return rejected
+
+    def _ask_ledgers(self, devices: Iterable[int], timeout: float | None = None) -> dict[int, Message | None]:
+        """Ask ``devices`` at once for the ledger entries the server lacks; each reply (None: none, or an error)."""
+        assert self.intake is not None
+        mids = {}
+        for device in sorted(devices):
+            conf = ConfigRecord({"ledger-head": self.intake.head_seq(device)})
+            mids[device] = self.driver.send(device, RecordDict({"config": conf}), MessageType.QUERY, timeout=timeout)
+        replies: dict[int, Message | None] = {}
+        for device, mid in mids.items():
+            reply = self.driver.wait(mid)
+            # A reply without a ledger is passed on: the intake records it as a rejection.
+            replies[device] = reply if reply is not None and not reply.has_error() else None
+        return replies
 
     def reconcile_ledgers(self, timeout: float | None = None) -> None:
         """At the end of a run, ask devices whose latest releases may be missing for their new entries.
@@ -304,13 +313,8 @@ class Federation:
         if self.intake is None or not self.intake.enabled or not self._unsettled:
             return
         wait = min(self.cfg.aggregation.wall_timeout, 60.0) if timeout is None else timeout
-        mids = {}
-        for device in sorted(self._unsettled):
-            conf = ConfigRecord({"ledger-head": self.intake.head_seq(device)})
-            mids[device] = self.driver.send(device, RecordDict({"config": conf}), MessageType.QUERY, timeout=wait)
-        for device, mid in mids.items():
-            reply = self.driver.wait(mid)
-            if reply is None or reply.has_error() or "ledger" not in reply.content.config_records:
+        for device, reply in self._ask_ledgers(self._unsettled, timeout=wait).items():
+            if reply is None:
                 log.warning("device %d did not answer the final ledger query", device)
                 self.unreconciled.add(device)
                 continue
