@@ -203,7 +203,8 @@ class Federation:
                     if not intake.accepted:
                         log.warning("device %d: ledger rejected: %s", task.device_id, "; ".join(intake.problems))
                         outcome = Failure("rejected-ledger", "; ".join(intake.problems))
-            if isinstance(outcome, Failure) and outcome.kind in ("timeout", "failed"):
+            if not task.lost and isinstance(outcome, Failure) and outcome.kind in ("timeout", "failed"):
+                # (A simulated loss is not: its reply still arrives, as a late reply.)
                 self._unsettled.add(task.device_id)
             completion = sched.complete(task, outcome)
             self._record(completion, reply)
