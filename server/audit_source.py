@@ -69,11 +69,11 @@ def load_run(path: Path, run_id: int | None = None) -> tuple[AuditInput, float |
     for r in spent:
         expected[r.device_id] = expected.get(r.device_id, 0) + 1
     for device, rows in list(expected.items()):
-        chain = ledgers.get(device, [])
-        earlier = [e for e in chain if run_label is not None and e.run != run_label]
-        this_run_rows = rows - sum(1 for e in earlier if e.unit == "record")
-        user_entries = sum(1 for e in earlier if e.unit == "user")
-        expected[device] = rows + user_entries + (max(this_run_rows, 0) if cfg.privacy.user_dp else 0)
+        # Without a label (an older database) every entry counts as this run's.
+        earlier = [e for e in ledgers.get(device, []) if run_label is not None and e.run != run_label]
+        earlier_users = sum(1 for e in earlier if e.unit == "user")
+        this_run_rows = max(rows - (len(earlier) - earlier_users), 0)
+        expected[device] = rows + earlier_users + (this_run_rows if cfg.privacy.user_dp else 0)
     p = cfg.privacy
     order = choose_order(p.user_noise_multiplier, p.user_epsilon_budget, p.delta) if p.user_dp else None
     data = AuditInput(

@@ -319,13 +319,17 @@ class Scheduler:
             self.status[t.device_id] = DeviceStatus.IDLE
             if t.lost:
                 status = t.lost
-            elif t.device_id in contributed and t.device_id not in rejected and applied is not None:
+            elif t.device_id in rejected:
+                status = "rejected-ledger"
+            elif t.device_id in contributed and applied is not None:
                 status = "accepted"
-                self._consecutive_failures[t.device_id] = 0
-            elif t.device_id in contributed and t.device_id not in rejected and rejected:
+            elif t.device_id in contributed and rejected:
                 status = "withheld"  # honest, but in a sum that also held a rejected update
             else:
-                status = "rejected-ledger" if t.device_id in rejected else "failed"
+                status = "failed"
+            if status == "accepted":
+                self._consecutive_failures[t.device_id] = 0
+            elif status in ("rejected-ledger", "failed"):
                 self._consecutive_failures[t.device_id] += 1
                 if self._consecutive_failures[t.device_id] >= self.cfg.max_device_failures:
                     self.status[t.device_id] = DeviceStatus.RETIRED
