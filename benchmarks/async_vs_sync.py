@@ -48,8 +48,11 @@ def main() -> None:
     cohort = cfg.aggregation.concurrency
     modes = {
         "async": {"mode": "async", "num-versions": args.updates // cfg.aggregation.buffer_size},
-        "sync": {"mode": "sync", "num-versions": args.updates // cohort,
-                 "eval-every": max(1, common["eval-every"] * cfg.aggregation.buffer_size // cohort)},
+        "sync": {
+            "mode": "sync",
+            "num-versions": args.updates // cohort,
+            "eval-every": max(1, common["eval-every"] * cfg.aggregation.buffer_size // cohort),
+        },
     }
     curves, summaries = {}, {}
     for mode, extra in modes.items():
@@ -59,18 +62,22 @@ def main() -> None:
     best = {m: max(v for _, v in c) for m, c in curves.items()}
     target = args.target if args.target is not None else 0.95 * min(best.values())
     reach = {m: _time_to(c, target) for m, c in curves.items()}
-    print(f"\nasync vs sync on {cfg.data.dataset}, {summaries['async']['devices']} devices, "
-          f"concurrency {cohort}, buffer {cfg.aggregation.buffer_size}, DP {'on' if cfg.privacy.dp else 'off'}; "
-          f"{machine()}")
+    print(
+        f"\nasync vs sync on {cfg.data.dataset}, {summaries['async']['devices']} devices, "
+        f"concurrency {cohort}, buffer {cfg.aggregation.buffer_size}, DP {'on' if cfg.privacy.dp else 'off'}; "
+        f"{machine()}"
+    )
     print(f"target validation NDCG@10 = {target:.4f}")
     for mode in modes:
         s = summaries[mode]
         r = reach[mode]
-        print(f"{mode:6s} best NDCG@10 {best[mode]:.4f}  reached target at "
-              f"{'never' if r is None else f'{r:,.0f} simulated s'}  "
-              f"(run: {s['time']['simulated-seconds']:,.0f} simulated s, {s['time']['wall-seconds']:.0f} wall s, "
-              f"{s['aggregation']['updates-applied']} updates, "
-              f"staleness mean {s['aggregation']['staleness-mean']:.2f})")
+        print(
+            f"{mode:6s} best NDCG@10 {best[mode]:.4f}  reached target at "
+            f"{'never' if r is None else f'{r:,.0f} simulated s'}  "
+            f"(run: {s['time']['simulated-seconds']:,.0f} simulated s, {s['time']['wall-seconds']:.0f} wall s, "
+            f"{s['aggregation']['updates-applied']} updates, "
+            f"staleness mean {s['aggregation']['staleness-mean']:.2f})"
+        )
     speedup = None
     if reach["async"] and reach["sync"]:
         speedup = reach["sync"] / reach["async"]

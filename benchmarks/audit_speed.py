@@ -43,10 +43,20 @@ def main() -> None:
     entries = sum(d.entries for d in report.devices)
     print(f"machine: {machine()}")
     print(f"run: {run}  devices: {len(report.devices)}  ledger entries: {entries}  findings: {len(report.findings)}")
-    print(f"audit seconds (cold, {args.repeats} repeats): median {statistics.median(times):.1f}  "
-          f"min {min(times):.1f}  max {max(times):.1f}  (target < 60)")
-    dump(args.json, {"machine": machine(), "devices": len(report.devices), "entries": entries,
-                     "seconds": times, "findings": len(report.findings)})
+    print(
+        f"audit seconds (cold, {args.repeats} repeats): median {statistics.median(times):.1f}  "
+        f"min {min(times):.1f}  max {max(times):.1f}  (target < 60)"
+    )
+    dump(
+        args.json,
+        {
+            "machine": machine(),
+            "devices": len(report.devices),
+            "entries": entries,
+            "seconds": times,
+            "findings": len(report.findings),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -37,10 +37,14 @@ def main() -> None:
         device.train(params, task)
     per_task = (time.perf_counter() - started) / args.tasks
     print(f"machine: {machine()}")
-    print(f"device {args.device}: {len(data.train_items)} training interactions, epsilon after "
-          f"{args.tasks} tasks {device.epsilon():.3f}")
-    print(f"seconds per DP task: {per_task:.2f}   peak RSS: "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print(
+        f"device {args.device}: {len(data.train_items)} training interactions, epsilon after "
+        f"{args.tasks} tasks {device.epsilon():.3f}"
+    )
+    print(
+        f"seconds per DP task: {per_task:.2f}   peak RSS: "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

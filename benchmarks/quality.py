@@ -67,17 +67,28 @@ def main() -> None:
     print(f"\nquality on {info.source}; model {cfg.model.name}; seed {cfg.seed}; {machine()}")
     print(f"{'run':34s} {'HR@10':>8s} {'NDCG@10':>8s} {'s-HR@10':>8s} {'s-NDCG':>8s} {'seconds':>8s}")
     for name, m in rows.items():
-        print(f"{name:34s} {m['hr@10']:8.4f} {m['ndcg@10']:8.4f} {m['sampled-hr@10']:8.4f} "
-              f"{m['sampled-ndcg@10']:8.4f} {seconds.get(name, float('nan')):8.1f}")
+        print(
+            f"{name:34s} {m['hr@10']:8.4f} {m['ndcg@10']:8.4f} {m['sampled-hr@10']:8.4f} "
+            f"{m['sampled-ndcg@10']:8.4f} {seconds.get(name, float('nan')):8.1f}"
+        )
     fed, dp = rows["federated (no DP)"], rows[list(runs)[1]]
     ratio_fed = fed["ndcg@10"] / rows["centralized (no DP)"]["ndcg@10"]
     ratio_dp = dp["ndcg@10"] / rows["popularity"]["ndcg@10"]
     print(f"\nfederated / centralized NDCG@10 = {ratio_fed:.3f}  (target >= 0.90)")
     print(f"federated+DP / popularity NDCG@10 = {ratio_dp:.3f}  (target >= 1.50), max device eps = {eps_max:.3f}")
     print(f"overrides: all runs {common}; no-DP {runs['federated (no DP)']}; DP {runs[list(runs)[1]]}")
-    dump(args.json, {"rows": rows, "seconds": seconds, "fed_over_central": ratio_fed,
-                     "dp_over_popularity": ratio_dp, "epsilon_max": eps_max, "overrides": common,
-                     "run_overrides": runs})
+    dump(
+        args.json,
+        {
+            "rows": rows,
+            "seconds": seconds,
+            "fed_over_central": ratio_fed,
+            "dp_over_popularity": ratio_dp,
+            "epsilon_max": eps_max,
+            "overrides": common,
+            "run_overrides": runs,
+        },
+    )
 
 
 if __name__ == "__main__":

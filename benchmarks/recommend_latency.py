@@ -73,8 +73,10 @@ def main() -> None:
         full = _median_ms(lambda: recommend(cfg, params, data, personal, k=10), args.repeats)  # noqa: B023
         score = _median_ms(lambda: model.score_all(ctx), args.repeats)  # noqa: B023
         figures[label] = {"num_items": num_items, "recommend_ms": full, "score_all_ms": score}
-        print(f"{label:16s} {num_items:>7,d} items: top-10 recommend() median {full:8.1f} ms "
-              f"(of which scoring the catalogue {score:7.1f} ms)")
+        print(
+            f"{label:16s} {num_items:>7,d} items: top-10 recommend() median {full:8.1f} ms "
+            f"(of which scoring the catalogue {score:7.1f} ms)"
+        )
     dump(None if args.json is None else Path(args.json), {"machine": machine(), **figures})
 
 

@@ -107,14 +107,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (data keys)")
     parser.add_argument("--json", type=Path, help="write the figures here")
-    parser.add_argument("--count-noise", type=float, nargs="*", default=[60.0, 120.0],
-                        help="also rank by popularity plus Gaussian noise of these std devs (in interactions)")
-    parser.add_argument("--transition-noise", type=float, nargs="*", default=[],
-                        help="also rank by the Markov scorer with Gaussian noise of these std devs on every count")
-    parser.add_argument("--epsilon", type=float, default=8.0,
-                        help="with --transition-noise: the per-device budget of the central/local release rows")
-    parser.add_argument("--model", type=Path, action="append", default=[],
-                        help="also rank by the item bias of this saved global_model.pt (repeatable)")
+    parser.add_argument(
+        "--count-noise",
+        type=float,
+        nargs="*",
+        default=[60.0, 120.0],
+        help="also rank by popularity plus Gaussian noise of these std devs (in interactions)",
+    )
+    parser.add_argument(
+        "--transition-noise",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also rank by the Markov scorer with Gaussian noise of these std devs on every count",
+    )
+    parser.add_argument(
+        "--epsilon",
+        type=float,
+        default=8.0,
+        help="with --transition-noise: the per-device budget of the central/local release rows",
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        default=[],
+        help="also rank by the item bias of this saved global_model.pt (repeatable)",
+    )
     args = parser.parse_args()
     cfg = parse_config(parse_sets(args.set))
     info = prepare_partitions(cfg.data)

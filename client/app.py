@@ -132,17 +132,13 @@ def _device(
         # The signed ledger is the source of truth for what this device has spent: the
         # accountant is rebuilt from it, so it survives restarts of the device process.
         entries = store.entries()
-        state.accountant_history = [
-            (e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.unit == "record"
-        ]
+        state.accountant_history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.unit == "record"]
         state.user_contributions = sum(1 for e in entries if e.unit == "user")
         state.tasks_done = sum(1 for e in entries if e.unit == "record") or state.tasks_done
     return Device(cfg, data, num_items, state, run_user_budget)
 
 
-def _record_releases(
-    store: DeviceLedgerStore, cfg: FedrecConfig, reply: TrainReply, conf: ConfigRecord
-) -> None:
+def _record_releases(store: DeviceLedgerStore, cfg: FedrecConfig, reply: TrainReply, conf: ConfigRecord) -> None:
     """Append this task's releases to the device's signed ledger (before anything is sent)."""
     p = cfg.privacy
     common: dict[str, Any] = {
@@ -154,15 +150,27 @@ def _record_releases(
     }
     if p.dp:
         store.append(
-            unit="record", mechanism="subsampled-gaussian", noise_multiplier=p.noise_multiplier,
-            sample_rate=reply.sample_rate, steps=reply.steps, clip_norm=p.clip_norm,
-            accountant=p.accountant, epsilon=reply.epsilon, **common,
+            unit="record",
+            mechanism="subsampled-gaussian",
+            noise_multiplier=p.noise_multiplier,
+            sample_rate=reply.sample_rate,
+            steps=reply.steps,
+            clip_norm=p.clip_norm,
+            accountant=p.accountant,
+            epsilon=reply.epsilon,
+            **common,
         )
     if p.user_dp and reply.user_epsilon is not None:
         store.append(
-            unit="user", mechanism="gaussian-server-noise", noise_multiplier=p.user_noise_multiplier,
-            sample_rate=1.0, steps=1, clip_norm=p.user_clip_norm, accountant="rdp-filter",
-            epsilon=reply.user_epsilon, **common,
+            unit="user",
+            mechanism="gaussian-server-noise",
+            noise_multiplier=p.user_noise_multiplier,
+            sample_rate=1.0,
+            steps=1,
+            clip_norm=p.user_clip_norm,
+            accountant="rdp-filter",
+            epsilon=reply.user_epsilon,
+            **common,
         )
 
 
@@ -221,10 +229,12 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         except PolicyViolation as exc:
             if is_secagg_message(msg):
                 raise  # Flower's SecAgg+ flow reports a raising client as a failure
-            refusal = RecordDict({
-                "status": ConfigRecord({"status": "refused", "reason": str(exc)}),
-                "metrics": MetricRecord({"epsilon": 0.0, "delta": 0.0}),
-            })
+            refusal = RecordDict(
+                {
+                    "status": ConfigRecord({"status": "refused", "reason": str(exc)}),
+                    "metrics": MetricRecord({"epsilon": 0.0, "delta": 0.0}),
+                }
+            )
             return Message(refusal, reply_to=msg)
         # From reading what the device has spent to recording what this task spends, no other
         # task of the same device may run: both could pass the budget check (client/task_lock.py).
@@ -240,7 +250,11 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
                 store.close()
 
     def _train(
-        cfg: FedrecConfig, msg: Message, context: Context, store: DeviceLedgerStore, conf: ConfigRecord,
+        cfg: FedrecConfig,
+        msg: Message,
+        context: Context,
+        store: DeviceLedgerStore,
+        conf: ConfigRecord,
         run_user_budget: float,
     ) -> Message:
         device = _device(cfg, context, store, run_user_budget)
@@ -251,8 +265,11 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
                 {
                     "status": ConfigRecord({"status": "refused", "reason": reply.reason}),
                     "metrics": MetricRecord(
-                        {"epsilon": reply.epsilon_spent, "delta": cfg.privacy.delta,
-                         "epsilon-would-reach": reply.epsilon_would_reach}
+                        {
+                            "epsilon": reply.epsilon_spent,
+                            "delta": cfg.privacy.delta,
+                            "epsilon-would-reach": reply.epsilon_would_reach,
+                        }
                     ),
                 }
             )
@@ -291,8 +308,10 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
                 if policy is not None:
                     answered = store.evaluations_since(time.time() - _DAY_S)
                     if answered >= policy.max_evaluations_per_day:
-                        reason = (f"device policy: {answered} evaluations answered in the last 24 hours "
-                                  f"(max-evaluations-per-day = {policy.max_evaluations_per_day})")
+                        reason = (
+                            f"device policy: {answered} evaluations answered in the last 24 hours "
+                            f"(max-evaluations-per-day = {policy.max_evaluations_per_day})"
+                        )
                         declined = ConfigRecord({"status": "declined", "reason": reason})
                         return Message(RecordDict({"status": declined}), reply_to=msg)
                     store.record_evaluation(

@@ -56,18 +56,27 @@ AUTH_KEY_SUFFIX: Final = "-supernode-auth"
 def _key_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     group = parser.add_mutually_exclusive_group(required=required)
     group.add_argument("--key-file", type=Path, help="the store key file (32 random bytes, mode 0600)")
-    group.add_argument("--passphrase-env", metavar="VAR",
-                       help="derive the store key from the passphrase in environment variable VAR (scrypt)")
+    group.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="derive the store key from the passphrase in environment variable VAR (scrypt)",
+    )
 
 
 def _new_key_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--new-key-file", type=Path, metavar="PATH",
-                       help="the new store key file: used if it holds a valid key (mode 0600), "
-                            "else created (32 random bytes, mode 0600); any other existing file is refused")
-    group.add_argument("--new-passphrase-env", metavar="VAR",
-                       help="derive the new store key from the passphrase in environment variable VAR "
-                            "(scrypt, new salt)")
+    group.add_argument(
+        "--new-key-file",
+        type=Path,
+        metavar="PATH",
+        help="the new store key file: used if it holds a valid key (mode 0600), "
+        "else created (32 random bytes, mode 0600); any other existing file is refused",
+    )
+    group.add_argument(
+        "--new-passphrase-env",
+        metavar="VAR",
+        help="derive the new store key from the passphrase in environment variable VAR (scrypt, new salt)",
+    )
 
 
 def _passphrase(var: str, option: str = "--passphrase-env") -> str:
@@ -128,9 +137,12 @@ def _ensure_auth_key(store: Path) -> tuple[Path, Path, bool]:
     created = not private.exists()
     if created:
         key = ec.generate_private_key(ec.SECP384R1())
-        _write_private(private, key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        ))
+        _write_private(
+            private,
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            ),
+        )
     else:
         loaded = serialization.load_ssh_private_key(private.read_bytes(), password=None)
         if not isinstance(loaded, ec.EllipticCurvePrivateKey) or loaded.curve.name != "secp384r1":
@@ -241,8 +253,10 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
             key = key_from_file(key_path)
             key_note = f"key file {key_path}"
         elif enrolled:
-            raise KeyFileError(f"{key_path}: not found, and {store} is already encrypted under another key; "
-                               "give the key file it was enrolled with")
+            raise KeyFileError(
+                f"{key_path}: not found, and {store} is already encrypted under another key; "
+                "give the key file it was enrolled with"
+            )
         else:
             key = create_key_file(key_path)
             key_note = f"new key file {key_path} (back it up: without it the data cannot be read)"
@@ -254,8 +268,9 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
         if recorded_items is None:
             data_store.set_num_items(args.num_items or ML100K_ITEMS)
         elif args.num_items is not None and args.num_items != recorded_items:
-            raise ValueError(f"{store}: already enrolled with a catalogue of {recorded_items} items, "
-                             f"not {args.num_items}")
+            raise ValueError(
+                f"{store}: already enrolled with a catalogue of {recorded_items} items, not {args.num_items}"
+            )
         num_items = data_store.num_items
         count = len(data_store.interactions())
     with DeviceLedgerStore(store, device_id=args.device_id) as ledger:
@@ -269,8 +284,10 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     print(f"  SuperNode auth key:  {private} ({'created' if created else 'kept'}, mode 0600: stays here)")
     print(f"  register on server:  {public}")
     # "=" form: one ledger key in 64 starts with "-", which a shell-copied space form splits badly.
-    print(f"                       fedrec server register-device --dir <server dir> --device-id {args.device_id} "
-          f"--auth-key {public.name} --ledger-key={public_key}")
+    print(
+        f"                       fedrec server register-device --dir <server dir> --device-id {args.device_id} "
+        f"--auth-key {public.name} --ledger-key={public_key}"
+    )
     return 0
 
 
@@ -285,8 +302,10 @@ def _cmd_import(args: argparse.Namespace) -> int:
             raise ValueError(f"{store}: no catalogue size recorded; enrol again with --num-items")
         records = parse_history(args.file, num_items)  # all validated before anything is written
         result = data_store.import_interactions(records)
-    print(f"imported {result.added} interactions from {args.file} "
-          f"({result.skipped} already present); {result.total} in the store")
+    print(
+        f"imported {result.added} interactions from {args.file} "
+        f"({result.skipped} already present); {result.total} in the store"
+    )
     return 0
 
 
@@ -362,13 +381,19 @@ def _cmd_rekey(args: argparse.Namespace) -> int:
                 if created and _opens_with(store, device_id, key):
                     new_path.unlink(missing_ok=True)
                 raise
-            key_note = (f"new key file {new_path} (back it up: without it the data cannot be read)" if created
-                        else f"key file {new_path}")
+            key_note = (
+                f"new key file {new_path} (back it up: without it the data cannot be read)"
+                if created
+                else f"key file {new_path}"
+            )
     with DeviceLedgerStore(store, device_id=device_id) as ledger:
         public_key = ledger.identity().public_key
         entries = ledger.entries()
-    spent = (f"latest cumulative epsilon {entries[-1].epsilon:.4g} ({entries[-1].unit}-level)" if entries
-             else "no privacy spent yet")
+    spent = (
+        f"latest cumulative epsilon {entries[-1].epsilon:.4g} ({entries[-1].unit}-level)"
+        if entries
+        else "no privacy spent yet"
+    )
     print(f"device {device_id}: store re-encrypted under the new key ({count} encrypted records)")
     print(f"  store:               {store}")
     print(f"  new store key:       {key_note}")
@@ -430,22 +455,37 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     with DeviceDataStore(store, device_id, key) as data_store:
         recorded = data_store.num_items
         if recorded is not None and recorded != num_items:
-            raise ValueError(f"{args.model}: the model's catalogue has {num_items} items but this device "
-                             f"was enrolled for {recorded}")
+            raise ValueError(
+                f"{args.model}: the model's catalogue has {num_items} items but this device was enrolled for {recorded}"
+            )
         data = data_store.device_data(num_items)
         personal = data_store.load_personal()
     recs = recommend(cfg, params, data, personal, k=args.k, titles=_titles(args, num_items), explain=args.explain)
     if args.json:
-        print(json.dumps([
-            {"rank": r.rank, "item_id": r.item_id, "title": r.title, "score": r.score,
-             "because": [{"item_id": b.item_id, "title": b.title, "similarity": b.similarity} for b in r.because],
-             "explanation": r.explanation}
-            for r in recs
-        ], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "rank": r.rank,
+                        "item_id": r.item_id,
+                        "title": r.title,
+                        "score": r.score,
+                        "because": [
+                            {"item_id": b.item_id, "title": b.title, "similarity": b.similarity} for b in r.because
+                        ],
+                        "explanation": r.explanation,
+                    }
+                    for r in recs
+                ],
+                indent=2,
+            )
+        )
         return 0
     personal_note = "your personal state" if personal else "no personal state yet (join a federation to train one)"
-    print(f"top {len(recs)} for device {device_id} (global model v{version if version is not None else '?'}, "
-          f"{personal_note}):")
+    print(
+        f"top {len(recs)} for device {device_id} (global model v{version if version is not None else '?'}, "
+        f"{personal_note}):"
+    )
     for r in recs:
         name = r.title or f"item {r.item_id}"
         print(f"{r.rank:3d}. {name} [item {r.item_id}, score {r.score:.3f}] - {r.explanation}")
@@ -468,8 +508,14 @@ def _cmd_start(args: argparse.Namespace) -> int:
         _passphrase(args.passphrase_env)  # the ClientApp reads it from the SuperNode's environment
     argv = supernode_argv(
         "flower-supernode" if args.dry_run else _find_supernode(),
-        store=store, device_id=device_id, superlink=args.superlink, root_cert=root_cert, auth_key=auth_key,
-        port=args.port, key_file=key_file, passphrase_env=args.passphrase_env,
+        store=store,
+        device_id=device_id,
+        superlink=args.superlink,
+        root_cert=root_cert,
+        auth_key=auth_key,
+        port=args.port,
+        key_file=key_file,
+        passphrase_env=args.passphrase_env,
         policy=_parse_sets(args.policy or []),
     )
     if args.dry_run:
@@ -527,11 +573,17 @@ def supervise(argv: Sequence[str], retry_for: float) -> int:
             if streak_start is None or now - started > retry_for:
                 streak_start = started
             if now + RETRY_DELAY_S - streak_start > retry_for:
-                print(f"fedrec: flower-supernode exited with {code}; giving up after {attempt} attempts "
-                      f"(--retry-for {retry_for:g} s)", file=sys.stderr)
+                print(
+                    f"fedrec: flower-supernode exited with {code}; giving up after {attempt} attempts "
+                    f"(--retry-for {retry_for:g} s)",
+                    file=sys.stderr,
+                )
                 return code
-            print(f"fedrec: flower-supernode exited with {code} (attempt {attempt}); starting it again in "
-                  f"{RETRY_DELAY_S:g} s", file=sys.stderr)
+            print(
+                f"fedrec: flower-supernode exited with {code} (attempt {attempt}); starting it again in "
+                f"{RETRY_DELAY_S:g} s",
+                file=sys.stderr,
+            )
             time.sleep(RETRY_DELAY_S)
             if stopping:
                 return code
@@ -556,10 +608,11 @@ def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
 def register(subparsers: Any) -> None:
     """Add the ``device`` command group to ``fedrec``'s subparsers (``parser.add_subparsers()``)."""
     device = subparsers.add_parser(
-        "device", help="run fedrec on an edge device: enroll, import, recommend, start, rekey",
+        "device",
+        help="run fedrec on an edge device: enroll, import, recommend, start, rekey",
         description="Commands for the device owner: "
-                    "enroll -> import -> start (join the federation) -> recommend; "
-                    "rekey rotates the store key.",
+        "enroll -> import -> start (join the federation) -> recommend; "
+        "rekey rotates the store key.",
     )
     sub = device.add_subparsers(dest="device_command", required=True)
 
@@ -567,8 +620,7 @@ def register(subparsers: Any) -> None:
     enroll.add_argument("--store", required=True, help="the device's store file (SQLite, created mode 0600)")
     enroll.add_argument("--device-id", type=int, required=True, help="this device's id in the federation")
     _key_options(enroll)
-    enroll.add_argument("--num-items", type=int,
-                        help=f"catalogue size (default: MovieLens-100K's {ML100K_ITEMS})")
+    enroll.add_argument("--num-items", type=int, help=f"catalogue size (default: MovieLens-100K's {ML100K_ITEMS})")
     enroll.set_defaults(func=_cmd_enroll)
 
     imp = sub.add_parser("import", help="import your history (CSV item_id,timestamp[,rating] or JSON)")
@@ -583,8 +635,12 @@ def register(subparsers: Any) -> None:
     rec.add_argument("--model", required=True, type=Path, help="global_model.pt written by the server")
     rec.add_argument("-k", type=int, default=10, help="how many recommendations (default 10)")
     rec.add_argument("--explain", type=int, default=1, help="history items cited per recommendation (default 1)")
-    rec.add_argument("--set", action="append", metavar="KEY=VALUE",
-                     help="config override matching the server's model (e.g. model=sasrec, embedding-dim=32)")
+    rec.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="config override matching the server's model (e.g. model=sasrec, embedding-dim=32)",
+    )
     titles = rec.add_mutually_exclusive_group()
     titles.add_argument("--titles", type=Path, help="JSON list of item titles by item id")
     titles.add_argument("--no-titles", action="store_true", help="show item ids only")
@@ -598,20 +654,30 @@ def register(subparsers: Any) -> None:
     start.add_argument("--root-cert", required=True, type=Path, help="the federation's CA certificate (ca.crt)")
     start.add_argument("--auth-key", required=True, type=Path, help="the SuperNode auth private key from enroll")
     start.add_argument("--port", type=int, default=9094, help="the SuperNode's local port (default 9094)")
-    start.add_argument("--policy", action="append", metavar="KEY=VALUE",
-                       help="the device's own privacy limit, e.g. max-epsilon=4 or max-evaluations-per-day=6 "
-                            "(repeatable; keys in docs/deploy.md)")
-    start.add_argument("--retry-for", type=float, default=0.0, metavar="SECONDS",
-                       help="if flower-supernode exits with an error (e.g. refused for a minute after a crash), "
-                            f"start it again every {RETRY_DELAY_S:g} s for up to SECONDS (default 0: run it once)")
+    start.add_argument(
+        "--policy",
+        action="append",
+        metavar="KEY=VALUE",
+        help="the device's own privacy limit, e.g. max-epsilon=4 or max-evaluations-per-day=6 "
+        "(repeatable; keys in docs/deploy.md)",
+    )
+    start.add_argument(
+        "--retry-for",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="if flower-supernode exits with an error (e.g. refused for a minute after a crash), "
+        f"start it again every {RETRY_DELAY_S:g} s for up to SECONDS (default 0: run it once)",
+    )
     start.add_argument("--dry-run", action="store_true", help="print the flower-supernode command instead")
     start.set_defaults(func=_cmd_start)
 
     rekey = sub.add_parser(
-        "rekey", help="re-encrypt the store under a new key, in place (ledger, identity and spent epsilon kept)",
+        "rekey",
+        help="re-encrypt the store under a new key, in place (ledger, identity and spent epsilon kept)",
         description="Re-encrypt every encrypted record of the device store under a new key in one transaction: "
-                    "afterwards only the new key opens it; on any error nothing changed. Stop `fedrec device "
-                    "start` first. The old key file is not deleted: shred it.",
+        "afterwards only the new key opens it; on any error nothing changed. Stop `fedrec device "
+        "start` first. The old key file is not deleted: shred it.",
     )
     rekey.add_argument("--store", required=True)
     _key_options(rekey)

@@ -70,7 +70,11 @@ class Device:
     """One device's runtime: its data, its state, and the model code."""
 
     def __init__(
-        self, cfg: FedrecConfig, data: DeviceData, num_items: int, state: DeviceState,
+        self,
+        cfg: FedrecConfig,
+        data: DeviceData,
+        num_items: int,
+        state: DeviceState,
         run_user_budget: float | None = None,
     ) -> None:
         self.cfg = cfg
@@ -152,7 +156,8 @@ class Device:
         if user_filter is not None and not user_filter.admits(0, 1.0):
             spent = user_filter.epsilon(0)
             return RefusalReply(
-                self.epsilon(), spent,
+                self.epsilon(),
+                spent,
                 f"user-level privacy budget exhausted: {self.state.user_contributions} updates sent, "
                 f"epsilon {spent:.4f}; one more would exceed {self.cfg.privacy.user_epsilon_budget:g}",
             )

@@ -102,9 +102,7 @@ def _timestamp(raw: Any) -> float:
             try:
                 moment = datetime.fromisoformat(text)
             except ValueError:
-                raise ValueError(
-                    f"timestamp must be Unix seconds or an ISO 8601 date-time, found {raw!r}"
-                ) from None
+                raise ValueError(f"timestamp must be Unix seconds or an ISO 8601 date-time, found {raw!r}") from None
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
             try:
@@ -174,8 +172,10 @@ def _parse_csv(path: Path, text: str, num_items: int, problems: list[str]) -> li
             what.append(f"unknown column(s) {', '.join(repr(u) for u in unknown)}")
         if repeated:
             what.append(f"repeated column(s) {', '.join(repeated)}")
-        problems.append(f"line 1: bad header {','.join(header)!r}: {'; '.join(what)} "
-                        "(expected item_id,timestamp and optionally rating)")
+        problems.append(
+            f"line 1: bad header {','.join(header)!r}: {'; '.join(what)} "
+            "(expected item_id,timestamp and optionally rating)"
+        )
         return []
     rows: list[tuple[str, Interaction]] = []
     try:

@@ -201,7 +201,6 @@ class DeviceLedgerStore(SqlStore):
                 )
             return recorded
 
-
     # ------------------------------------------------------------------- identity
 
     def identity(self) -> DeviceIdentity:
@@ -313,9 +312,14 @@ class DeviceLedgerStore(SqlStore):
     def record_evaluation(self, *, run: str, version: int, split: str, at: float | None = None) -> None:
         """Note that the device answered an evaluation request (before the answer is sent)."""
         with self._session() as session, session.begin():
-            session.add(_EvaluationRow(
-                answered_at=time.time() if at is None else at, run=run, version=version, split=split,
-            ))
+            session.add(
+                _EvaluationRow(
+                    answered_at=time.time() if at is None else at,
+                    run=run,
+                    version=version,
+                    split=split,
+                )
+            )
 
     def evaluations_since(self, since: float) -> int:
         """How many evaluation requests the device answered at or after ``since`` (epoch seconds)."""

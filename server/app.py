@@ -57,7 +57,13 @@ def run_federation(grid: Grid, cfg: FedrecConfig) -> dict[str, Any]:
     privacy_store = PrivacyStore(f"sqlite:///{db_path}")
     try:
         fed = Federation(
-            grid, cfg, num_devices, num_items, initial, store, run_name=out.name,
+            grid,
+            cfg,
+            num_devices,
+            num_items,
+            initial,
+            store,
+            run_name=out.name,
             privacy_store=privacy_store,
         )
         fed.driver.discover(num_devices, timeout=300.0)
@@ -84,8 +90,11 @@ def run_federation(grid: Grid, cfg: FedrecConfig) -> dict[str, Any]:
         fed.driver.drain()
         export = export_top_k(out, final.top_lists, cfg.eval.export_top_k, "test")
         plots = write_plots(
-            out, fed.evaluations, sorted(fed.device_epsilon.values()),
-            cfg.privacy.epsilon_budget if cfg.privacy.dp else None, cfg.privacy.delta,
+            out,
+            fed.evaluations,
+            sorted(fed.device_epsilon.values()),
+            cfg.privacy.epsilon_budget if cfg.privacy.dp else None,
+            cfg.privacy.delta,
         )
         summary = fed.summary(
             final.record,

@@ -99,7 +99,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
         print(
             f"warning:           {args.host}:{args.port} also serves Flower's unauthenticated Control and "
             "Runtime APIs (submit runs, register nodes); expose only /v1/fleet/ to the network "
-            "(docs/deploy.md, Threat model)", file=sys.stderr,
+            "(docs/deploy.md, Threat model)",
+            file=sys.stderr,
         )
     print("press Ctrl-C to stop", flush=True)
     # The SuperLink runs in its own session: stop it on SIGTERM (service managers, `kill`)
@@ -158,8 +159,10 @@ def _cmd_revoke_device(args: argparse.Namespace) -> int:
     except deploy.FlowerCommandError as exc:
         return _fail(str(exc))
     if args.auth_only:
-        print(f"device {args.device_id}: SuperNode unregistered, ledger key still trusted "
-              "(register its new auth key with the same --ledger-key)")
+        print(
+            f"device {args.device_id}: SuperNode unregistered, ledger key still trusted "
+            "(register its new auth key with the same --ledger-key)"
+        )
     else:
         print(f"device {args.device_id} revoked: SuperNode unregistered, ledger key no longer trusted")
     return 0
@@ -225,7 +228,8 @@ def register(subparsers: Any) -> None:
     rev = command("revoke-device", "expel a device: unregister its SuperNode and revoke its ledger key")
     rev.add_argument("--device-id", type=int, required=True)
     rev.add_argument(
-        "--auth-only", action="store_true",
+        "--auth-only",
+        action="store_true",
         help="unregister only the SuperNode auth key and keep the ledger key trusted (rotating the auth key)",
     )
     federation(rev)

@@ -738,8 +738,9 @@ def revoke_device(
         except FlowerCommandError as exc:
             if "not found" not in str(exc).lower():
                 raise
-            warnings.warn(f"SuperNode {row.node_id} of device {device_id} was already unknown to the SuperLink",
-                          stacklevel=2)
+            warnings.warn(
+                f"SuperNode {row.node_id} of device {device_id} was already unknown to the SuperLink", stacklevel=2
+            )
         with _session(deploy) as session, session.begin():
             stored = session.get(_DeviceNodeRow, device_id)
             assert stored is not None  # read above; rows are never deleted

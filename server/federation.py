@@ -92,14 +92,23 @@ class Federation:
     """Runs one training job to completion and records it."""
 
     def __init__(
-        self, grid: Grid, cfg: FedrecConfig, num_devices: int, num_items: int, initial: StateDict,
-        store: RunStore, run_name: str = "run", privacy_store: PrivacyStore | None = None,
+        self,
+        grid: Grid,
+        cfg: FedrecConfig,
+        num_devices: int,
+        num_items: int,
+        initial: StateDict,
+        store: RunStore,
+        run_name: str = "run",
+        privacy_store: PrivacyStore | None = None,
     ) -> None:
         self.cfg = cfg
         self.num_devices = num_devices
         self.num_items = num_items
         self.driver = GridDriver(
-            grid, cfg.aggregation.wall_timeout, on_late_reply=self._late_reply,
+            grid,
+            cfg.aggregation.wall_timeout,
+            on_late_reply=self._late_reply,
             # Simulated devices share a few CPU cores: a small window of messages at the
             # Grid keeps them busy (grid_driver.py says why more costs time). Real devices
             # each compute on their own, so every dispatched task goes out at once.
@@ -117,8 +126,13 @@ class Federation:
 
             user_level = UserLevelMechanism(cfg.privacy, seed=cfg.seed)
         self.scheduler = Scheduler(
-            cfg.aggregation, self.fleet, cfg.train.local_steps, initial,
-            polynomial_staleness(cfg.aggregation.staleness_exponent), cfg.seed, user_level,
+            cfg.aggregation,
+            self.fleet,
+            cfg.train.local_steps,
+            initial,
+            polynomial_staleness(cfg.aggregation.staleness_exponent),
+            cfg.seed,
+            user_level,
         )
         self.device_user_epsilon: dict[int, float] = {}
         self.store = store
@@ -161,10 +175,14 @@ class Federation:
         content = RecordDict(
             {
                 "global": self._model_record(),
-                "config": ConfigRecord({
-                    "version": task.base_version, "task-seed": task.task_id, "run": self.run_label,
-                    "ledger-head": self.intake.head_seq(task.device_id) if self.intake else -1,
-                }),
+                "config": ConfigRecord(
+                    {
+                        "version": task.base_version,
+                        "task-seed": task.task_id,
+                        "run": self.run_label,
+                        "ledger-head": self.intake.head_seq(task.device_id) if self.intake else -1,
+                    }
+                ),
             }
         )
         # Pushed in virtual finish order: the order in which the server will wait for them.
@@ -195,7 +213,8 @@ class Federation:
             else:
                 reply = self.driver.wait(mid)
                 outcome = (
-                    Failure("timeout", "no reply within wall-timeout") if reply is None
+                    Failure("timeout", "no reply within wall-timeout")
+                    if reply is None
                     else validate_update(reply, sched.params)
                 )
                 if isinstance(outcome, Update) and reply is not None and self.intake is not None:
@@ -239,10 +258,16 @@ class Federation:
             if len(live) >= 3:  # Flower's SecAgg+ needs more than two shares
                 try:
                     result = run_secagg_round(
-                        self.driver.grid, list(live), sched.params, {"run": self.run_label, "version": sched.version},
-                        num_shares=len(live), reconstruction_threshold=max(2, math.ceil(2 * len(live) / 3)),
-                        clipping_range=agg.secagg_clipping_range, quantization_range=2**22,
-                        timeout=agg.wall_timeout, max_weight=agg.secagg_max_weight,
+                        self.driver.grid,
+                        list(live),
+                        sched.params,
+                        {"run": self.run_label, "version": sched.version},
+                        num_shares=len(live),
+                        reconstruction_threshold=max(2, math.ceil(2 * len(live) / 3)),
+                        clipping_range=agg.secagg_clipping_range,
+                        quantization_range=2**22,
+                        timeout=agg.wall_timeout,
+                        max_weight=agg.secagg_max_weight,
                         per_node_config={n: {"task-seed": t.task_id} for n, t in live.items()},
                         server_round=sched.version + 1,
                     )
@@ -258,7 +283,8 @@ class Federation:
             if rejected and delta is not None:
                 log.warning(
                     "SecAgg+ aggregate at version %d withheld: ledgers of devices %s failed verification",
-                    sched.version, sorted(rejected),
+                    sched.version,
+                    sorted(rejected),
                 )
                 delta = None
             for c in sched.complete_cohort(tasks, delta, contributed, rejected=rejected):
@@ -368,11 +394,22 @@ class Federation:
             if e.unit != "record":
                 continue
             self._note_epsilon(device_id, e.epsilon)
-            self.store.add_privacy(self.run_id, PrivacyRecord(
-                device_id=device_id, task_id=e.task_id, version=e.version, epsilon=e.epsilon, delta=e.delta,
-                noise_multiplier=e.noise_multiplier, sample_rate=e.sample_rate, steps=e.steps,
-                clip_norm=e.clip_norm, accountant=e.accountant, status="spent",
-            ))
+            self.store.add_privacy(
+                self.run_id,
+                PrivacyRecord(
+                    device_id=device_id,
+                    task_id=e.task_id,
+                    version=e.version,
+                    epsilon=e.epsilon,
+                    delta=e.delta,
+                    noise_multiplier=e.noise_multiplier,
+                    sample_rate=e.sample_rate,
+                    steps=e.steps,
+                    clip_norm=e.clip_norm,
+                    accountant=e.accountant,
+                    status="spent",
+                ),
+            )
         return result
 
     def _add_privacy(self, t: Task, metrics: MetricRecord, status: str) -> None:
@@ -380,11 +417,17 @@ class Federation:
         self.store.add_privacy(
             self.run_id,
             PrivacyRecord(
-                device_id=t.device_id, task_id=t.task_id, version=t.base_version,
-                epsilon=get_float(metrics, "epsilon"), delta=p.delta, noise_multiplier=p.noise_multiplier,
+                device_id=t.device_id,
+                task_id=t.task_id,
+                version=t.base_version,
+                epsilon=get_float(metrics, "epsilon"),
+                delta=p.delta,
+                noise_multiplier=p.noise_multiplier,
                 sample_rate=get_float(metrics, "sample-rate", 0.0),
                 steps=get_int(metrics, "steps") if "steps" in metrics else 0,
-                clip_norm=p.clip_norm, accountant=p.accountant, status=status,
+                clip_norm=p.clip_norm,
+                accountant=p.accountant,
+                status=status,
             ),
         )
 
@@ -393,8 +436,18 @@ class Federation:
         t = c.task
         self.store.add_task(
             self.run_id,
-            TaskRecord(t.task_id, t.device_id, t.base_version, t.dispatched_at, t.finish_at, c.status,
-                       c.staleness, c.applied_version, c.num_examples, c.loss),
+            TaskRecord(
+                t.task_id,
+                t.device_id,
+                t.base_version,
+                t.dispatched_at,
+                t.finish_at,
+                c.status,
+                c.staleness,
+                c.applied_version,
+                c.num_examples,
+                c.loss,
+            ),
         )
         if c.status == "failed" or reply is None or reply.has_error():
             if c.status == "failed":
@@ -419,10 +472,18 @@ class Federation:
                 self.device_user_epsilon[rel.device_id] = rel.epsilon
                 self.store.add_user_release(
                     self.run_id,
-                    UserReleaseRecord(version, rel.device_id, rel.weight, mech.noise_multiplier, mech.clip,
-                                      mech.order, rel.epsilon, mech.delta),
+                    UserReleaseRecord(
+                        version,
+                        rel.device_id,
+                        rel.weight,
+                        mech.noise_multiplier,
+                        mech.clip,
+                        mech.order,
+                        rel.epsilon,
+                        mech.delta,
+                    ),
                 )
-        recent = sched.applied_staleness[-self.cfg.aggregation.buffer_size:] or [0]
+        recent = sched.applied_staleness[-self.cfg.aggregation.buffer_size :] or [0]
         self.store.add_version(
             self.run_id,
             VersionRecord(version, sched.now, self.wall(), len(recent), float(np.mean(recent)), int(max(recent))),
@@ -437,14 +498,18 @@ class Federation:
             f"[fedrec] v{rec.version:>4}/{self.cfg.aggregation.num_versions}  sim {rec.sim_time:8.0f}s  "
             f"wall {rec.wall_time:6.0f}s  updates {self.status_counts.get('accepted', 0):>5}  "
             f"valid NDCG@{rec.k} {rec.ndcg:.4f}  HR@{rec.k} {rec.hr:.4f}  eps max {eps:.2f}",
-            file=sys.stderr, flush=True,
+            file=sys.stderr,
+            flush=True,
         )
 
     # -- evaluation ------------------------------------------------------------------
     def evaluate(self, devices: list[int], split: str, export: bool) -> EvalOutcome:
         """On-device evaluation of the current global model on ``devices``."""
         content_cfg: dict[str, Any] = {
-            "split": split, "version": self.scheduler.version, "export-top-k": export, "run": self.run_label,
+            "split": split,
+            "version": self.scheduler.version,
+            "export-top-k": export,
+            "run": self.run_label,
         }
         sums = {"hit": 0.0, "ndcg": 0.0, "sampled-hit": 0.0, "sampled-ndcg": 0.0}
         users = 0
@@ -454,7 +519,7 @@ class Federation:
         # In waves of `concurrency` devices, so pending messages stay bounded.
         for start in range(0, len(devices), wave):
             mids = {}
-            for device in devices[start:start + wave]:
+            for device in devices[start : start + wave]:
                 content = RecordDict({"global": self._model_record(), "config": ConfigRecord(dict(content_cfg))})
                 mids[device] = self.driver.send(device, content, MessageType.EVALUATE)
             replies.extend((device, self.driver.wait(mid)) for device, mid in mids.items())
@@ -476,17 +541,28 @@ class Federation:
             if export and "top-k" in reply.content.config_records:
                 tops[device] = get_int_list(reply.content.config_records["top-k"], "items")
         if declined:
-            log.info("evaluation of version %d: %d devices declined (their evaluation limit)",
-                     self.scheduler.version, declined)
+            log.info(
+                "evaluation of version %d: %d devices declined (their evaluation limit)",
+                self.scheduler.version,
+                declined,
+            )
         mean = {k: (v / users if users else math.nan) for k, v in sums.items()}
         coverage = None
         if tops:
             seen = {i for lst in tops.values() for i in lst}
             coverage = len(seen) / self.num_items
         rec = EvalRecord(
-            version=self.scheduler.version, sim_time=self.scheduler.now, wall_time=self.wall(), split=split,
-            users=users, hr=mean["hit"], ndcg=mean["ndcg"], sampled_hr=mean["sampled-hit"],
-            sampled_ndcg=mean["sampled-ndcg"], coverage=coverage, k=self.cfg.eval.top_k,
+            version=self.scheduler.version,
+            sim_time=self.scheduler.now,
+            wall_time=self.wall(),
+            split=split,
+            users=users,
+            hr=mean["hit"],
+            ndcg=mean["ndcg"],
+            sampled_hr=mean["sampled-hit"],
+            sampled_ndcg=mean["sampled-ndcg"],
+            coverage=coverage,
+            k=self.cfg.eval.top_k,
         )
         self.store.add_evaluation(self.run_id, rec)
         self.evaluations.append(rec)
@@ -509,9 +585,7 @@ class Federation:
             "clip-norm": mech.clip,
             "renyi-order": mech.order,
             "devices-contributing": len(eps),
-            "devices-stopped-by-filter": sum(
-                s is DeviceStatus.USER_EXHAUSTED for s in self.scheduler.status
-            ),
+            "devices-stopped-by-filter": sum(s is DeviceStatus.USER_EXHAUSTED for s in self.scheduler.status),
         }
 
     def summary(self, final: EvalRecord, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -521,9 +595,13 @@ class Federation:
         counts = self.status_counts
         return {
             "final": {
-                "split": final.split, "users": final.users, "k": final.k,
-                "hr@10": final.hr, "ndcg@10": final.ndcg,
-                "sampled-hr@10": final.sampled_hr, "sampled-ndcg@10": final.sampled_ndcg,
+                "split": final.split,
+                "users": final.users,
+                "k": final.k,
+                "hr@10": final.hr,
+                "ndcg@10": final.ndcg,
+                "sampled-hr@10": final.sampled_hr,
+                "sampled-ndcg@10": final.sampled_ndcg,
                 "coverage@10": final.coverage,
             },
             "privacy": {

@@ -77,8 +77,13 @@ class GridDriver:
     """
 
     def __init__(
-        self, grid: Grid, wall_timeout: float, poll_interval: float = 0.005, max_poll_interval: float = 0.2,
-        on_late_reply: Callable[[int, Message], None] | None = None, max_in_flight: int | None = None,
+        self,
+        grid: Grid,
+        wall_timeout: float,
+        poll_interval: float = 0.005,
+        max_poll_interval: float = 0.2,
+        on_late_reply: Callable[[int, Message], None] | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1 or None, got {max_in_flight}")
@@ -152,7 +157,11 @@ class GridDriver:
         return ids[0]
 
     def send(
-        self, device_id: int, content: RecordDict, message_type: str, priority: float = float("inf"),
+        self,
+        device_id: int,
+        content: RecordDict,
+        message_type: str,
+        priority: float = float("inf"),
         timeout: float | None = None,
     ) -> str:
         """Queue a message to a device and return its handle (for :meth:`wait` / :meth:`discard`).

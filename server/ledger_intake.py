@@ -147,9 +147,7 @@ class LedgerIntake:
                 problems.append(f"entry {e.seq}: claims epsilon {e.epsilon!r}, its mechanism gives {truth!r}")
         return problems
 
-    def check(
-        self, device_id: int, task_id: int | None, reply: Message, num_examples: int | None
-    ) -> IntakeResult:
+    def check(self, device_id: int, task_id: int | None, reply: Message, num_examples: int | None) -> IntakeResult:
         """Verify a training reply's new entries; store them if and only if they all pass.
 
         ``task_id`` None (a late reply) skips the check that this task's release is present.
@@ -191,7 +189,11 @@ class LedgerIntake:
         return IntakeResult(True, (), tuple(entries))
 
     def _reject(
-        self, device_id: int, task_id: int | None, problems: list[str], entries: Sequence[LedgerEntry],
+        self,
+        device_id: int,
+        task_id: int | None,
+        problems: list[str],
+        entries: Sequence[LedgerEntry],
         chain: Sequence[ChainProblem] = (),
     ) -> IntakeResult:
         if chain:
@@ -199,7 +201,8 @@ class LedgerIntake:
         else:
             seq = entries[0].seq if entries else None
             self.store.reject(
-                device_id, task_id if task_id is not None else -1,
+                device_id,
+                task_id if task_id is not None else -1,
                 [ChainProblem("mismatch", device_id, seq, None, text) for text in problems],
             )
         return IntakeResult(False, tuple(problems), tuple(entries))

@@ -170,7 +170,6 @@ class PrivacyStore(SqlStore):
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         self._closed = False
 
-
     # ----------------------------------------------------------------------- keys
 
     def register_key(self, device_id: int, public_key: str, *, replace: bool = False) -> None:

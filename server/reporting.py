@@ -31,8 +31,9 @@ def export_top_k(out_dir: Path, tops: Mapping[int, list[int]], fmt: str, split: 
         except ImportError as exc:  # optional dependency
             raise RuntimeError("export-top-k = 'parquet' needs pyarrow (pip install pyarrow)") from exc
         path = out_dir / f"top-k-{split}.parquet"
-        table = pa.table({"device_id": [r[0] for r in rows], "rank": [r[1] for r in rows],
-                          "item_id": [r[2] for r in rows]})
+        table = pa.table(
+            {"device_id": [r[0] for r in rows], "rank": [r[1] for r in rows], "item_id": [r[2] for r in rows]}
+        )
         pq.write_table(table, path)
         return path
     path = out_dir / f"top-k-{split}.csv"
@@ -50,7 +51,8 @@ def write_plots(
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     return [
-        plot_accuracy_vs_time([e for e in evals if e.split == "valid"], plots / "accuracy_vs_time.png",
-                              title="validation, on-device"),
+        plot_accuracy_vs_time(
+            [e for e in evals if e.split == "valid"], plots / "accuracy_vs_time.png", title="validation, on-device"
+        ),
         plot_epsilon_distribution(epsilons, plots / "epsilon_distribution.png", budget, delta),
     ]

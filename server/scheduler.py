@@ -284,8 +284,12 @@ class Scheduler:
         return Completion(task, status, staleness, applied, num_examples, loss)
 
     def complete_cohort(
-        self, tasks: list[Task], mean_delta: StateDict | None, contributed: set[int],
-        num_examples: dict[int, int] | None = None, rejected: set[int] | frozenset[int] = frozenset(),
+        self,
+        tasks: list[Task],
+        mean_delta: StateDict | None,
+        contributed: set[int],
+        num_examples: dict[int, int] | None = None,
+        rejected: set[int] | frozenset[int] = frozenset(),
     ) -> list[Completion]:
         """Sync mode with secure aggregation: complete a whole cohort from its aggregate alone.
 

@@ -111,8 +111,12 @@ class ServerOptimizer:
     """
 
     def __init__(
-        self, kind: str, learning_rate: float, momentum: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-3,
+        self,
+        kind: str,
+        learning_rate: float,
+        momentum: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.99),
+        eps: float = 1e-3,
     ) -> None:
         if kind not in ("sgd", "adam"):
             raise ValueError(f"unknown server optimizer {kind!r}")

@@ -26,8 +26,13 @@ from shared.training import make_optimizer
 
 
 def evaluate_model(
-    model: Recommender, devices: list[DeviceData], split: str, k: int = 10, sampled_negatives: int = 100,
-    seed: int = 0, user_index_of_device: bool = True,
+    model: Recommender,
+    devices: list[DeviceData],
+    split: str,
+    k: int = 10,
+    sampled_negatives: int = 100,
+    seed: int = 0,
+    user_index_of_device: bool = True,
 ) -> dict[str, float]:
     """Mean HR@k / NDCG@k (full ranking and sampled) of ``model`` over ``devices``."""
     model.eval()
@@ -48,7 +53,10 @@ def evaluate_model(
 
 
 def train_centralized(
-    cfg: FedrecConfig, epochs: int = 20, batch_size: int = 256, learning_rate: float = 1e-3,
+    cfg: FedrecConfig,
+    epochs: int = 20,
+    batch_size: int = 256,
+    learning_rate: float = 1e-3,
     optimizer: str = "adam",
 ) -> dict[str, Any]:
     """Train on all users' training records pooled; keep the epoch with the best validation NDCG@10.

@@ -43,8 +43,16 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     summary = simulate(_overrides(args), num_actors=args.actors, backend=args.backend)
     final, privacy = summary["final"], summary["privacy"]
-    print(json.dumps({"hr@10": final["hr@10"], "ndcg@10": final["ndcg@10"],
-                      "epsilon-max": privacy["epsilon-max"], "delta": privacy["delta"]}))
+    print(
+        json.dumps(
+            {
+                "hr@10": final["hr@10"],
+                "ndcg@10": final["ndcg@10"],
+                "epsilon-max": privacy["epsilon-max"],
+                "delta": privacy["delta"],
+            }
+        )
+    )
     return 0
 
 
@@ -85,8 +93,11 @@ def _audit_device_ledger(args: argparse.Namespace) -> tuple[Any, float | None]:
         entries = store.entries()
         key = args.public_key or store.identity().public_key
         if not args.public_key:
-            print("fedrec audit: no --public-key given; verifying against the key stored in the file itself "
-                  "(this cannot detect a file whose key was replaced)", file=sys.stderr)
+            print(
+                "fedrec audit: no --public-key given; verifying against the key stored in the file itself "
+                "(this cannot detect a file whose key was replaced)",
+                file=sys.stderr,
+            )
     device = entries[0].device_id if entries else -1
     order = None
     if args.user_epsilon_budget is not None:
@@ -94,8 +105,12 @@ def _audit_device_ledger(args: argparse.Namespace) -> tuple[Any, float | None]:
         if user:
             order = choose_order(user[0].noise_multiplier, args.user_epsilon_budget, args.delta)
     data = AuditInput(
-        source=str(path), keys={device: key}, ledgers={device: entries}, delta=args.delta,
-        record_budget=args.epsilon_budget, user_budget=args.user_epsilon_budget,
+        source=str(path),
+        keys={device: key},
+        ledgers={device: entries},
+        delta=args.delta,
+        record_budget=args.epsilon_budget,
+        user_budget=args.user_epsilon_budget,
     )
     return data, order
 
@@ -119,8 +134,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2, default=str))
         bound, accounted = result.get("epsilon-lower-bound"), result.get("epsilon-accounted")
         if result.get("dp", True) and bound is not None and accounted is not None and bound > accounted:
-            print("fedrec audit: the empirical lower bound exceeds the accounted epsilon: a privacy bug",
-                  file=sys.stderr)
+            print(
+                "fedrec audit: the empirical lower bound exceeds the accounted epsilon: a privacy bug", file=sys.stderr
+            )
             return 1
         return 0
     started = time.monotonic()
@@ -154,11 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="run a federated simulation (one virtual device per user)")
     run_options(sim)
-    sim.add_argument("--actors", type=int, default=None,
-                     help="ClientApps running in parallel "
-                          "(default: one more than the CPU cores, at most one per GiB of memory)")
-    sim.add_argument("--backend", choices=("ray", "local"), default="ray",
-                     help="ray: Flower's simulation runtime (default); local: in-process, same numbers")
+    sim.add_argument(
+        "--actors",
+        type=int,
+        default=None,
+        help="ClientApps running in parallel (default: one more than the CPU cores, at most one per GiB of memory)",
+    )
+    sim.add_argument(
+        "--backend",
+        choices=("ray", "local"),
+        default="ray",
+        help="ray: Flower's simulation runtime (default); local: in-process, same numbers",
+    )
     sim.set_defaults(func=_cmd_simulate)
 
     cen = sub.add_parser("centralized", help="train the same model centrally without DP (the reference)")
@@ -171,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     conf.set_defaults(func=_cmd_config)
 
     aud = sub.add_parser(
-        "audit", help="verify privacy ledgers, recompute every epsilon independently, check budgets",
+        "audit",
+        help="verify privacy ledgers, recompute every epsilon independently, check budgets",
         description="Exits 0 when everything verifies and no budget is exceeded, 1 on any finding.",
     )
     aud.add_argument("path", nargs="?", help="run directory (with fedrec.db) or database file")
@@ -182,8 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--user-epsilon-budget", type=float, help="with --ledger: user-level budget")
     aud.add_argument("--delta", type=float, default=1e-5, help="with --ledger: delta of the claims")
     aud.add_argument("--output", help="where to write audit.md, audit.json and plots")
-    aud.add_argument("--empirical", action="store_true",
-                     help="run the canary experiment (one-run audit) and report the empirical lower bound")
+    aud.add_argument(
+        "--empirical",
+        action="store_true",
+        help="run the canary experiment (one-run audit) and report the empirical lower bound",
+    )
     aud.add_argument("--no-dp", action="store_true", help="with --empirical: train without DP (the attack's baseline)")
     aud.add_argument("--set", action="append", metavar="KEY=VALUE", help="with --empirical: config overrides")
     aud.set_defaults(func=_cmd_audit)

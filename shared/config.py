@@ -195,8 +195,7 @@ class AggregationConfig:
         _at_least("buffer-size", self.buffer_size, 1)
         if self.mode == "async" and self.buffer_size > self.concurrency:
             raise ConfigError(
-                f"buffer-size: {self.buffer_size} exceeds concurrency {self.concurrency}; "
-                "the buffer could never fill"
+                f"buffer-size: {self.buffer_size} exceeds concurrency {self.concurrency}; the buffer could never fill"
             )
         _in_range("staleness-exponent", self.staleness_exponent, 0.0, math.inf)
         _at_least("max-staleness", self.max_staleness, 0)
@@ -417,13 +416,10 @@ def _positive(key: str, value: float) -> None:
         raise ConfigError(f"{key}: must be a positive finite number, got {value}")
 
 
-def _in_range(
-    key: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
-) -> None:
+def _in_range(key: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
     below = value <= lo if lo_open else value < lo
     above = value >= hi if hi_open else value > hi
     if below or above or math.isnan(value):
         left = "(" if lo_open else "["
         right = ")" if hi_open else "]"
         raise ConfigError(f"{key}: must be in {left}{lo}, {hi}{right}, got {value}")
-

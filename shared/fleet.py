@@ -56,9 +56,7 @@ class Fleet:
         a = cfg.availability_mean * _AVAILABILITY_CONCENTRATION
         b = (1.0 - cfg.availability_mean) * _AVAILABILITY_CONCENTRATION
         availability = rng.beta(a, b, size=num_devices) if b > 0 else np.ones(num_devices)
-        self.profiles = [
-            DeviceProfile(i, float(slowdown[i]), float(availability[i])) for i in range(num_devices)
-        ]
+        self.profiles = [DeviceProfile(i, float(slowdown[i]), float(availability[i])) for i in range(num_devices)]
 
     def __len__(self) -> int:
         return len(self.profiles)

@@ -37,9 +37,7 @@ def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torc
     """The configured optimizer; L2 regularisation is the optimizer's weight decay."""
     if train.optimizer == "adam":
         return torch.optim.Adam(params, lr=train.learning_rate, weight_decay=train.weight_decay)
-    return torch.optim.SGD(
-        params, lr=train.learning_rate, momentum=train.momentum, weight_decay=train.weight_decay
-    )
+    return torch.optim.SGD(params, lr=train.learning_rate, momentum=train.momentum, weight_decay=train.weight_decay)
 
 
 def apply_l1_proximal(params: list[torch.nn.Parameter], lr: float, l1: float) -> None:
@@ -72,9 +70,7 @@ def opacus_sample_rate(num_records: int, batch_size: int) -> float:
 
 def plan_release(num_records: int, train: TrainConfig, privacy: PrivacyConfig) -> Release:
     """The DP-SGD release a task will make (exactly the rate and steps Opacus will charge)."""
-    return Release(
-        privacy.noise_multiplier, opacus_sample_rate(num_records, train.batch_size), train.local_steps
-    )
+    return Release(privacy.noise_multiplier, opacus_sample_rate(num_records, train.batch_size), train.local_steps)
 
 
 # Expected batch x catalogue size above which ghost clipping is faster for NCF on CPU:
@@ -161,9 +157,7 @@ def train_locally(
     sampler_gen = torch.Generator().manual_seed(seed)
     negative_gen = torch.Generator().manual_seed(seed + 1)
     noise_gen = torch.Generator().manual_seed(seed + 2)
-    loader = DataLoader(
-        TensorDataset(*records), batch_size=train.batch_size, shuffle=True, generator=sampler_gen
-    )
+    loader = DataLoader(TensorDataset(*records), batch_size=train.batch_size, shuffle=True, generator=sampler_gen)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, train)
     model.train()

@@ -39,8 +39,11 @@ class LocalGrid(Grid):
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         self._contexts = {
             i + 1: Context(
-                run_id=1, node_id=i + 1, node_config={"partition-id": i, "num-partitions": num_nodes},
-                state=RecordDict(), run_config=dict(run_config or {}),
+                run_id=1,
+                node_id=i + 1,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
             )
             for i in range(num_nodes)
         }
@@ -88,9 +91,7 @@ class LocalGrid(Grid):
             replies.append(reply)
         return replies
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push then pull everything (in-process, so nothing is ever late)."""
         del timeout
         started = time.monotonic()

@@ -14,8 +14,14 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     {
         "default": {},
         "smoke": {
-            "max-devices": 12, "num-versions": 6, "concurrency": 6, "buffer-size": 3,
-            "eval-every": 3, "eval-devices": 6, "local-steps": 3, "output-dir": "runs/smoke",
+            "max-devices": 12,
+            "num-versions": 6,
+            "concurrency": 6,
+            "buffer-size": 3,
+            "eval-every": 3,
+            "eval-devices": 6,
+            "local-steps": 3,
+            "output-dir": "runs/smoke",
         },
         "no-dp": {"dp": False, "output-dir": "runs/no-dp"},
         "sync": {"mode": "sync", "num-versions": 50, "output-dir": "runs/sync"},
@@ -24,9 +30,18 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
         # (z = 3 admits ~22 full-weight contributions per device within epsilon 8).
         "user-dp": {"user-dp": True, "user-noise-multiplier": 3.0, "output-dir": "runs/user-dp"},
         "large": {
-            "dataset": "synthetic", "synthetic-users": 500, "synthetic-items": 20000,
-            "embedding-dim": 512, "mlp-layers": "512,256", "batch-size": 8, "local-steps": 2,
-            "num-versions": 10, "concurrency": 10, "buffer-size": 5, "eval-every": 5, "eval-devices": 20,
+            "dataset": "synthetic",
+            "synthetic-users": 500,
+            "synthetic-items": 20000,
+            "embedding-dim": 512,
+            "mlp-layers": "512,256",
+            "batch-size": 8,
+            "local-steps": 2,
+            "num-versions": 10,
+            "concurrency": 10,
+            "buffer-size": 5,
+            "eval-every": 5,
+            "eval-devices": 20,
             "output-dir": "runs/large",
         },
     }

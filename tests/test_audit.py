@@ -22,11 +22,26 @@ USER_BUDGET = 20.0
 
 def _overrides(out: Path) -> dict[str, Any]:
     return {
-        "dataset": "synthetic", "synthetic-users": 8, "synthetic-items": 80, "synthetic-interactions": 30,
-        "cache-dir": str(out.parent / "cache"), "embedding-dim": 8, "mlp-layers": "8", "num-negatives": 4,
-        "local-steps": 3, "batch-size": 4, "concurrency": 4, "buffer-size": 2, "num-versions": 8,
-        "eval-every": 4, "eval-devices": 4, "output-dir": str(out), "epsilon-budget": BUDGET,
-        "user-dp": True, "user-noise-multiplier": 2.0, "user-epsilon-budget": USER_BUDGET,
+        "dataset": "synthetic",
+        "synthetic-users": 8,
+        "synthetic-items": 80,
+        "synthetic-interactions": 30,
+        "cache-dir": str(out.parent / "cache"),
+        "embedding-dim": 8,
+        "mlp-layers": "8",
+        "num-negatives": 4,
+        "local-steps": 3,
+        "batch-size": 4,
+        "concurrency": 4,
+        "buffer-size": 2,
+        "num-versions": 8,
+        "eval-every": 4,
+        "eval-devices": 4,
+        "output-dir": str(out),
+        "epsilon-budget": BUDGET,
+        "user-dp": True,
+        "user-noise-multiplier": 2.0,
+        "user-epsilon-budget": USER_BUDGET,
     }
 
 
@@ -142,10 +157,14 @@ def test_reordered_entries_are_named(run_dir: Path, tmp_path: Path) -> None:
     con = sqlite3.connect(db)
     # Swap the two rows' contents, keeping their ids (the storage order); seq is unique, so park one.
     con.execute("UPDATE ledger_entries SET seq = -1 WHERE id = ?", (a["id"],))
-    con.execute(f"UPDATE ledger_entries SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?",
-                [a[c] for c in cols] + [b["id"]])
-    con.execute(f"UPDATE ledger_entries SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?",
-                [b[c] for c in cols] + [a["id"]])
+    con.execute(
+        f"UPDATE ledger_entries SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?",
+        [a[c] for c in cols] + [b["id"]],
+    )
+    con.execute(
+        f"UPDATE ledger_entries SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?",
+        [b[c] for c in cols] + [a["id"]],
+    )
     con.commit()
     con.close()
     code, report = _audit(str(run))
@@ -162,8 +181,13 @@ def test_a_rehashed_forgery_is_named(run_dir: Path, tmp_path: Path) -> None:
     fields = {k: v for k, v in row.items() if k not in ("id", "entry_hash", "signature")}
     fields["epsilon"] = row["epsilon"] / 3
     # The forger recomputes the hash, but cannot sign it with the device's key.
-    _execute(db, "UPDATE ledger_entries SET epsilon = ?, entry_hash = ? WHERE id = ?",
-             fields["epsilon"], compute_hash(fields), row["id"])
+    _execute(
+        db,
+        "UPDATE ledger_entries SET epsilon = ?, entry_hash = ? WHERE id = ?",
+        fields["epsilon"],
+        compute_hash(fields),
+        row["id"],
+    )
     code, report = _audit(str(run))
     assert code == 1
     assert ("forged", device, row["seq"]) in _kinds(report)
@@ -209,23 +233,47 @@ def test_a_signed_but_wrong_claim_in_a_device_ledger_is_flagged(run_dir: Path, t
     with DeviceLedgerStore(path, device_id=entries[0].device_id) as liar:
         key = liar.identity().public_key
         for i, e in enumerate(entries):
-            fields = {k: getattr(e, k) for k in ("run", "version", "task_id", "unit", "mechanism", "noise_multiplier",
-                                                 "sample_rate", "steps", "clip_norm", "accountant", "epsilon",
-                                                 "delta", "timestamp")}
+            fields = {
+                k: getattr(e, k)
+                for k in (
+                    "run",
+                    "version",
+                    "task_id",
+                    "unit",
+                    "mechanism",
+                    "noise_multiplier",
+                    "sample_rate",
+                    "steps",
+                    "clip_norm",
+                    "accountant",
+                    "epsilon",
+                    "delta",
+                    "timestamp",
+                )
+            }
             if i == len(entries) - 1 and e.unit == "record":
                 fields["epsilon"] = e.epsilon * 0.9
             liar.append(**fields)
     out = tmp_path / "liar-audit"
-    code, report = _audit("--ledger", str(path), "--public-key", key, "--epsilon-budget", str(BUDGET),
-                          "--output", str(out))
+    code, report = _audit(
+        "--ledger", str(path), "--public-key", key, "--epsilon-budget", str(BUDGET), "--output", str(out)
+    )
     if entries[-1].unit == "record":
         assert code == 1
         assert [f["kind"] for f in report["findings"]] == ["claim-mismatch"]
     # The honest device's own ledger, audited with its key, passes.
     with DeviceLedgerStore(src) as real:
         honest_key = real.identity().public_key
-    code, report = _audit("--ledger", str(src), "--public-key", honest_key, "--epsilon-budget", str(BUDGET),
-                          "--output", str(tmp_path / "honest"))
+    code, report = _audit(
+        "--ledger",
+        str(src),
+        "--public-key",
+        honest_key,
+        "--epsilon-budget",
+        str(BUDGET),
+        "--output",
+        str(tmp_path / "honest"),
+    )
     assert code == 0, report["findings"]
 
 
@@ -271,8 +319,11 @@ def test_a_device_whose_entries_were_all_removed_is_still_flagged(run_dir: Path,
 def test_an_upload_rejected_at_intake_fails_the_audit(run_dir: Path, tmp_path: Path) -> None:
     run = _copy(run_dir, tmp_path)
     db = run / "fedrec.db"
-    _execute(db, "INSERT INTO ledger_rejections (device_id, task_id, seq, kind, detail, at) "
-                 "VALUES (3, 17, 2, 'forged', 'signature does not verify', '2026-11-25 00:00:00')")
+    _execute(
+        db,
+        "INSERT INTO ledger_rejections (device_id, task_id, seq, kind, detail, at) "
+        "VALUES (3, 17, 2, 'forged', 'signature does not verify', '2026-11-25 00:00:00')",
+    )
     code, report = _audit(str(run))
     assert code == 1
     assert [f["kind"] for f in report["findings"]] == ["rejected-upload"]
@@ -332,10 +383,18 @@ def test_a_ledger_spanning_runs_with_and_without_user_dp_audits_clean_and_a_dele
     no false ``deleted`` for an honest chain, and a removed tail of this run's entries found.
     """
     stores = tmp_path / "device-stores"
-    first = {**_overrides(tmp_path / "first"), "user-dp": earlier_user_dp, "device-store-dir": str(stores),
-             "num-versions": 4}
-    second = {**_overrides(tmp_path / "second"), "user-dp": not earlier_user_dp,
-              "device-store-dir": str(stores), "num-versions": 2}
+    first = {
+        **_overrides(tmp_path / "first"),
+        "user-dp": earlier_user_dp,
+        "device-store-dir": str(stores),
+        "num-versions": 4,
+    }
+    second = {
+        **_overrides(tmp_path / "second"),
+        "user-dp": not earlier_user_dp,
+        "device-store-dir": str(stores),
+        "num-versions": 2,
+    }
     simulate(first, backend="local")
     simulate(second, backend="local")
     run = tmp_path / "second"

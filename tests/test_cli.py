@@ -38,8 +38,21 @@ def test_unknown_preset_lists_the_known_ones(capsys: pytest.CaptureFixture[str])
 def test_malformed_data_file_names_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ratings = tmp_path / "u.data"
     ratings.write_text("1\t10\t5\t881250949\n2\t20\t4\n")
-    code = main(["simulate", "--backend", "local", "--set", "dataset=grouplens", "--set", f"data-path={ratings}",
-                 "--set", f"cache-dir={tmp_path / 'cache'}", "--output", str(tmp_path / "out")])
+    code = main(
+        [
+            "simulate",
+            "--backend",
+            "local",
+            "--set",
+            "dataset=grouplens",
+            "--set",
+            f"data-path={ratings}",
+            "--set",
+            f"cache-dir={tmp_path / 'cache'}",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "u.data" in err and "2" in err

@@ -41,8 +41,22 @@ def test_every_command_parses() -> None:
     assert (a.device_command, a.passphrase_env, a.file) == ("import", "PW", Path("h.csv"))
     a = p.parse_args(["device", "recommend", "--store", "s.db", "--key-file", "k", "--model", "m.pt", "-k", "5"])
     assert (a.device_command, a.model, a.k) == ("recommend", Path("m.pt"), 5)
-    a = p.parse_args(["device", "start", "--store", "s.db", "--key-file", "k", "--superlink", "h:9093",
-                      "--root-cert", "ca.crt", "--auth-key", "a"])
+    a = p.parse_args(
+        [
+            "device",
+            "start",
+            "--store",
+            "s.db",
+            "--key-file",
+            "k",
+            "--superlink",
+            "h:9093",
+            "--root-cert",
+            "ca.crt",
+            "--auth-key",
+            "a",
+        ]
+    )
     assert (a.device_command, a.superlink, a.port) == ("start", "h:9093", 9094)
     with pytest.raises(SystemExit):  # a key source is required, and only one
         p.parse_args(["device", "import", "--store", "s.db", "h.csv"])
@@ -60,8 +74,9 @@ def movielens() -> InteractionLog:
 
 def _user_history(log: InteractionLog, user: int, path: Path) -> Path:
     mine = log.user_ids == user
-    lines = ["item_id,timestamp"] + [f"{i},{int(t)}" for i, t in zip(log.item_ids[mine], log.timestamps[mine],
-                                                                         strict=True)]
+    lines = ["item_id,timestamp"] + [
+        f"{i},{int(t)}" for i, t in zip(log.item_ids[mine], log.timestamps[mine], strict=True)
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -158,8 +173,10 @@ def test_recommend_rejects_a_model_for_another_catalogue(tmp_path: Path, capsys:
     junk.write_bytes(b"not a model")
     assert main(["device", "recommend", *common, "--model", str(junk)]) == 2
     assert "not a fedrec global model" in capsys.readouterr().err
-    assert main(["device", "recommend", *common, "--model", str(_global_model(tmp_path / "ok.pt", 50)),
-                 "--no-titles"]) == 0
+    assert (
+        main(["device", "recommend", *common, "--model", str(_global_model(tmp_path / "ok.pt", 50)), "--no-titles"])
+        == 0
+    )
     assert "item " in capsys.readouterr().out
 
 
@@ -178,8 +195,22 @@ def test_start_execs_flower_supernode(
         captured.append(argv)
 
     monkeypatch.setattr(cli_device.os, "execv", fake_exec)
-    args = ["device", "start", "--store", str(store), "--key-file", str(key), "--superlink", "10.0.0.1:9093",
-            "--root-cert", str(ca), "--auth-key", str(private), "--port", "9200"]
+    args = [
+        "device",
+        "start",
+        "--store",
+        str(store),
+        "--key-file",
+        str(key),
+        "--superlink",
+        "10.0.0.1:9093",
+        "--root-cert",
+        str(ca),
+        "--auth-key",
+        str(private),
+        "--port",
+        "9200",
+    ]
     main(args)
     (argv,) = captured
     assert Path(argv[0]).name == "flower-supernode"
@@ -199,22 +230,29 @@ def test_node_config_quoting_round_trips() -> None:
     for value in ("/a b/c.db", "/it's/here", '/say "hi"/x', "C:\\keys\\k"):
         assert parse_config_args([f"k={node_config_value(value)}"]) == {"k": value}
     with pytest.raises(ValueError, match="both"):
-        node_config_value("/it's \"both\"")
+        node_config_value('/it\'s "both"')
 
 
 def test_enroll_refuses_a_lost_key_for_an_existing_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = tmp_path / "device.db"
-    assert main(["device", "enroll", "--device-id", "2", "--store", str(store), "--key-file",
-                 str(tmp_path / "a.key")]) == 0
-    assert main(["device", "enroll", "--device-id", "2", "--store", str(store), "--key-file",
-                 str(tmp_path / "b.key")]) == 2
+    assert (
+        main(["device", "enroll", "--device-id", "2", "--store", str(store), "--key-file", str(tmp_path / "a.key")])
+        == 0
+    )
+    assert (
+        main(["device", "enroll", "--device-id", "2", "--store", str(store), "--key-file", str(tmp_path / "b.key")])
+        == 2
+    )
     assert "already encrypted under another key" in capsys.readouterr().err
     assert not (tmp_path / "b.key").exists()
-    assert main(["device", "enroll", "--device-id", "4", "--store", str(store), "--key-file",
-                 str(tmp_path / "a.key")]) == 2
+    assert (
+        main(["device", "enroll", "--device-id", "4", "--store", str(store), "--key-file", str(tmp_path / "a.key")])
+        == 2
+    )
     assert "already enrolled as device 2" in capsys.readouterr().err
-    assert np.array_equal(np.frombuffer(store.read_bytes()[:16], np.uint8),
-                          np.frombuffer(b"SQLite format 3\x00", np.uint8))
+    assert np.array_equal(
+        np.frombuffer(store.read_bytes()[:16], np.uint8), np.frombuffer(b"SQLite format 3\x00", np.uint8)
+    )
 
 
 # ------------------------------------------------------------------ rekey
@@ -226,9 +264,11 @@ def test_rekey_parses() -> None:
     assert (a.device_command, a.key_file, a.new_passphrase_env, a.new_key_file) == ("rekey", Path("k"), "NEW", None)
     a = p.parse_args(["device", "rekey", "--store", "s.db", "--passphrase-env", "PW", "--new-key-file", "n"])
     assert (a.passphrase_env, a.new_key_file) == ("PW", Path("n"))
-    for bad in (["--key-file", "k"],  # a new key is required
-                ["--new-key-file", "n"],  # and the current one
-                ["--key-file", "k", "--new-key-file", "n", "--new-passphrase-env", "NEW"]):  # only one new key
+    for bad in (
+        ["--key-file", "k"],  # a new key is required
+        ["--new-key-file", "n"],  # and the current one
+        ["--key-file", "k", "--new-key-file", "n", "--new-passphrase-env", "NEW"],
+    ):  # only one new key
         with pytest.raises(SystemExit):
             p.parse_args(["device", "rekey", "--store", "s.db", *bad])
 
@@ -266,8 +306,10 @@ def _contents(store: Path, device_id: int, key: bytes) -> dict[str, object]:
             "interactions": data_store.interactions(),
             "num_items": data_store.num_items,
             "personal": {k: v.tolist() for k, v in data_store.load_personal().items()},
-            "receipts": [(r.seq, r.run, r.version, r.created_at, {k: v.tolist() for k, v in r.delta.items()})
-                         for r in data_store.contribution_receipts()],  # fmt: skip
+            "receipts": [
+                (r.seq, r.run, r.version, r.created_at, {k: v.tolist() for k, v in r.delta.items()})
+                for r in data_store.contribution_receipts()
+            ],  # fmt: skip
         }
     with DeviceLedgerStore(store) as ledger:
         data |= {"public_key": ledger.identity().public_key, "entries": ledger.entries(),
@@ -455,8 +497,11 @@ def test_start_passes_the_devices_own_policy_and_refuses_a_bad_one(
     assert policy is not None
     assert (policy.max_epsilon, policy.max_evaluations_per_day) == (4.0, 6)
     capsys.readouterr()
-    for bad, why in (("max-epsilion=4", "unknown key"), ("max-evaluations-per-day=-2", ">= 0"),
-                     ("max-epsilon", "key=value")):
+    for bad, why in (
+        ("max-epsilion=4", "unknown key"),
+        ("max-evaluations-per-day=-2", ">= 0"),
+        ("max-epsilon", "key=value"),
+    ):
         assert main([*base, "--policy", bad]) == 2
         assert why in capsys.readouterr().err
     assert len(captured) == 1  # nothing started for the bad ones
@@ -484,8 +529,13 @@ def _fake_supernode(tmp_path: Path, fail_times: int, code: int = 1) -> tuple[Pat
 @pytest.mark.parametrize(("fail_times", "retry_for", "expected_code", "expected_attempts"),
                          [(2, 30.0, 0, 3), (100, 0.5, 3, None)])  # fmt: skip
 def test_start_retries_a_refused_supernode_within_the_window(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-    fail_times: int, retry_for: float, expected_code: int, expected_attempts: int | None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    fail_times: int,
+    retry_for: float,
+    expected_code: int,
+    expected_attempts: int | None,
 ) -> None:
     args = _start_args(tmp_path)
     script, counter = _fake_supernode(tmp_path, fail_times, code=3)

@@ -131,8 +131,7 @@ def test_revoking_a_device_whose_node_flower_no_longer_knows(server: Server, tmp
     auth = pki.create_device_auth_key(tmp_path / "gone")[1]
     ledger_key = DeviceIdentity.generate().public_key
     node = deploy.register_device(server.paths, CONNECTION, 8, auth, ledger_key, flwr_home=server.flwr_home)
-    deploy._run_flwr(["supernode", "unregister", node, CONNECTION], flwr_home=server.flwr_home,
-                     cwd=server.paths.root)
+    deploy._run_flwr(["supernode", "unregister", node, CONNECTION], flwr_home=server.flwr_home, cwd=server.paths.root)
     with pytest.warns(UserWarning, match="already unknown"):
         deploy.revoke_device(server.paths, CONNECTION, 8, flwr_home=server.flwr_home)
     with PrivacyStore(server.paths.fedrec_db_url) as store:
@@ -140,8 +139,9 @@ def test_revoking_a_device_whose_node_flower_no_longer_knows(server: Server, tmp
     # The device id can be admitted again with a new identity.
     fresh = pki.create_device_auth_key(tmp_path / "fresh")[1]
     new_ledger = DeviceIdentity.generate().public_key
-    deploy.register_device(server.paths, CONNECTION, 8, fresh, new_ledger, replace_ledger_key=True,
-                           flwr_home=server.flwr_home)
+    deploy.register_device(
+        server.paths, CONNECTION, 8, fresh, new_ledger, replace_ledger_key=True, flwr_home=server.flwr_home
+    )
     deploy.revoke_device(server.paths, CONNECTION, 8, flwr_home=server.flwr_home)
 
 

@@ -23,10 +23,19 @@ from shared.training import plan_release, train_locally
 @pytest.fixture()
 def overrides(tmp_path: Path) -> dict[str, object]:
     return {
-        "dataset": "synthetic", "synthetic-users": 6, "synthetic-items": 60, "synthetic-interactions": 30,
-        "cache-dir": str(tmp_path / "cache"), "output-dir": str(tmp_path / "out"),
-        "embedding-dim": 8, "mlp-layers": "8", "num-negatives": 4,
-        "local-steps": 4, "batch-size": 8, "noise-multiplier": 1.0, "epsilon-budget": 50.0,
+        "dataset": "synthetic",
+        "synthetic-users": 6,
+        "synthetic-items": 60,
+        "synthetic-interactions": 30,
+        "cache-dir": str(tmp_path / "cache"),
+        "output-dir": str(tmp_path / "out"),
+        "embedding-dim": 8,
+        "mlp-layers": "8",
+        "num-negatives": 4,
+        "local-steps": 4,
+        "batch-size": 8,
+        "noise-multiplier": 1.0,
+        "epsilon-budget": 50.0,
     }
 
 
@@ -129,8 +138,11 @@ def test_client_messages_never_carry_the_user_embedding(overrides: dict[str, obj
     outgoing: list[Message] = []
     for step, kind in enumerate([MessageType.TRAIN, MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY]):
         conf = {"version": step, "task-seed": step, "split": "valid", "export-top-k": False}
-        msg = Message(RecordDict({"global": ArrayRecord(model.global_state()), "config": ConfigRecord(conf)}),
-                      dst_node_id=7, message_type=kind)
+        msg = Message(
+            RecordDict({"global": ArrayRecord(model.global_state()), "config": ConfigRecord(conf)}),
+            dst_node_id=7,
+            message_type=kind,
+        )
         outgoing.append(app(msg, context))
     personal = context.state.array_records["fedrec-personal"].to_torch_state_dict()
     assert set(personal) == {"user_embedding.weight"}
@@ -190,9 +202,11 @@ def _train_reply(overrides: dict[str, object]) -> Message:
     model = build_model(parse_config(overrides).model, info.num_items, 1, seed=5)
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
     msg = Message(
-        RecordDict({"global": ArrayRecord(model.global_state()),
-                    "config": ConfigRecord({"version": 0, "task-seed": 0})}),
-        dst_node_id=7, message_type=MessageType.TRAIN,
+        RecordDict(
+            {"global": ArrayRecord(model.global_state()), "config": ConfigRecord({"version": 0, "task-seed": 0})}
+        ),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
     )
     return app(msg, context)
 

@@ -171,8 +171,9 @@ def test_a_damaged_key_check_is_reported_as_damage_not_as_a_wrong_key(tmp_path: 
         store.import_interactions(_history())
     with sqlite3.connect(path) as con:
         (blob,) = con.execute("SELECT ciphertext FROM device_data_blobs WHERE name = ?", (_KEY_CHECK,)).fetchone()
-        con.execute("UPDATE device_data_blobs SET ciphertext = ? WHERE name = ?",
-                    (bytes([blob[0] ^ 1]) + blob[1:], _KEY_CHECK))
+        con.execute(
+            "UPDATE device_data_blobs SET ciphertext = ? WHERE name = ?", (bytes([blob[0] ^ 1]) + blob[1:], _KEY_CHECK)
+        )
     before = path.read_bytes()
     with pytest.raises(StoreCorruptError, match="key check record is damaged"):
         DeviceDataStore(path, 3, key)
@@ -397,8 +398,9 @@ def _snapshot(path: Path, device_id: int, key: bytes) -> dict[str, object]:
             "interactions": store.interactions(),
             "num_items": store.num_items,
             "personal": {k: v.tolist() for k, v in store.load_personal().items()},
-            "receipts": [(dataclasses.replace(r, delta={}), {k: v.tolist() for k, v in r.delta.items()})
-                         for r in receipts],  # fmt: skip
+            "receipts": [
+                (dataclasses.replace(r, delta={}), {k: v.tolist() for k, v in r.delta.items()}) for r in receipts
+            ],  # fmt: skip
         }
     with DeviceLedgerStore(path) as ledger:
         identity = ledger.identity()

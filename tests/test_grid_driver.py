@@ -115,11 +115,25 @@ def test_a_discarded_message_not_yet_pushed_still_reaches_its_device() -> None:
 
 def _run(tmp: Path, name: str, window: int) -> tuple[dict[str, Any], dict[int, float]]:
     overrides = {
-        "dataset": "synthetic", "synthetic-users": 10, "synthetic-items": 60, "synthetic-interactions": 30,
-        "cache-dir": str(tmp / "cache"), "embedding-dim": 8, "mlp-layers": "8", "num-negatives": 4,
-        "local-steps": 3, "batch-size": 4, "concurrency": 6, "buffer-size": 3, "num-versions": 5,
-        "eval-every": 2, "eval-devices": 5, "output-dir": str(tmp / name), "epsilon-budget": 30.0,
-        "dropout-rate": 0.3, "max-in-flight": window,
+        "dataset": "synthetic",
+        "synthetic-users": 10,
+        "synthetic-items": 60,
+        "synthetic-interactions": 30,
+        "cache-dir": str(tmp / "cache"),
+        "embedding-dim": 8,
+        "mlp-layers": "8",
+        "num-negatives": 4,
+        "local-steps": 3,
+        "batch-size": 4,
+        "concurrency": 6,
+        "buffer-size": 3,
+        "num-versions": 5,
+        "eval-every": 2,
+        "eval-devices": 5,
+        "output-dir": str(tmp / name),
+        "epsilon-budget": 30.0,
+        "dropout-rate": 0.3,
+        "max-in-flight": window,
     }
     summary = json.loads(json.dumps(simulate(overrides, backend="local")))
     for key in ("time", "outputs"):

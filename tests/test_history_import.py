@@ -20,15 +20,20 @@ def test_csv_with_and_without_ratings(tmp_path: Path) -> None:
     path = _write(tmp_path, "h.csv", "timestamp,item_id,rating\n100,3,4\n\n2024-01-01T00:00:00Z,7,\n50.5,0,2.5\n")
     records = parse_history(path, 10)
     assert [(r.item_id, r.timestamp, r.rating) for r in records] == [
-        (3, 100.0, 4.0), (7, 1704067200.0, None), (0, 50.5, 2.5),
+        (3, 100.0, 4.0),
+        (7, 1704067200.0, None),
+        (0, 50.5, 2.5),
     ]
     plain = parse_history(_write(tmp_path, "p.csv", "item_id,timestamp\n1,10\n"), 10)
     assert plain[0].rating is None
 
 
 def test_json_list_of_objects(tmp_path: Path) -> None:
-    rows = [{"item_id": 1, "timestamp": 10}, {"item_id": 2, "timestamp": "1970-01-01T00:00:20+00:00", "rating": None},
-            {"item_id": 3, "timestamp": 30.0, "rating": 5}]
+    rows = [
+        {"item_id": 1, "timestamp": 10},
+        {"item_id": 2, "timestamp": "1970-01-01T00:00:20+00:00", "rating": None},
+        {"item_id": 3, "timestamp": 30.0, "rating": 5},
+    ]
     records = parse_history(_write(tmp_path, "h.json", json.dumps(rows)), 4)
     assert [(r.item_id, r.timestamp, r.rating) for r in records] == [(1, 10.0, None), (2, 20.0, None), (3, 30.0, 5.0)]
     # No suffix: sniffed from the content.

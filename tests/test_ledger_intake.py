@@ -48,16 +48,38 @@ def test_an_earlier_prv_entry_is_not_repriced_with_this_runs_rdp(tmp_path: Path)
     q = opacus_sample_rate(100, cfg.train.batch_size)
     accountant = DeviceAccountant("prv", p.delta, 8.0, [(p.noise_multiplier, q, cfg.train.local_steps)])
     device = DeviceLedgerStore(tmp_path / "dev.db", device_id=0)
-    device.append(run="earlier-run", version=0, task_id=1, unit="record", mechanism="subsampled-gaussian",
-                  noise_multiplier=p.noise_multiplier, sample_rate=q, steps=cfg.train.local_steps,
-                  clip_norm=p.clip_norm, accountant="prv", epsilon=accountant.epsilon(), delta=p.delta)
+    device.append(
+        run="earlier-run",
+        version=0,
+        task_id=1,
+        unit="record",
+        mechanism="subsampled-gaussian",
+        noise_multiplier=p.noise_multiplier,
+        sample_rate=q,
+        steps=cfg.train.local_steps,
+        clip_norm=p.clip_norm,
+        accountant="prv",
+        epsilon=accountant.epsilon(),
+        delta=p.delta,
+    )
     result = _intake({}, device, 0).check(0, None, _reply(device), None)
     assert result.accepted, result.problems
     # A wrong RDP claim is still caught: the entry's own accountant decides what is checked.
     bad = DeviceLedgerStore(tmp_path / "bad.db", device_id=0)
-    bad.append(run="this-run", version=0, task_id=1, unit="record", mechanism="subsampled-gaussian",
-               noise_multiplier=p.noise_multiplier, sample_rate=q, steps=cfg.train.local_steps,
-               clip_norm=p.clip_norm, accountant="rdp", epsilon=accountant.epsilon(), delta=p.delta)
+    bad.append(
+        run="this-run",
+        version=0,
+        task_id=1,
+        unit="record",
+        mechanism="subsampled-gaussian",
+        noise_multiplier=p.noise_multiplier,
+        sample_rate=q,
+        steps=cfg.train.local_steps,
+        clip_norm=p.clip_norm,
+        accountant="rdp",
+        epsilon=accountant.epsilon(),
+        delta=p.delta,
+    )
     rejected = _intake({}, bad, 0).check(0, None, _reply(bad), None)
     assert not rejected.accepted and "claims epsilon" in "; ".join(rejected.problems)
 
@@ -66,19 +88,40 @@ def test_an_earlier_runs_user_entry_is_not_priced_with_this_runs_filter(tmp_path
     old = RenyiFilter(3.0, 1e-5, 8.0)
     old.charge(0, 1.0)
     device = DeviceLedgerStore(tmp_path / "dev.db", device_id=2)
-    device.append(run="earlier-run", version=0, task_id=7, unit="user", mechanism="gaussian-server-noise",
-                  noise_multiplier=3.0, sample_rate=1.0, steps=1, clip_norm=1.0, accountant="rdp-filter",
-                  epsilon=old.epsilon(0), delta=1e-5)
+    device.append(
+        run="earlier-run",
+        version=0,
+        task_id=7,
+        unit="user",
+        mechanism="gaussian-server-noise",
+        noise_multiplier=3.0,
+        sample_rate=1.0,
+        steps=1,
+        clip_norm=1.0,
+        accountant="rdp-filter",
+        epsilon=old.epsilon(0),
+        delta=1e-5,
+    )
     result = _intake({}, device, 2).check(2, None, _reply(device), None)  # a record-level-only run
     assert result.accepted, result.problems
 
 
 def test_a_device_capping_its_user_budget_signs_the_epsilon_the_server_recomputes(tmp_path: Path) -> None:
     overrides: dict[str, Any] = {
-        "dataset": "synthetic", "synthetic-users": 4, "synthetic-items": 40, "synthetic-interactions": 20,
-        "cache-dir": str(tmp_path / "cache"), "output-dir": str(tmp_path / "out"), "embedding-dim": 4,
-        "mlp-layers": "4", "num-negatives": 2, "local-steps": 2, "batch-size": 4,
-        "user-dp": True, "user-noise-multiplier": 3.0, "user-epsilon-budget": 8.0,
+        "dataset": "synthetic",
+        "synthetic-users": 4,
+        "synthetic-items": 40,
+        "synthetic-interactions": 20,
+        "cache-dir": str(tmp_path / "cache"),
+        "output-dir": str(tmp_path / "out"),
+        "embedding-dim": 4,
+        "mlp-layers": "4",
+        "num-negatives": 2,
+        "local-steps": 2,
+        "batch-size": 4,
+        "user-dp": True,
+        "user-noise-multiplier": 3.0,
+        "user-epsilon-budget": 8.0,
     }
     # Its filter order differs from the run's at this cap (3.7 at budget 8, 4.0 at 6 for z = 3).
     assert RenyiFilter(3.0, 1e-5, 6.0).order != RenyiFilter(3.0, 1e-5, 8.0).order
@@ -92,8 +135,11 @@ def test_a_device_capping_its_user_budget_signs_the_epsilon_the_server_recompute
     intake = _intake(overrides, DeviceLedgerStore(store, device_id=1), 1)
     for task in range(2):
         conf = ConfigRecord({"version": 0, "task-seed": task, "run": "this-run", "ledger-head": intake.head_seq(1)})
-        msg = Message(RecordDict({"global": ArrayRecord(model.global_state()), "config": conf}),
-                      dst_node_id=5, message_type=MessageType.TRAIN)
+        msg = Message(
+            RecordDict({"global": ArrayRecord(model.global_state()), "config": conf}),
+            dst_node_id=5,
+            message_type=MessageType.TRAIN,
+        )
         reply = app(msg, context)
         assert reply.content.config_records["status"]["status"] == "ok"
         examples = get_int(reply.content.metric_records["metrics"], "num-examples")

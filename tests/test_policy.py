@@ -18,9 +18,17 @@ from shared.models.factory import build_model
 @pytest.fixture()
 def overrides(tmp_path: Path) -> dict[str, object]:
     return {
-        "dataset": "synthetic", "synthetic-users": 4, "synthetic-items": 40, "synthetic-interactions": 20,
-        "cache-dir": str(tmp_path / "cache"), "output-dir": str(tmp_path / "out"), "embedding-dim": 4,
-        "mlp-layers": "4", "num-negatives": 2, "local-steps": 2, "batch-size": 4,
+        "dataset": "synthetic",
+        "synthetic-users": 4,
+        "synthetic-items": 40,
+        "synthetic-interactions": 20,
+        "cache-dir": str(tmp_path / "cache"),
+        "output-dir": str(tmp_path / "out"),
+        "embedding-dim": 4,
+        "mlp-layers": "4",
+        "num-negatives": 2,
+        "local-steps": 2,
+        "batch-size": 4,
     }
 
 
@@ -29,8 +37,11 @@ def _send(overrides: dict[str, object], node: dict[str, object], kind: str, conf
     cfg = parse_config(overrides)
     model = build_model(cfg.model, prepare_partitions(cfg.data).num_items, 1, seed=3)
     context = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={})
-    msg = Message(RecordDict({"global": ArrayRecord(model.global_state()), "config": ConfigRecord(conf)}),
-                  dst_node_id=5, message_type=kind)
+    msg = Message(
+        RecordDict({"global": ArrayRecord(model.global_state()), "config": ConfigRecord(conf)}),
+        dst_node_id=5,
+        message_type=kind,
+    )
     return build_client_app(overrides)(msg, context)
 
 
@@ -40,8 +51,12 @@ def _train(overrides: dict[str, object], node: dict[str, object]) -> Message:
 
 @pytest.mark.parametrize(
     ("asked", "why"),
-    [({"dp": False}, "dp = false"), ({"reproducible-noise": True}, "reproducible-noise"),
-     ({"noise-multiplier": 0.1}, "noise-multiplier"), ({"delta": 1e-3}, "delta")],
+    [
+        ({"dp": False}, "dp = false"),
+        ({"reproducible-noise": True}, "reproducible-noise"),
+        ({"noise-multiplier": 0.1}, "noise-multiplier"),
+        ({"delta": 1e-3}, "delta"),
+    ],
 )
 def test_a_deployed_device_refuses_a_run_that_asks_for_less_privacy(
     overrides: dict[str, object], tmp_path: Path, asked: dict[str, object], why: str

@@ -17,12 +17,16 @@ PARAMS = {"w": torch.zeros(3)}
 
 def _scheduler(mode: str = "async", devices: int = 20, **kw: object) -> Scheduler:
     user_level = kw.pop("user_level", None)
-    cfg = AggregationConfig(mode=mode, concurrency=kw.pop("concurrency", 5), buffer_size=kw.pop("buffer_size", 2),
-                            num_versions=kw.pop("num_versions", 10), **kw)  # type: ignore[arg-type]
+    cfg = AggregationConfig(
+        mode=mode,
+        concurrency=kw.pop("concurrency", 5),
+        buffer_size=kw.pop("buffer_size", 2),
+        num_versions=kw.pop("num_versions", 10),
+        **kw,
+    )  # type: ignore[arg-type]
     fleet = Fleet(devices, FleetConfig(dropout_rate=0.0, availability_mean=0.9), seed=7)
     fn = polynomial_staleness(0.5) if mode == "async" else constant_staleness
-    return Scheduler(cfg, fleet, local_steps=5, initial=PARAMS, staleness_fn=fn, seed=3,
-                     user_level=user_level)  # type: ignore[arg-type]
+    return Scheduler(cfg, fleet, local_steps=5, initial=PARAMS, staleness_fn=fn, seed=3, user_level=user_level)  # type: ignore[arg-type]
 
 
 def _run(s: Scheduler, outcome=lambda task: Update({"w": torch.ones(3)}, 10, 0.5), limit: int = 10_000):
@@ -220,8 +224,9 @@ def test_user_level_aggregation_clips_and_adds_the_configured_noise() -> None:
     from server.user_dp import UserLevelMechanism
     from shared.config import PrivacyConfig
 
-    privacy = PrivacyConfig(user_dp=True, user_clip_norm=0.5, user_noise_multiplier=2.0, user_epsilon_budget=50.0,
-                            reproducible_noise=True)
+    privacy = PrivacyConfig(
+        user_dp=True, user_clip_norm=0.5, user_noise_multiplier=2.0, user_epsilon_budget=50.0, reproducible_noise=True
+    )
     big = {"w": torch.full((3,), 100.0)}
     s = _scheduler("sync", devices=4, concurrency=4, num_versions=1, user_level=UserLevelMechanism(privacy, seed=1))
     log = _run(s, lambda task: Update(big, 10, None))
@@ -232,8 +237,9 @@ def test_user_level_aggregation_clips_and_adds_the_configured_noise() -> None:
     from shared.privacy.user_level import add_gaussian_noise
 
     clipped = torch.full((3,), 0.5 / 3**0.5, dtype=torch.float64)
-    noise = add_gaussian_noise({"w": torch.zeros(3, dtype=torch.float64)}, 2.0, 0.5,
-                               torch.Generator().manual_seed(1))["w"]
+    noise = add_gaussian_noise({"w": torch.zeros(3, dtype=torch.float64)}, 2.0, 0.5, torch.Generator().manual_seed(1))[
+        "w"
+    ]
     assert noise.abs().max() > 0
     torch.testing.assert_close(s.params["w"].double(), (k * clipped + noise) / k, atol=1e-6, rtol=0)
 

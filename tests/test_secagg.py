@@ -38,10 +38,20 @@ def cfg(tmp_path_factory: pytest.TempPathFactory) -> FedrecConfig:
     tmp = tmp_path_factory.mktemp("secagg")
     return parse_config(
         {
-            "dataset": "synthetic", "synthetic-users": NUM_DEVICES + 1, "synthetic-items": 60,
-            "synthetic-interactions": 30, "cache-dir": str(tmp / "cache"), "output-dir": str(tmp / "out"),
-            "embedding-dim": 8, "mlp-layers": "8", "num-negatives": 4, "local-steps": 3, "batch-size": 8,
-            "noise-multiplier": 1.0, "epsilon-budget": 50.0, "reproducible-noise": True,
+            "dataset": "synthetic",
+            "synthetic-users": NUM_DEVICES + 1,
+            "synthetic-items": 60,
+            "synthetic-interactions": 30,
+            "cache-dir": str(tmp / "cache"),
+            "output-dir": str(tmp / "out"),
+            "embedding-dim": 8,
+            "mlp-layers": "8",
+            "num-negatives": 4,
+            "local-steps": 3,
+            "batch-size": 8,
+            "noise-multiplier": 1.0,
+            "epsilon-budget": 50.0,
+            "reproducible-noise": True,
         }
     )
 
@@ -112,9 +122,17 @@ def _run(cfg: FedrecConfig, drop: set[int], max_weight: float) -> tuple[Any, _Re
     grid = _RecordingGrid(_client_app(cfg, committed, drop), NUM_DEVICES)
     params = _global(cfg)
     result = run_secagg_round(
-        grid, list(range(1, NUM_DEVICES + 1)), params, {"run": "secagg-test"},
-        num_shares=NUM_DEVICES, reconstruction_threshold=3, clipping_range=CLIP, quantization_range=QRANGE,
-        timeout=None, max_weight=max_weight, per_node_config=_seeds(range(1, NUM_DEVICES + 1)),
+        grid,
+        list(range(1, NUM_DEVICES + 1)),
+        params,
+        {"run": "secagg-test"},
+        num_shares=NUM_DEVICES,
+        reconstruction_threshold=3,
+        clipping_range=CLIP,
+        quantization_range=QRANGE,
+        timeout=None,
+        max_weight=max_weight,
+        per_node_config=_seeds(range(1, NUM_DEVICES + 1)),
     )
     return result, grid, committed
 
@@ -162,7 +180,8 @@ def test_secagg_round_equals_plain_weighted_mean_and_server_sees_only_masked(cfg
     # What the server received in the masked-vector stage: no arrays in the clear, and
     # a vector that is not the device's quantized update (masks are uniform mod 2**32).
     masked = [
-        m for m in grid.seen
+        m
+        for m in grid.seen
         if not m.has_error() and Key.MASKED_PARAMETERS in m.content.config_records[RECORD_KEY_CONFIGS]
     ]
     assert len(masked) == NUM_DEVICES

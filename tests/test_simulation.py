@@ -15,10 +15,23 @@ from simulations.runner import simulate
 
 def _overrides(tmp: Path, name: str, **extra: Any) -> dict[str, Any]:
     base = {
-        "dataset": "synthetic", "synthetic-users": 8, "synthetic-items": 80, "synthetic-interactions": 30,
-        "cache-dir": str(tmp / "cache"), "embedding-dim": 8, "mlp-layers": "8", "num-negatives": 4,
-        "local-steps": 3, "batch-size": 4, "concurrency": 4, "buffer-size": 2, "num-versions": 4,
-        "eval-every": 2, "eval-devices": 4, "output-dir": str(tmp / name), "epsilon-budget": 30.0,
+        "dataset": "synthetic",
+        "synthetic-users": 8,
+        "synthetic-items": 80,
+        "synthetic-interactions": 30,
+        "cache-dir": str(tmp / "cache"),
+        "embedding-dim": 8,
+        "mlp-layers": "8",
+        "num-negatives": 4,
+        "local-steps": 3,
+        "batch-size": 4,
+        "concurrency": 4,
+        "buffer-size": 2,
+        "num-versions": 4,
+        "eval-every": 2,
+        "eval-devices": 4,
+        "output-dir": str(tmp / name),
+        "epsilon-budget": 30.0,
     }
     base.update({k.replace("_", "-"): v for k, v in extra.items()})
     return base
@@ -171,8 +184,13 @@ def test_secure_aggregation_gives_the_plain_fedavg_model_within_quantization(tmp
     # Per version the gap is at most the SecAgg+ quantization bound for that cohort (server
     # SGD with learning rate 1 adds the two versions' mean deltas), with |delta| <= 1 here.
     atol = sum(
-        quantization_error_bound([t.num_examples for t in tasks if t.base_version == v - 1], 1.0,
-                                 clipping_range=8.0, quantization_range=2**22, max_weight=1000.0)
+        quantization_error_bound(
+            [t.num_examples for t in tasks if t.base_version == v - 1],
+            1.0,
+            clipping_range=8.0,
+            quantization_range=2**22,
+            max_weight=1000.0,
+        )
         for v in (1, 2)
     )
     assert atol < 1e-2
@@ -312,8 +330,11 @@ def test_a_late_reply_is_verified_and_recorded_even_when_its_lost_task_is_no_lon
         replies = []
         for task_id in (1, 2):  # both dispatched before the server held any entry of device 0
             conf = ConfigRecord({"version": 0, "task-seed": task_id, "run": fed.run_label, "ledger-head": -1})
-            msg = Message(RecordDict({"global": ArrayRecord(initial), "config": conf}),
-                          dst_node_id=1, message_type=MessageType.TRAIN)
+            msg = Message(
+                RecordDict({"global": ArrayRecord(initial), "config": conf}),
+                dst_node_id=1,
+                message_type=MessageType.TRAIN,
+            )
             replies.append(grid.send_and_receive([msg], timeout=30.0)[0])  # type: ignore[index]
         fed._lost[0] = Task(1.0, 0, task_id=1, device_id=0, base_version=0, dispatched_at=0.0, lost="dropped")
         fed._late_reply(0, replies[0])

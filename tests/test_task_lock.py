@@ -47,12 +47,15 @@ def test_the_lock_holds_across_processes_and_times_out_with_a_clear_error(tmp_pa
     store = tmp_path / "device.db"
     ready = tmp_path / "ready"
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time, pathlib\n"
-         "from client.task_lock import exclusive_task\n"
-         f"with exclusive_task({str(store)!r}):\n"
-         f"    pathlib.Path({str(ready)!r}).touch()\n"
-         "    time.sleep(30)\n"],
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, pathlib\n"
+            "from client.task_lock import exclusive_task\n"
+            f"with exclusive_task({str(store)!r}):\n"
+            f"    pathlib.Path({str(ready)!r}).touch()\n"
+            "    time.sleep(30)\n",
+        ],
         cwd=Path(__file__).resolve().parents[1],
     )
     try:
@@ -74,18 +77,27 @@ def test_the_lock_holds_across_processes_and_times_out_with_a_clear_error(tmp_pa
 
 def test_two_concurrent_tasks_cannot_both_spend_the_last_of_the_budget(tmp_path: Path) -> None:
     overrides: dict[str, object] = {
-        "dataset": "synthetic", "synthetic-users": 6, "synthetic-items": 60, "synthetic-interactions": 30,
-        "cache-dir": str(tmp_path / "cache"), "output-dir": str(tmp_path / "out"),
-        "embedding-dim": 8, "mlp-layers": "8", "num-negatives": 4,
-        "local-steps": 40, "batch-size": 8, "noise-multiplier": 1.0,
+        "dataset": "synthetic",
+        "synthetic-users": 6,
+        "synthetic-items": 60,
+        "synthetic-interactions": 30,
+        "cache-dir": str(tmp_path / "cache"),
+        "output-dir": str(tmp_path / "out"),
+        "embedding-dim": 8,
+        "mlp-layers": "8",
+        "num-negatives": 4,
+        "local-steps": 40,
+        "batch-size": 8,
+        "noise-multiplier": 1.0,
     }
     cfg = parse_config(overrides)
     info = prepare_partitions(cfg.data)
     records = len(load_device(info.path, 1).train_items)
     release = plan_release(records, cfg.train, cfg.privacy)
     acc = DeviceAccountant("rdp", cfg.privacy.delta, 1e9)
-    one, two = (acc.epsilon_if(Release(release.noise_multiplier, release.sample_rate, n * release.steps))
-                for n in (1, 2))
+    one, two = (
+        acc.epsilon_if(Release(release.noise_multiplier, release.sample_rate, n * release.steps)) for n in (1, 2)
+    )
     overrides["epsilon-budget"] = (one + two) / 2  # room for exactly one task
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     app = build_client_app(overrides)
@@ -95,11 +107,14 @@ def test_two_concurrent_tasks_cannot_both_spend_the_last_of_the_budget(tmp_path:
 
     def task(seed: int) -> None:
         # Each task gets its own Context, as separate ClientApp processes of one SuperNode would.
-        context = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(),
-                          run_config={})
-        msg = Message(RecordDict({"global": ArrayRecord(model.global_state()),
-                                  "config": ConfigRecord({"version": 0, "task-seed": seed})}),
-                      dst_node_id=7, message_type=MessageType.TRAIN)
+        context = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+        msg = Message(
+            RecordDict(
+                {"global": ArrayRecord(model.global_state()), "config": ConfigRecord({"version": 0, "task-seed": seed})}
+            ),
+            dst_node_id=7,
+            message_type=MessageType.TRAIN,
+        )
         barrier.wait()
         replies.append(app(msg, context))
 

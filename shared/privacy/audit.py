@@ -139,29 +139,36 @@ class AuditReport:
             "updates-rejected-at-intake": self.rejections,
         }
         for unit, budget in (("record", self.record_budget), ("user", self.user_budget)):
-            eps = np.array([
-                d.record_recomputed if unit == "record" else d.user_recomputed for d in self.devices
-                if (d.record_releases if unit == "record" else d.user_releases) > 0
-            ])
+            eps = np.array(
+                [
+                    d.record_recomputed if unit == "record" else d.user_recomputed
+                    for d in self.devices
+                    if (d.record_releases if unit == "record" else d.user_releases) > 0
+                ]
+            )
             releases = [d.record_releases if unit == "record" else d.user_releases for d in self.devices]
             block: dict[str, object] = {"devices-with-releases": int(eps.size)}
             if eps.size:
-                block.update({
-                    "epsilon-max": float(eps.max()),
-                    "epsilon-p50": float(np.percentile(eps, 50)),
-                    "epsilon-p90": float(np.percentile(eps, 90)),
-                    "epsilon-p99": float(np.percentile(eps, 99)),
-                    "releases-per-device-mean": float(statistics.fmean(r for r in releases if r)),
-                    "releases-max": int(max(releases)),
-                })
+                block.update(
+                    {
+                        "epsilon-max": float(eps.max()),
+                        "epsilon-p50": float(np.percentile(eps, 50)),
+                        "epsilon-p90": float(np.percentile(eps, 90)),
+                        "epsilon-p99": float(np.percentile(eps, 99)),
+                        "releases-per-device-mean": float(statistics.fmean(r for r in releases if r)),
+                        "releases-max": int(max(releases)),
+                    }
+                )
                 if budget is not None:
                     left = budget - eps
-                    block.update({
-                        "budget": budget,
-                        "budget-left-min": float(left.min()),
-                        "budget-left-p50": float(np.percentile(left, 50)),
-                        "devices-over-budget": int((eps > budget).sum()),
-                    })
+                    block.update(
+                        {
+                            "budget": budget,
+                            "budget-left-min": float(left.min()),
+                            "budget-left-p50": float(np.percentile(left, 50)),
+                            "devices-over-budget": int((eps > budget).sum()),
+                        }
+                    )
             out[unit] = block
         return out
 
@@ -218,10 +225,15 @@ def run_audit(data: AuditInput, user_order: float | None = None) -> AuditReport:
     devices: list[DeviceAudit] = []
     timeline: list[tuple[float, int, str, float]] = []
     for device, task, kind, detail in data.rejected_uploads:
-        findings.append(Finding(
-            "rejected-upload", device, None, None,
-            f"the server rejected device {device}'s ledger upload for task {task} ({kind}): {detail}",
-        ))
+        findings.append(
+            Finding(
+                "rejected-upload",
+                device,
+                None,
+                None,
+                f"the server rejected device {device}'s ledger upload for task {task} ({kind}): {detail}",
+            )
+        )
     # Every device the server knows of, so a device whose entries were all removed is still audited.
     known = set(data.ledgers) | set(data.user_releases) | set(data.keys) | set(data.expected_entries or {})
     for device in sorted(known):
@@ -242,15 +254,22 @@ def run_audit(data: AuditInput, user_order: float | None = None) -> AuditReport:
         rec_claim = record[-1].epsilon if record else 0.0
         history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in record]
         rec_true, agrees, how = _recompute_record_claim(
-            rec_claim, history, record[-1].delta if record else data.delta,
+            rec_claim,
+            history,
+            record[-1].delta if record else data.delta,
             prv=bool(record) and record[-1].accountant == "prv",
         )
         if record and not agrees:
-            findings.append(Finding(
-                "claim-mismatch", device, record[-1].seq, "record",
-                f"device {device} claims record-level epsilon {rec_claim:.6g} after {len(record)} releases; "
-                f"recomputed {rec_true:.6g} ({how})",
-            ))
+            findings.append(
+                Finding(
+                    "claim-mismatch",
+                    device,
+                    record[-1].seq,
+                    "record",
+                    f"device {device} claims record-level epsilon {rec_claim:.6g} after {len(record)} releases; "
+                    f"recomputed {rec_true:.6g} ({how})",
+                )
+            )
         # User level, device side: full weight per update it sent.
         # Only a claim made in the audited run is priced at its filter order: an earlier run's
         # order came from that run's budget, which the audit does not know.
@@ -259,22 +278,32 @@ def run_audit(data: AuditInput, user_order: float | None = None) -> AuditReport:
         if user and user_order is not None and data.run_label in (None, user[-1].run):
             dev_user_true = _device_user_epsilon(len(user), user[-1], user_order)
         if dev_user_true and relative_error(dev_user_claim, dev_user_true) > TOLERANCE:
-            findings.append(Finding(
-                "claim-mismatch", device, user[-1].seq, "user",
-                f"device {device} claims user-level epsilon {dev_user_claim:.6g} for {len(user)} updates; "
-                f"recomputed {dev_user_true:.6g}",
-            ))
+            findings.append(
+                Finding(
+                    "claim-mismatch",
+                    device,
+                    user[-1].seq,
+                    "user",
+                    f"device {device} claims user-level epsilon {dev_user_claim:.6g} for {len(user)} updates; "
+                    f"recomputed {dev_user_true:.6g}",
+                )
+            )
         # User level, server side: the releases it actually applied, with their weights.
         releases = list(data.user_releases.get(device, []))
         if releases and len(releases) > len(user):
             # The device signs a user entry for every update it sends, and the server can apply
             # only updates it received: more server releases than signed entries (over the
             # device's whole life, so this run's can only be fewer) were not backed by the device.
-            findings.append(Finding(
-                "unbacked-user-release", device, None, "user",
-                f"the server logged {len(releases)} user-level releases for device {device}, but the device "
-                f"signed only {len(user)} user-level ledger entries",
-            ))
+            findings.append(
+                Finding(
+                    "unbacked-user-release",
+                    device,
+                    None,
+                    "user",
+                    f"the server logged {len(releases)} user-level releases for device {device}, but the device "
+                    f"signed only {len(user)} user-level ledger entries",
+                )
+            )
         srv_claim = releases[-1].epsilon if releases else dev_user_claim
         srv_true = dev_user_true
         if releases:
@@ -282,29 +311,55 @@ def run_audit(data: AuditInput, user_order: float | None = None) -> AuditReport:
                 [r.weight for r in releases], releases[0].noise_multiplier, releases[0].delta, releases[0].order
             )
             if relative_error(srv_claim, srv_true) > TOLERANCE:
-                findings.append(Finding(
-                    "claim-mismatch", device, None, "user",
-                    f"server claims user-level epsilon {srv_claim:.6g} for device {device} over "
-                    f"{len(releases)} releases; recomputed {srv_true:.6g}",
-                ))
+                findings.append(
+                    Finding(
+                        "claim-mismatch",
+                        device,
+                        None,
+                        "user",
+                        f"server claims user-level epsilon {srv_claim:.6g} for device {device} over "
+                        f"{len(releases)} releases; recomputed {srv_true:.6g}",
+                    )
+                )
         for unit, budget, figures in (
             ("record", data.record_budget, (rec_claim, rec_true)),
             ("user", data.user_budget, (srv_claim, srv_true, dev_user_claim, dev_user_true)),
         ):
             worst = max(figures)
             if budget is not None and worst > budget * (1 + 1e-12):
-                findings.append(Finding(
-                    "over-budget", device, None, unit,
-                    f"device {device} {unit}-level epsilon {worst:.6g} exceeds its budget {budget:g}",
-                ))
-        devices.append(DeviceAudit(
-            device, len(entries), len(record), max(len(user), len(releases)), rec_claim, rec_true,
-            srv_claim, srv_true, dev_user_claim,
-        ))
+                findings.append(
+                    Finding(
+                        "over-budget",
+                        device,
+                        None,
+                        unit,
+                        f"device {device} {unit}-level epsilon {worst:.6g} exceeds its budget {budget:g}",
+                    )
+                )
+        devices.append(
+            DeviceAudit(
+                device,
+                len(entries),
+                len(record),
+                max(len(user), len(releases)),
+                rec_claim,
+                rec_true,
+                srv_claim,
+                srv_true,
+                dev_user_claim,
+            )
+        )
     timeline.sort()
     return AuditReport(
-        data.source, data.delta, data.record_budget, data.user_budget, TOLERANCE, devices, findings,
-        data.rejections, timeline,
+        data.source,
+        data.delta,
+        data.record_budget,
+        data.user_budget,
+        TOLERANCE,
+        devices,
+        findings,
+        data.rejections,
+        timeline,
     )
 
 

@@ -58,17 +58,26 @@ def terminal_text(report: AuditReport, max_findings: int = 30) -> str:
         if not isinstance(block, dict) or not block.get("devices-with-releases"):
             rows.append([unit, "0", "-", "-", "-", "-", "-", "-"])
             continue
-        rows.append([
-            unit, str(block["devices-with-releases"]), _fmt(block["epsilon-max"]), _fmt(block["epsilon-p50"]),
-            _fmt(block["epsilon-p90"]), _fmt(block.get("budget", "-")), _fmt(block.get("budget-left-min", "-")),
-            str(block.get("devices-over-budget", "-")),
-        ])
+        rows.append(
+            [
+                unit,
+                str(block["devices-with-releases"]),
+                _fmt(block["epsilon-max"]),
+                _fmt(block["epsilon-p50"]),
+                _fmt(block["epsilon-p90"]),
+                _fmt(block.get("budget", "-")),
+                _fmt(block.get("budget-left-min", "-")),
+                str(block.get("devices-over-budget", "-")),
+            ]
+        )
     lines += _table(rows, ["unit", "devices", "eps max", "eps p50", "eps p90", "budget", "left min", "over"])
     lines += ["", f"devices audited: {fleet['devices']}; updates rejected at intake: {report.rejections}"]
     if report.findings:
         lines += ["", "findings:"]
-        rows = [[f.kind, str(f.device_id), "-" if f.seq is None else str(f.seq), f.unit or "-", f.detail]
-                for f in report.findings[:max_findings]]
+        rows = [
+            [f.kind, str(f.device_id), "-" if f.seq is None else str(f.seq), f.unit or "-", f.detail]
+            for f in report.findings[:max_findings]
+        ]
         lines += _table(rows, ["kind", "device", "seq", "unit", "detail"])
         if len(report.findings) > max_findings:
             lines.append(f"... and {len(report.findings) - max_findings} more (see audit.json)")
@@ -105,8 +114,11 @@ def _plots(report: AuditReport, out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for unit in ("record", "user"):
-        values = [d.record_recomputed if unit == "record" else d.user_recomputed for d in report.devices
-                  if (d.record_releases if unit == "record" else d.user_releases)]
+        values = [
+            d.record_recomputed if unit == "record" else d.user_recomputed
+            for d in report.devices
+            if (d.record_releases if unit == "record" else d.user_releases)
+        ]
         if values:
             ax.hist(values, bins=30, alpha=0.6, label=f"{unit}-level ({len(values)} devices)")
     ax.set_xlabel(f"recomputed epsilon per device (delta={report.delta:g})")

@@ -97,7 +97,14 @@ __all__ = [
 ]
 
 TASK_STATUSES: Final = (
-    "accepted", "rejected-stale", "rejected-ledger", "failed", "timeout", "dropped", "refused", "withheld",
+    "accepted",
+    "rejected-stale",
+    "rejected-ledger",
+    "failed",
+    "timeout",
+    "dropped",
+    "refused",
+    "withheld",
 )
 EVAL_SPLITS: Final = ("valid", "test")
 PRIVACY_STATUSES: Final = ("spent", "refused")
