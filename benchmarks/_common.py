@@ -13,15 +13,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def parse_sets(pairs: list[str] | None) -> dict[str, Any]:
-    """``k=v`` strings into config overrides."""
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, _, value = pair.partition("=")
-        out[key.strip()] = value.strip()
-    return out
-
-
 def machine() -> str:
     """One line describing where the figures were measured."""
     import os

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _common import dump, machine, parse_sets
+from _common import dump, machine
 
-from shared.config import parse_config
-from shared.results.store import RunStore
+from server.run_store import RunStore
+from shared.config import parse_config, parse_set_pairs
 from simulations.runner import simulate
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-async-vs-sync")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    common = {"eval-every": 2, "eval-devices": 300, **parse_sets(args.set)}
+    common = {"eval-every": 2, "eval-devices": 300, **parse_set_pairs(args.set)}
     cfg = parse_config(common)
     cohort = cfg.aggregation.concurrency
     modes = {
@@ -83,7 +83,7 @@ def main() -> None:
         speedup = reach["sync"] / reach["async"]
         print(f"speed-up (sync time / async time to target) = {speedup:.2f}x  (target >= 2x; FedBuff paper: 3.3x)")
     try:
-        from shared.results.plots import plot_comparison
+        from server.plots import plot_comparison
 
         plot_comparison(curves, Path(args.out) / "async_vs_sync.png", "validation NDCG@10", target)
     except Exception as exc:  # noqa: BLE001 - a plot is a convenience

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from _common import dump, machine
 
-from server.audit_source import load_run
-from shared.privacy.audit import _unit_curve, run_audit
-from shared.privacy.audit_report import write_reports
+from server.audit.checks import _unit_curve, run_audit
+from server.audit.report import write_reports
+from server.audit.source import load_run
 
 
 def main() -> None:

@@ -17,12 +17,12 @@ import argparse
 import time
 from pathlib import Path
 
-from _common import dump, machine, parse_sets
+from _common import dump, machine
 
-from shared.centralized import train_centralized
-from shared.config import parse_config
+from shared.config import parse_config, parse_set_pairs
 from shared.data.partition import item_popularity, load_device, prepare_partitions
 from shared.metrics import popularity_baseline
+from simulations.centralized import train_centralized
 from simulations.runner import simulate
 
 
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-quality", help="output directory root")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
-    common = parse_sets(args.set)
+    common = parse_set_pairs(args.set)
     cfg = parse_config(common)
     rows: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}
@@ -51,8 +51,8 @@ def main() -> None:
     seconds["centralized (no DP)"] = time.monotonic() - t
 
     runs = {
-        "federated (no DP)": {**parse_sets(args.nodp_set), "dp": False},
-        f"federated + DP (eps <= {cfg.privacy.epsilon_budget:g})": {**parse_sets(args.dp_set), "dp": True},
+        "federated (no DP)": {**parse_set_pairs(args.nodp_set), "dp": False},
+        f"federated + DP (eps <= {cfg.privacy.epsilon_budget:g})": {**parse_set_pairs(args.dp_set), "dp": True},
     }
     eps_max = 0.0
     for name, extra in runs.items():

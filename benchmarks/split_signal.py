@@ -31,9 +31,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from _common import dump, parse_sets
+from _common import dump
 
-from shared.config import parse_config
+from shared.config import parse_config, parse_set_pairs
 from shared.data.partition import item_popularity, load_device, prepare_partitions
 from shared.data.types import DeviceData
 from shared.metrics import MetricTotals, full_ranking, sampled_ranking
@@ -135,7 +135,7 @@ def main() -> None:
         help="also rank by the item bias of this saved global_model.pt (repeatable)",
     )
     args = parser.parse_args()
-    cfg = parse_config(parse_sets(args.set))
+    cfg = parse_config(parse_set_pairs(args.set))
     info = prepare_partitions(cfg.data)
     devices = [load_device(info.path, i) for i in range(info.num_devices)]
     n_items, k = info.num_items, cfg.eval.top_k

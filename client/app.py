@@ -29,7 +29,6 @@ from flwr.common import Scalar
 
 from client.device import Device, DeviceState, EvalReply, RefusalReply, TrainReply
 from client.device_store import DeviceDataStore, device_data_from_node, key_from_node_config
-from client.ledger_store import DeviceLedgerStore
 from client.policy import DevicePolicy, PolicyViolation
 from client.secagg_client import Commit, is_secagg_message, secagg_train
 from client.task_lock import exclusive_task
@@ -37,6 +36,7 @@ from client.wire_log import wire_log_mods
 from shared.config import FedrecConfig, parse_config
 from shared.data.partition import load_device, prepare_partitions
 from shared.privacy.ledger import entry_to_json
+from shared.privacy.ledger_store import DeviceLedgerStore
 from shared.records import get_int
 
 _STATE_KEY = "fedrec-device"

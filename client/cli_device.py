@@ -42,8 +42,9 @@ from client.device_store import (
     stored_device_id,
 )
 from client.policy import POLICY_KEYS, DevicePolicy, PolicyViolation
+from shared.config import parse_set_pairs
 
-__all__ = ["ML100K_ITEMS", "auth_key_paths", "main", "node_config_value", "register", "supernode_argv", "supervise"]
+__all__ = ["ML100K_ITEMS", "auth_key_paths", "node_config_value", "register", "supernode_argv", "supervise"]
 
 # The bundled MovieLens-100K catalogue (fedrec's default data set): enrol's default catalogue size.
 ML100K_ITEMS: Final = 1682
@@ -236,7 +237,7 @@ def _find_supernode() -> str:
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
-    from client.ledger_store import DeviceLedgerStore
+    from shared.privacy.ledger_store import DeviceLedgerStore
 
     store = _store_path(args)
     if args.num_items is not None and args.num_items < 2:
@@ -350,7 +351,7 @@ def _no_task_running(store: Path) -> Iterator[None]:
 
 def _cmd_rekey(args: argparse.Namespace) -> int:
     """Re-encrypt the store under a new key in place (one transaction); ledger, identity and epsilon are kept."""
-    from client.ledger_store import DeviceLedgerStore
+    from shared.privacy.ledger_store import DeviceLedgerStore
 
     store, device_id = _existing_store(args)
     key = _key(args, store)
@@ -450,7 +451,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     store, device_id = _existing_store(args)
     key = _key(args, store)
     version, params = _load_global_model(Path(args.model).expanduser())
-    cfg = parse_config(_parse_sets(args.set or []))
+    cfg = parse_config(parse_set_pairs(args.set))
     num_items = catalogue_size(cfg.model, params)
     with DeviceDataStore(store, device_id, key) as data_store:
         recorded = data_store.num_items
@@ -516,7 +517,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         port=args.port,
         key_file=key_file,
         passphrase_env=args.passphrase_env,
-        policy=_parse_sets(args.policy or []),
+        policy=parse_set_pairs(args.policy, "--policy"),
     )
     if args.dry_run:
         import shlex
@@ -590,16 +591,6 @@ def supervise(argv: Sequence[str], retry_for: float) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects key=value, got {pair!r}")
-        out[key.strip()] = value.strip().strip("'\"")
-    return out
 
 
 # ----------------------------------------------------------------- parser
@@ -683,14 +674,3 @@ def register(subparsers: Any) -> None:
     _key_options(rekey)
     _new_key_options(rekey)
     rekey.set_defaults(func=_cmd_rekey)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``device`` commands standalone (``python -m client.cli_device device ...``): the ``fedrec`` entry point."""
-    from shared.cli import main as fedrec_main
-
-    return fedrec_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """The device's encrypted local store of its owner's raw interactions and personal model state.
 
 One job: the person's raw data at rest. It lives in the same SQLite file as the
-device's ledger store (:mod:`client.ledger_store`), in tables of its own
+device's ledger store (:mod:`shared.privacy.ledger_store`), in tables of its own
 (``device_data_meta``, ``device_data_blobs``) declared on a separate SQLAlchemy base,
 so neither schema knows about the other.
 
@@ -438,7 +438,7 @@ class DeviceDataStore(SqlStore):
     Parameters
     ----------
     path
-        The device's SQLite store (shared with :class:`client.ledger_store.DeviceLedgerStore`);
+        The device's SQLite store (shared with :class:`shared.privacy.ledger_store.DeviceLedgerStore`);
         created with mode 0o600 if missing.
     device_id
         The device this store belongs to; recorded when the data tables are first

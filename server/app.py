@@ -20,10 +20,10 @@ from flwr.superlink.grid import InMemoryGrid
 from server.federation import Federation
 from server.privacy_store import PrivacyStore
 from server.reporting import export_top_k, write_plots, write_summary
+from server.run_store import RunStore
 from shared.config import FedrecConfig, parse_config
 from shared.data.partition import prepare_partitions
 from shared.models.factory import build_model, count_parameters
-from shared.results.store import RunStore
 
 log = logging.getLogger("fedrec.server")
 

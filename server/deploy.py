@@ -56,8 +56,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from server import pki
 from server.privacy_store import PrivacyStore
+from server.run_store import NAMING_CONVENTION, UTCDateTime
 from shared.privacy.identity import decode_public_key
-from shared.results.store import NAMING_CONVENTION, UTCDateTime
 
 __all__ = [
     "DEFAULT_CONNECTION",

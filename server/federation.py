@@ -22,15 +22,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from server.aggregation import StateDict, polynomial_staleness
+from server.fleet import Fleet
 from server.grid_driver import GridDriver
 from server.ledger_intake import IntakeResult, LedgerIntake
 from server.privacy_store import PrivacyStore
-from server.scheduler import Completion, DeviceStatus, Failure, Outcome, Refusal, Scheduler, Task, Update
-from shared.aggregation import StateDict, polynomial_staleness
-from shared.config import FedrecConfig, to_flat
-from shared.fleet import Fleet
-from shared.records import get_float, get_int, get_int_list
-from shared.results.store import (
+from server.run_store import (
     EvalRecord,
     PrivacyRecord,
     RunStore,
@@ -38,6 +35,9 @@ from shared.results.store import (
     UserReleaseRecord,
     VersionRecord,
 )
+from server.scheduler import Completion, DeviceStatus, Failure, Outcome, Refusal, Scheduler, Task, Update
+from shared.config import FedrecConfig, to_flat
+from shared.records import get_float, get_int, get_int_list
 
 log = logging.getLogger("fedrec.server")
 

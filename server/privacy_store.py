@@ -22,7 +22,7 @@ Schema (SQLAlchemy 2.0, any backend; SQLite by default)
     upload), problem ``kind`` and ``detail``, and when (``at``, UTC).
 
 The tables have their own declarative base, so the store can share a database file
-with ``shared.results.store.RunStore``: each creates only its own tables.
+with ``server.run_store.RunStore``: each creates only its own tables.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from server.run_store import NAMING_CONVENTION, UTCDateTime
 from shared.privacy.identity import decode_public_key
 from shared.privacy.ledger import GENESIS, ChainProblem, LedgerEntry, verify_chain
-from shared.results.store import NAMING_CONVENTION, UTCDateTime
 from shared.sql_store import SqlStore
 
 __all__ = ["PrivacyStore", "Rejection"]

@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shared.results.plots import plot_accuracy_vs_time, plot_epsilon_distribution
-from shared.results.store import EvalRecord
+from server.plots import plot_accuracy_vs_time, plot_epsilon_distribution
+from server.run_store import EvalRecord
 
 
 def write_summary(out_dir: Path, summary: Mapping[str, Any]) -> Path:

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from shared.aggregation import ServerOptimizer, StalenessFn, StateDict, UpdateBuffer
+from server.aggregation import ServerOptimizer, StalenessFn, StateDict, UpdateBuffer
+from server.fleet import Fleet
 from shared.config import AggregationConfig
-from shared.fleet import Fleet
 
 if TYPE_CHECKING:
     from server.user_dp import UserLevelMechanism, UserRelease

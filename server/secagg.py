@@ -105,11 +105,10 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from shared.protocol import PARAM_KEYS
+
 log = logging.getLogger("fedrec.secagg")
 
-# FitIns config key carrying the parameter names in the order of the legacy
-# Parameters list (legacy Parameters have no names). Shared with client/secagg_client.py.
-PARAM_KEYS = "fedrec-param-keys"
 
 StateDict = dict[str, torch.Tensor]
 
@@ -371,7 +370,6 @@ def quantization_error_bound(
 
 
 __all__ = [
-    "PARAM_KEYS",
     "SecAggError",
     "SecAggResult",
     "quantization_error_bound",

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.aggregation import BufferedUpdate, StateDict
+from server.aggregation import BufferedUpdate, StateDict
 from shared.config import PrivacyConfig
 from shared.privacy.user_level import RenyiFilter, add_gaussian_noise, clip_update
 

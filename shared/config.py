@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -423,3 +423,18 @@ def _in_range(key: str, value: float, lo: float, hi: float, *, lo_open: bool = F
         left = "(" if lo_open else "["
         right = ")" if hi_open else "]"
         raise ConfigError(f"{key}: must be in {left}{lo}, {hi}{right}, got {value}")
+
+
+def parse_set_pairs(pairs: Sequence[str] | None, option: str = "--set") -> dict[str, str]:
+    """``KEY=VALUE`` command-line strings into a mapping (values stay strings: :func:`parse_config` types them).
+
+    The one parser behind every ``--set`` (and ``--policy``) option. Surrounding quotes are removed,
+    so ``--set "output-dir='runs/x'"`` (Flower's ``--run-config`` style) works too.
+    """
+    out: dict[str, str] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{option} expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip().strip("'\"")
+    return out

@@ -25,7 +25,7 @@ Design
   rank within one device's update. Devices that never trained have no score (abstain).
   Only the delta is used: ``num-examples`` and ``sample-rate`` (which depend on whether
   the canary is included, and are not covered by DP) are deliberately ignored.
-* **Bound.** :func:`shared.privacy.empirical.best_lower_bound` over a public
+* **Bound.** :func:`server.audit.empirical.best_lower_bound` over a public
   ``(k+, k-)`` grid with a Bonferroni correction, at the run's δ, compared with the
   accounted ε (``summary["privacy"]["epsilon-max"]``). The run's transcript is
   (ε_max, δ)-DP with respect to each canary (the canary changes only its own device's
@@ -54,12 +54,12 @@ from flwr.app import ArrayRecord, Message, MessageType, MetricRecord
 from flwr.clientapp import ClientApp
 from scipy import stats
 
-from shared.config import FedrecConfig, parse_config, to_flat
+from server.audit.empirical import AuditResult, best_lower_bound
+from shared.config import FedrecConfig, parse_config, parse_set_pairs, to_flat
 from shared.data.movielens import load_grouplens, load_interactions
 from shared.data.partition import MIN_INTERACTIONS, prepare_partitions
 from shared.data.split import leave_one_out
 from shared.data.types import InteractionLog
-from shared.privacy.empirical import AuditResult, best_lower_bound
 from simulations.local_grid import LocalGrid
 
 log = logging.getLogger("fedrec.audit")
@@ -379,16 +379,6 @@ def run_canary_audit(overrides: Mapping[str, Any], audit_seed: int = 0, confiden
     return report
 
 
-def _parse_sets(pairs: Sequence[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m simulations.canary_audit [--dp|--no-dp] [--set K=V ...] [--output DIR]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -401,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--confidence", type=float, default=0.95)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    overrides: dict[str, Any] = _parse_sets(args.sets)
+    overrides: dict[str, Any] = parse_set_pairs(args.sets)
     if args.dp is not None:
         overrides["dp"] = args.dp
     if args.output:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.aggregation import ServerOptimizer, UpdateBuffer, constant_staleness, polynomial_staleness
+from server.aggregation import ServerOptimizer, UpdateBuffer, constant_staleness, polynomial_staleness
 
 
 def _models(seed: int, n: int) -> list[dict[str, torch.Tensor]]:

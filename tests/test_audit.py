@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from client.ledger_store import DeviceLedgerStore
-from shared.cli import main
-from shared.privacy.independent import TOLERANCE
+from server.audit.independent import TOLERANCE
+from shared.entrypoint import main
 from shared.privacy.ledger import compute_hash
+from shared.privacy.ledger_store import DeviceLedgerStore
 from simulations.runner import simulate
 
 BUDGET = 30.0
@@ -363,7 +363,7 @@ def test_a_run_with_the_prv_accountant_passes_and_its_claims_are_recomputed(tmp_
     for d in claimed:
         assert abs(d["record_claimed"] - d["record_recomputed"]) <= max(0.01 * d["record_recomputed"], 0.02)
     # A PRV claim is tighter than RDP: the RDP recomputation alone would have flagged these.
-    from shared.privacy.audit import independent_record_epsilon
+    from server.audit.checks import independent_record_epsilon
 
     with DeviceLedgerStore(sorted((out / "devices").glob("device-*.db"))[0]) as ledger:
         record = [e for e in ledger.entries() if e.unit == "record"]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from client.ledger_store import DeviceLedgerStore
-from shared.cli import _attach_key_values, build_parser, main
+from shared.entrypoint import attach_key_values, build_parser, main
 from shared.privacy.accounting import rdp_epsilon
+from shared.privacy.ledger_store import DeviceLedgerStore
 
 
 def test_config_prints_the_resolved_configuration(capsys: pytest.CaptureFixture[str]) -> None:
@@ -69,11 +69,11 @@ def test_presets_lists_every_preset(capsys: pytest.CaptureFixture[str]) -> None:
 def test_key_shaped_values_are_attached_to_key_options() -> None:
     key = "-hOZhfGbPtfOZWCUE34JrC1kZwLP05VGVqSq98jhlXM="  # the value that failed CI: base64 that starts with "-"
     argv = ["server", "register-device", "--ledger-key", key, "--replace-ledger-key"]
-    assert _attach_key_values(argv) == ["server", "register-device", f"--ledger-key={key}", "--replace-ledger-key"]
+    assert attach_key_values(argv) == ["server", "register-device", f"--ledger-key={key}", "--replace-ledger-key"]
     # A forgotten value is left for argparse to report, not swallowed as the key.
-    assert _attach_key_values(["--ledger-key", "--replace-ledger-key"]) == ["--ledger-key", "--replace-ledger-key"]
-    assert _attach_key_values(["--public-key", "-x"]) == ["--public-key", "-x"]
-    args = build_parser().parse_args(_attach_key_values(
+    assert attach_key_values(["--ledger-key", "--replace-ledger-key"]) == ["--ledger-key", "--replace-ledger-key"]
+    assert attach_key_values(["--public-key", "-x"]) == ["--public-key", "-x"]
+    args = build_parser().parse_args(attach_key_values(
         ["server", "register-device", "--dir", "d", "--device-id", "1", "--auth-key", "k.pub", "--ledger-key", key]
     ))  # fmt: skip
     assert args.ledger_key == key

@@ -18,13 +18,14 @@ from flwr.common.config import parse_config_args
 from sqlalchemy import Engine, create_engine
 
 from client import cli_device, device_store
-from client.cli_device import auth_key_paths, main, node_config_value, register
+from client.cli_device import auth_key_paths, node_config_value, register
 from client.device_store import DeviceDataStore, key_from_file, key_from_passphrase
-from client.ledger_store import DeviceLedgerStore
 from shared.config import parse_config
 from shared.data.movielens import load_bundled_ml100k, resolve_cache_dir
 from shared.data.types import DataError, InteractionLog
+from shared.entrypoint import main
 from shared.models.factory import build_model
+from shared.privacy.ledger_store import DeviceLedgerStore
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -500,7 +501,7 @@ def test_start_passes_the_devices_own_policy_and_refuses_a_bad_one(
     for bad, why in (
         ("max-epsilion=4", "unknown key"),
         ("max-evaluations-per-day=-2", ">= 0"),
-        ("max-epsilon", "key=value"),
+        ("max-epsilon", "--policy expects KEY=VALUE"),
     ):
         assert main([*base, "--policy", bad]) == 2
         assert why in capsys.readouterr().err

@@ -387,7 +387,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 
 def _ledger(device: Device) -> list[Any]:
-    from client.ledger_store import DeviceLedgerStore
+    from shared.privacy.ledger_store import DeviceLedgerStore
 
     with DeviceLedgerStore(device.store, device_id=device.index) as store:
         return store.entries()
@@ -714,10 +714,10 @@ def _check_secagg_aggregate(fleet: Fleet, result: RunResult) -> None:
     import torch
 
     from client.device_store import DeviceDataStore, key_from_file
+    from server.run_store import RunStore
     from server.secagg import quantization_error_bound
     from shared.config import parse_config
     from shared.models.factory import build_model
-    from shared.results.store import RunStore
 
     out = result.output_dir
     saved = torch.load(out / "global_model.pt", map_location="cpu", weights_only=True)

@@ -36,10 +36,10 @@ from client.device_store import (
     open_node_store,
     stored_device_id,
 )
-from client.ledger_store import DeviceLedgerStore
 from shared.config import parse_config
 from shared.data.split import leave_one_out
 from shared.data.types import DataError, InteractionLog
+from shared.privacy.ledger_store import DeviceLedgerStore
 
 DISTINCT = (987654, 987655, 987656, 987657)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import special
 
-from shared.privacy.empirical import (
+from server.audit.empirical import (
     AuditResult,
     best_lower_bound,
     guesses_from_scores,

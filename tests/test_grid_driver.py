@@ -11,8 +11,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
 from server.grid_driver import GridDriver
+from server.run_store import RunStore
 from shared.records import get_int
-from shared.results.store import RunStore
 from simulations.local_grid import LocalGrid
 from simulations.runner import simulate
 

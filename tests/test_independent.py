@@ -9,8 +9,7 @@ import math
 import mpmath
 import pytest
 
-from shared.privacy.accounting import rdp_epsilon
-from shared.privacy.independent import (
+from server.audit.independent import (
     TOLERANCE,
     _log_a_quadrature,
     record_level_epsilon,
@@ -20,6 +19,7 @@ from shared.privacy.independent import (
     user_level_epsilon,
     within_tolerance,
 )
+from shared.privacy.accounting import rdp_epsilon
 from shared.privacy.user_level import rdp_to_epsilon
 
 DELTA = 1e-5
@@ -161,8 +161,8 @@ PRV_GRID = [*itertools.product(SIGMAS, [1 / 2, 1 / 13, 1 / 92], [10, 100]), (1.0
 
 
 def test_prv_claims_are_recomputed_by_a_pld_accountant_within_tolerance() -> None:
+    from server.audit.independent import prv_claim_agrees, record_level_epsilon_pld
     from shared.privacy.accounting import DeviceAccountant, Release
-    from shared.privacy.independent import prv_claim_agrees, record_level_epsilon_pld
 
     worst_rel, worst_abs = 0.0, 0.0
     for sigma, q, steps in PRV_GRID:

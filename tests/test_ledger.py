@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from sqlalchemy import inspect
 
-from client.ledger_store import DeviceLedgerStore
 from server.privacy_store import PrivacyStore
+from server.run_store import RunStore
 from shared.privacy.identity import DeviceIdentity, fingerprint, verify_signature
 from shared.privacy.ledger import (
     GENESIS,
@@ -32,7 +32,7 @@ from shared.privacy.ledger import (
     make_entry,
     verify_chain,
 )
-from shared.results.store import RunStore
+from shared.privacy.ledger_store import DeviceLedgerStore
 
 DEVICE = 7
 N = 5

@@ -17,7 +17,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import build_client_app
-from client.ledger_store import DeviceLedgerStore
 from server.ledger_intake import LedgerIntake
 from server.privacy_store import PrivacyStore
 from shared.config import parse_config
@@ -25,6 +24,7 @@ from shared.data.partition import prepare_partitions
 from shared.models.factory import build_model
 from shared.privacy.accounting import DeviceAccountant
 from shared.privacy.ledger import entry_to_json
+from shared.privacy.ledger_store import DeviceLedgerStore
 from shared.privacy.user_level import RenyiFilter
 from shared.records import get_int
 from shared.training import opacus_sample_rate

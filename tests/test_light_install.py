@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_device_modules_import_nothing_from_the_server_extras() -> None:
     code = (
-        "import sys, client.app, client.cli_device, client.recommend, shared.cli\n"
+        "import sys, client.app, client.cli_device, client.recommend, shared.entrypoint\n"
         "print(','.join(m for m in ('ray', 'matplotlib', 'dp_accounting') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

@@ -95,7 +95,7 @@ def test_a_deployed_device_answers_at_most_its_evaluations_per_day_and_declines_
 ) -> None:
     import time
 
-    from client.ledger_store import DeviceLedgerStore
+    from shared.privacy.ledger_store import DeviceLedgerStore
 
     conf = {"split": "valid", "export-top-k": False, "version": 3, "run": "r1"}
     node = {"store": str(tmp_path / "dev.db"), "partition-id": 1, "max-evaluations-per-day": "2"}

@@ -11,8 +11,8 @@ import pytest
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.schema import CreateTable
 
-from shared.results.plots import plot_accuracy_vs_time, plot_comparison, plot_epsilon_distribution
-from shared.results.store import (
+from server.plots import plot_accuracy_vs_time, plot_comparison, plot_epsilon_distribution
+from server.run_store import (
     FLUSH_EVERY,
     Base,
     EvalRecord,

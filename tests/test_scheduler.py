@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
+from server.aggregation import constant_staleness, polynomial_staleness
+from server.fleet import Fleet
 from server.scheduler import DeviceStatus, Failure, Refusal, Scheduler, Update
-from shared.aggregation import constant_staleness, polynomial_staleness
 from shared.config import AggregationConfig, FleetConfig
-from shared.fleet import Fleet
 
 PARAMS = {"w": torch.zeros(3)}
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from opacus.accountants import RDPAccountant
 
-from shared.results.store import RunStore
+from server.run_store import RunStore
 from simulations.runner import simulate
 
 
@@ -174,8 +174,8 @@ def test_secure_aggregation_gives_the_plain_fedavg_model_within_quantization(tmp
     )
     assert secure["aggregation"]["versions"] == 2
     assert secure["aggregation"]["updates-applied"] == plain["aggregation"]["updates-applied"]
+    from server.run_store import RunStore
     from server.secagg import quantization_error_bound
-    from shared.results.store import RunStore
 
     a = torch.load(tmp_path / "plain" / "global_model.pt")["params"]
     b = torch.load(tmp_path / "secure" / "global_model.pt")["params"]
@@ -200,7 +200,7 @@ def test_secure_aggregation_gives_the_plain_fedavg_model_within_quantization(tmp
         torch.testing.assert_close(b[key], a[key], atol=atol, rtol=0)
     assert differs, "quantization leaves a trace: identical models would mean SecAgg+ was bypassed"
     # The devices' ledgers reached the server through the post-round query and verify.
-    from shared.cli import main
+    from shared.entrypoint import main
 
     assert main(["audit", str(tmp_path / "secure")]) == 0
     assert secure["privacy"]["epsilon-max"] == pytest.approx(plain["privacy"]["epsilon-max"])
@@ -351,10 +351,10 @@ def test_a_reply_lost_to_a_real_timeout_still_gets_its_ledger_to_the_server(tmp_
     from flwr.app import MessageType
 
     from client.app import _store_path, build_client_app
-    from client.ledger_store import DeviceLedgerStore
     from server.app import run_federation
     from server.privacy_store import PrivacyStore
     from shared.config import parse_config, to_flat
+    from shared.privacy.ledger_store import DeviceLedgerStore
     from simulations.local_grid import LocalGrid
 
     class LosingGrid(LocalGrid):

@@ -13,12 +13,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import build_client_app
-from client.ledger_store import DeviceLedgerStore
 from client.task_lock import DeviceBusy, exclusive_task, lock_path
 from shared.config import parse_config
 from shared.data.partition import load_device, prepare_partitions
 from shared.models.factory import build_model
 from shared.privacy.accounting import DeviceAccountant, Release
+from shared.privacy.ledger_store import DeviceLedgerStore
 from shared.training import plan_release
 
 

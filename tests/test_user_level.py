@@ -12,7 +12,7 @@ import torch
 from dp_accounting.rdp import compute_epsilon
 from opacus.accountants.analysis.rdp import get_privacy_spent
 
-from shared.privacy.independent import TOLERANCE, relative_error, user_level_epsilon
+from server.audit.independent import TOLERANCE, relative_error, user_level_epsilon
 from shared.privacy.user_level import (
     DEFAULT_ORDERS,
     RenyiFilter,

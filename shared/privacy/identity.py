@@ -65,7 +65,7 @@ class DeviceIdentity:
 
     Create one with :meth:`generate` (fresh randomness from the OS) or restore it with
     :meth:`from_private_bytes`; persisting :meth:`private_bytes` is the caller's job
-    (see ``client.ledger_store``).
+    (see ``shared.privacy.ledger_store``).
     """
 
     def __init__(self, private_key: Ed25519PrivateKey) -> None:

@@ -5,7 +5,7 @@ parameters and the device's *cumulative* epsilon afterwards). Entries form a has
 chain per device, and the device signs each entry's hash with its Ed25519 key
 (:mod:`shared.privacy.identity`), so a stored ledger can be checked by anyone holding
 the device's public key: :func:`verify_chain` names every edit, deletion, reordering
-or forgery it finds. This module is pure (no SQL); ``client.ledger_store`` and
+or forgery it finds. This module is pure (no SQL); ``shared.privacy.ledger_store`` and
 ``server.privacy_store`` persist entries.
 
 Format

@@ -35,7 +35,7 @@ Conditions the server must keep for this accounting to hold (a reviewer should c
 * every update in the sum must have gone through :func:`clip_update` with the same ``S`` that
   scales the noise, and the noise must be drawn from OS entropy in deployment.
 
-Recompute every claimed ε with :func:`shared.privacy.independent.user_level_epsilon`, which
+Recompute every claimed ε with :func:`server.audit.independent.user_level_epsilon`, which
 prices the same weights with dp-accounting.
 """
 

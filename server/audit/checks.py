@@ -1,7 +1,7 @@
 """The privacy audit: verify every ledger, recompute every claim independently, check budgets.
 
 Pure logic over plain inputs (:class:`AuditInput`), so the same audit runs on a
-server's run database and on a single device's ledger file (``shared/cli.py``
+server's run database and on a single device's ledger file (``server/cli_audit.py``
 loads either). It never trusts a figure it can recompute:
 
 * each device's chain is verified against the key the server registered for it
@@ -10,12 +10,12 @@ loads either). It never trusts a figure it can recompute:
 * each device's final cumulative epsilon claim, per privacy unit, is recomputed
   from the logged mechanism parameters with dp-accounting (not Opacus, which
   produced the record-level claims, and not the filter code, which produced the
-  user-level ones) and flagged beyond :data:`shared.privacy.independent.TOLERANCE`.
+  user-level ones) and flagged beyond :data:`server.audit.independent.TOLERANCE`.
   dp-accounting's fractional-order bound is loose at large epsilon, so a claim it
   finds low is re-checked by numerical integration of the RDP definition
-  (:func:`shared.privacy.independent.record_level_epsilon_quadrature`) before it
+  (:func:`server.audit.independent.record_level_epsilon_quadrature`) before it
   is flagged. Claims of Opacus's PRV accountant are recomputed with dp-accounting's
-  PLD accountant (:func:`shared.privacy.independent.record_level_epsilon_pld`);
+  PLD accountant (:func:`server.audit.independent.record_level_epsilon_pld`);
 * the server's user-level release log is cross-checked against the devices' signed
   user-level entries (``unbacked-user-release``);
 * every claim and every recomputation is compared with the budget.
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from dp_accounting.rdp import rdp_privacy_accountant as dp_rdp
 
-from shared.privacy.independent import (
+from server.audit.independent import (
     PRV_ABSOLUTE_TOLERANCE,
     TOLERANCE,
     prv_claim_agrees,

@@ -1,4 +1,4 @@
-"""Writes an :class:`~shared.privacy.audit.AuditReport` for people (terminal, Markdown, plots) and programs (JSON)."""
+"""Writes an :class:`~server.audit.checks.AuditReport` for people (terminal, Markdown, plots) and programs (JSON)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.privacy.audit import AuditReport, finite, summarize_findings
+from server.audit.checks import AuditReport, finite, summarize_findings
 
 
 def to_json(report: AuditReport) -> dict[str, Any]:

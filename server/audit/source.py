@@ -2,20 +2,20 @@
 
 The run database holds the server's verified ledger entries and device keys
 (``server/privacy_store.py``), its per-release log and the run's configuration
-(``shared/results/store.py``). The audit itself (``shared/privacy/audit.py``)
-only sees the plain :class:`~shared.privacy.audit.AuditInput` built here.
+(``server/run_store.py``). The audit itself (``server/audit/checks.py``)
+only sees the plain :class:`~server.audit.checks.AuditInput` built here.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from server.audit.checks import AuditInput, UserRelease
 from server.privacy_store import PrivacyStore
+from server.run_store import RunStore
 from shared.config import ConfigError, parse_config
-from shared.privacy.audit import AuditInput, UserRelease
 from shared.privacy.ledger import LedgerEntry
 from shared.privacy.user_level import choose_order
-from shared.results.store import RunStore
 
 
 class AuditSourceError(ValueError):

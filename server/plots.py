@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from shared.results.store import EvalRecord
+from server.run_store import EvalRecord
 
 __all__ = ["plot_accuracy_vs_time", "plot_comparison", "plot_epsilon_distribution"]
 
