@@ -122,7 +122,7 @@ class Federation:
         self.fleet = Fleet(num_devices, fleet_cfg, cfg.seed)
         user_level = None
         if cfg.privacy.user_dp:
-            from server.user_dp import UserLevelMechanism
+            from server.user_level import UserLevelMechanism
 
             user_level = UserLevelMechanism(cfg.privacy, seed=cfg.seed)
         self.scheduler = Scheduler(

@@ -33,7 +33,7 @@ from server.fleet import Fleet
 from shared.config import AggregationConfig
 
 if TYPE_CHECKING:
-    from server.user_dp import UserLevelMechanism, UserRelease
+    from server.user_level import UserLevelMechanism, UserRelease
 
 # Simulated seconds the scheduler waits before retrying when no device is reachable.
 _RETRY_SECONDS = 30.0

@@ -200,7 +200,7 @@ def test_an_unresponsive_device_is_retired_at_once() -> None:
 def test_the_renyi_filter_stops_each_device_exactly_at_its_user_level_budget() -> None:
     """Sync mode (no staleness: every weight is 1): each device takes part in exactly the number of
     full-weight releases its budget admits, is then never scheduled, and no epsilon exceeds the budget."""
-    from server.user_dp import UserLevelMechanism
+    from server.user_level import UserLevelMechanism
     from shared.config import PrivacyConfig
     from shared.privacy.user_level import gaussian_rdp
 
@@ -221,7 +221,7 @@ def test_the_renyi_filter_stops_each_device_exactly_at_its_user_level_budget() -
 
 
 def test_user_level_aggregation_clips_and_adds_the_configured_noise() -> None:
-    from server.user_dp import UserLevelMechanism
+    from server.user_level import UserLevelMechanism
     from shared.config import PrivacyConfig
 
     privacy = PrivacyConfig(
