@@ -37,7 +37,7 @@ from shared.config import FedrecConfig, parse_config
 from shared.data.partition import load_device, prepare_partitions
 from shared.privacy.ledger import entry_to_json
 from shared.privacy.ledger_store import DeviceLedgerStore
-from shared.records import get_int
+from shared.typed_fields import get_int
 
 _STATE_KEY = "fedrec-device"
 _DAY_S = 86_400.0

@@ -73,8 +73,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from shared.data.split import leave_one_out
 from shared.data.types import DataError, DeviceData, InteractionLog
-from shared.records import get_int
 from shared.sql_store import SqlStore
+from shared.typed_fields import get_int
 
 if TYPE_CHECKING:
     import torch

@@ -44,7 +44,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from client.device import Device, RefusalReply, TrainReply
 from client.device_store import open_node_store
 from shared.protocol import PARAM_KEYS
-from shared.records import get_float, get_int
+from shared.typed_fields import get_float, get_int
 
 log = logging.getLogger("fedrec.secagg")
 

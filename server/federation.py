@@ -37,7 +37,7 @@ from server.run_store import (
 )
 from server.scheduler import Completion, DeviceStatus, Failure, Outcome, Refusal, Scheduler, Task, Update
 from shared.config import FedrecConfig, to_flat
-from shared.records import get_float, get_int, get_int_list
+from shared.typed_fields import get_float, get_int, get_int_list
 
 log = logging.getLogger("fedrec.server")
 

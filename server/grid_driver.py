@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from shared.records import get_int
+from shared.typed_fields import get_int
 
 log = logging.getLogger("fedrec.server")
 

@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 
 from server.grid_driver import GridDriver
 from server.run_store import RunStore
-from shared.records import get_int
+from shared.typed_fields import get_int
 from simulations.local_grid import LocalGrid
 from simulations.runner import simulate
 

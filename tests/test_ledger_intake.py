@@ -26,8 +26,8 @@ from shared.privacy.accounting import DeviceAccountant
 from shared.privacy.ledger import entry_to_json
 from shared.privacy.ledger_store import DeviceLedgerStore
 from shared.privacy.user_level import RenyiFilter
-from shared.records import get_int
 from shared.training import opacus_sample_rate
+from shared.typed_fields import get_int
 
 
 def _reply(store: DeviceLedgerStore) -> Any:

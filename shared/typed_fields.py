@@ -1,4 +1,4 @@
-"""Typed reads from Flower records: a wrong type in a message is a clear error, not a crash later."""
+"""Typed reads of Flower mappings (message records, node and run configs): a wrong type is a clear error, not a crash later."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ from collections.abc import Mapping
 from typing import Any
 
 
-class RecordError(ValueError):
-    """A message field is missing or has the wrong type."""
+class FieldError(ValueError):
+    """A field of a message or config has the wrong type."""
 
 
 def get_int(record: Mapping[str, Any], key: str) -> int:
     """``record[key]`` as an int (bools and non-integral floats are refused)."""
     value = record[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        raise RecordError(f"field {key!r}: expected an integer, got {value!r}")
+        raise FieldError(f"field {key!r}: expected an integer, got {value!r}")
     return int(value)
 
 
@@ -24,7 +24,7 @@ def get_float(record: Mapping[str, Any], key: str, default: float | None = None)
         return default
     value = record[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RecordError(f"field {key!r}: expected a number, got {value!r}")
+        raise FieldError(f"field {key!r}: expected a number, got {value!r}")
     return float(value)
 
 
@@ -32,5 +32,5 @@ def get_int_list(record: Mapping[str, Any], key: str) -> list[int]:
     """``record[key]`` as a list of ints."""
     value = record[key]
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise RecordError(f"field {key!r}: expected a list of integers")
+        raise FieldError(f"field {key!r}: expected a list of integers")
     return [int(v) for v in value]
