@@ -1,4 +1,4 @@
-"""Typed reads of Flower mappings (message records, node and run configs): a wrong type is a clear error, not a crash later."""
+"""Typed reads of Flower mappings (message records, node and run configs): a wrong type is a clear error."""
 
 from __future__ import annotations
 
