@@ -57,3 +57,21 @@ def test_a_module_breaking_a_contract_fails_lint_imports(
     offender = module.removesuffix(".py").replace("/", ".")
     assert contract in result.stdout
     assert offender in result.stdout
+
+
+def test_shared_holds_only_what_both_sides_use() -> None:
+    """Every module under shared/ is imported, directly or not, by a device module and by a server-side one."""
+    import grimp
+
+    graph = grimp.build_graph(*PACKAGES)
+    packages = {m for m in graph.modules if graph.find_children(m)}
+    one_sided = []
+    for module in sorted(m for m in graph.modules if m.startswith("shared.") and m not in packages):
+        if module == "shared.entrypoint":
+            continue  # the console command: it imports both sides, nothing imports it
+        importers = graph.find_downstream_modules(module)
+        device = any(m.startswith("client.") for m in importers)
+        server = any(m.startswith(("server.", "simulations.")) for m in importers)
+        if not (device and server):
+            one_sided.append(module)
+    assert one_sided == []
