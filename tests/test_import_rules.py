@@ -25,7 +25,10 @@ def _lint_copy(tmp_path: Path, offender: tuple[str, str] | None = None) -> subpr
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     if offender is not None:
         module, source = offender
-        (tmp_path / module).write_text(source, encoding="utf-8")
+        path = tmp_path / module
+        # A new module, or an existing one with the offending import added at its end.
+        existing = path.read_text(encoding="utf-8") if path.exists() else ""
+        path.write_text(existing + source, encoding="utf-8")
     # The copy comes first on the path, so lint-imports reads it rather than the checkout.
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     return subprocess.run(
@@ -47,6 +50,7 @@ def test_the_tree_keeps_every_contract(tmp_path: Path) -> None:
         ("shared/_offender.py", "def late() -> None:\n    import simulations.runner\n", "shared imports neither"),
         ("shared/_offender.py", "from client.policy import DevicePolicy\n", "shared imports neither"),
         ("client/_offender.py", "import simulations.presets\n", "a device never runs simulation code"),
+        ("shared/models/ncf.py", "import shared.models.factory\n", "models never import their factory"),
     ],
 )
 def test_a_module_breaking_a_contract_fails_lint_imports(
