@@ -1,34 +1,29 @@
 """fedrec's ClientApp: Flower glue around :class:`client.device.Device`.
 
-Message contract (see docs/architecture.md):
+Every message it reads and every reply it sends goes through ``shared/protocol.py``,
+which holds the message table (also in docs/architecture.md): a ``train-task`` is
+answered with a ``train-update`` (and the device's new ledger entries) or a
+``train-refusal``, an ``evaluate-task`` with an ``evaluate-result`` or
+``evaluate-declined``, a query with the device's ``identity`` (and, for a
+``ledger-query``, its ledger entries). SecAgg+ rounds go to ``client/secagg_client.py``.
 
-* ``train`` in: ``global`` (ArrayRecord, global parameters only), ``config``
-  (ConfigRecord: ``version``, ``task-seed``). Out: ``delta`` (ArrayRecord),
-  ``metrics`` (MetricRecord: num-examples, steps, epsilon, delta,
-  sample-rate, and loss only with DP off), ``status`` (ConfigRecord: ``status`` = ok | refused).
-* ``evaluate`` in: ``global``, ``config`` (``split``, ``export-top-k``). Out:
-  ``metrics`` (hits and NDCG under both protocols) and, when asked, ``top-k``.
-* ``query`` out: ``status`` with this device's ``device-id``.
-
-The user embedding and the privacy accountant live in ``context.state`` (the
-node's own state; in simulation Flower keeps one per virtual device) and are
-never put into a reply.
+What the device spent is in its signed ledger (``shared/privacy/ledger_store.py``),
+from which its accountant is rebuilt at every task. ``context.state`` (the node's own
+state; in simulation Flower keeps one per virtual device) keeps only the simulated
+device's user embedding and its count of tasks done; neither is ever put into a reply.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
-from flwr.common import Scalar
 
 from client.device import Device, DeviceState, EvalReply, RefusalReply, TrainReply
-from client.device_store import DeviceDataStore, device_data_from_node, key_from_node_config
+from client.node_config import deployed_device, device_index, open_node_store, store_path
 from client.policy import DevicePolicy, PolicyViolation
 from client.secagg_client import Commit, is_secagg_message, secagg_train
 from client.task_lock import exclusive_task
@@ -37,6 +32,25 @@ from shared.config import FedrecConfig, parse_config
 from shared.data.partition import load_device, prepare_partitions
 from shared.privacy.ledger import entry_to_json
 from shared.privacy.ledger_store import DeviceLedgerStore
+from shared.protocol import (
+    EvaluateDeclined,
+    EvaluateResult,
+    Identity,
+    Ledger,
+    LedgerQuery,
+    SecAggFitConfig,
+    TrainRefusal,
+    TrainTask,
+    TrainUpdate,
+    build_evaluate_declined,
+    build_evaluate_result,
+    build_identity,
+    build_train_refusal,
+    build_train_update,
+    parse_evaluate_task,
+    parse_query,
+    parse_train_task,
+)
 from shared.typed_fields import get_int
 
 _STATE_KEY = "fedrec-device"
@@ -44,29 +58,20 @@ _DAY_S = 86_400.0
 _PERSONAL_KEY = "fedrec-personal"
 
 
-def _device_index(context: Context) -> int:
-    for key in ("device-id", "partition-id"):
-        if key in context.node_config:
-            return get_int(context.node_config, key)
-    raise KeyError("node config has neither 'device-id' nor 'partition-id'")
-
-
 def _load_state(context: Context) -> DeviceState:
+    """A simulated device's state between tasks (its accountant comes from its ledger, in :func:`_device`)."""
     state = DeviceState()
     if _STATE_KEY in context.state.config_records:
-        rec = context.state.config_records[_STATE_KEY]
-        sigmas: list[Any] = list(rec["acc-sigma"])  # type: ignore[arg-type]
-        rates: list[Any] = list(rec["acc-rate"])  # type: ignore[arg-type]
-        steps: list[Any] = list(rec["acc-steps"])  # type: ignore[arg-type]
-        state.accountant_history = [(float(s), float(q), int(n)) for s, q, n in zip(sigmas, rates, steps, strict=True)]
-        state.tasks_done = get_int(rec, "tasks-done")
+        # Only read where the ledger has no record-level entry (DP off), as a SecAgg+
+        # task's seed when the round names none.
+        state.tasks_done = get_int(context.state.config_records[_STATE_KEY], "tasks-done")
     if _PERSONAL_KEY in context.state.array_records:
         state.personal = dict(context.state.array_records[_PERSONAL_KEY].to_torch_state_dict())
     return state
 
 
 def _save_state(context: Context, state: DeviceState) -> None:
-    personal_store = _personal_store(context)
+    personal_store = open_node_store(context.node_config)
     if personal_store is not None and state.personal:
         with personal_store:
             personal_store.save_personal(state.personal)  # encrypted at rest, like the raw data
@@ -74,80 +79,44 @@ def _save_state(context: Context, state: DeviceState) -> None:
 
 
 def _save_context_state(context: Context, state: DeviceState) -> None:
-    hist = state.accountant_history
-    context.state.config_records[_STATE_KEY] = ConfigRecord(
-        {
-            "acc-sigma": [float(h[0]) for h in hist],
-            "acc-rate": [float(h[1]) for h in hist],
-            "acc-steps": [int(h[2]) for h in hist],
-            "tasks-done": state.tasks_done,
-        }
-    )
+    context.state.config_records[_STATE_KEY] = ConfigRecord({"tasks-done": state.tasks_done})
     if state.personal:
         context.state.array_records[_PERSONAL_KEY] = ArrayRecord(state.personal)
 
 
-def _store_path(cfg: FedrecConfig, context: Context) -> Path:
-    """This device's local store: the node config's ``store``, else one file per simulated device."""
-    if "store" in context.node_config:
-        return Path(str(context.node_config["store"]))
-    root = Path(cfg.privacy.device_store_dir or Path(cfg.output_dir) / "devices")
-    return root / f"device-{_device_index(context)}.db"
-
-
 def _open_store(cfg: FedrecConfig, context: Context) -> DeviceLedgerStore:
-    path = _store_path(cfg, context)
+    path = store_path(cfg, context.node_config)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return DeviceLedgerStore(path, device_id=_device_index(context))
-
-
-def _personal_store(context: Context) -> DeviceDataStore | None:
-    """A deployed device's encrypted store (raw data and personal state); None in simulation."""
-    node = context.node_config
-    if "store" not in node or not ({"key-file", "passphrase-env"} & set(node)):
-        return None
-    path = Path(str(node["store"]))
-    key = key_from_node_config(node, path)
-    assert key is not None
-    return DeviceDataStore(path, _device_index(context), key)
+    return DeviceLedgerStore(path, device_id=device_index(context.node_config))
 
 
 def _device(
-    cfg: FedrecConfig, context: Context, store: DeviceLedgerStore | None = None, run_user_budget: float | None = None
+    cfg: FedrecConfig, context: Context, store: DeviceLedgerStore, run_user_budget: float | None = None
 ) -> Device:
-    deployed = device_data_from_node(cfg, context.node_config)
+    deployed = deployed_device(context.node_config)
     if deployed is not None:
         # A real device: its own encrypted store, which survives restarts of the process.
-        data, num_items = deployed
-        state = DeviceState()
-        personal_store = _personal_store(context)
-        if personal_store is not None:
-            with personal_store:
-                state.personal = personal_store.load_personal()
+        data, num_items = deployed.data, deployed.num_items
+        state = DeviceState(personal=deployed.personal)
     else:
         info = prepare_partitions(cfg.data)
-        data, num_items = load_device(info.path, _device_index(context)), info.num_items
+        data, num_items = load_device(info.path, device_index(context.node_config)), info.num_items
         state = _load_state(context)
-    if store is not None:
-        # The signed ledger is the source of truth for what this device has spent: the
-        # accountant is rebuilt from it, so it survives restarts of the device process.
-        entries = store.entries()
-        state.accountant_history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.unit == "record"]
-        state.user_contributions = sum(1 for e in entries if e.unit == "user")
-        state.tasks_done = sum(1 for e in entries if e.unit == "record") or state.tasks_done
+    # The signed ledger is the only record of what this device has spent: the accountant
+    # is rebuilt from it at every task, so it survives restarts of the device process.
+    entries = store.entries()
+    state.accountant_history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.unit == "record"]
+    state.user_contributions = sum(1 for e in entries if e.unit == "user")
+    state.tasks_done = sum(1 for e in entries if e.unit == "record") or state.tasks_done
     return Device(cfg, data, num_items, state, run_user_budget)
 
 
-def _record_releases(store: DeviceLedgerStore, cfg: FedrecConfig, reply: TrainReply, conf: ConfigRecord) -> None:
+def _record_releases(
+    store: DeviceLedgerStore, cfg: FedrecConfig, reply: TrainReply, *, run: str, version: int, task_id: int
+) -> None:
     """Append this task's releases to the device's signed ledger (before anything is sent)."""
     p = cfg.privacy
-    common: dict[str, Any] = {
-        "run": str(conf.get("run", "")),
-        "version": get_int(conf, "version"),
-        "task_id": get_int(conf, "task-seed"),
-        "delta": p.delta,
-        "timestamp": time.time(),
-    }
+    common: dict[str, Any] = dict(run=run, version=version, task_id=task_id, delta=p.delta, timestamp=time.time())
     if p.dp:
         store.append(
             unit="record",
@@ -174,14 +143,9 @@ def _record_releases(store: DeviceLedgerStore, cfg: FedrecConfig, reply: TrainRe
         )
 
 
-def _ledger_record(store: DeviceLedgerStore, conf: ConfigRecord) -> ConfigRecord:
+def _ledger(store: DeviceLedgerStore, head: int) -> Ledger:
     """The entries the server has not seen yet (it sends the last seq it holds)."""
-    known = get_int(conf, "ledger-head") if "ledger-head" in conf else -1
-    return ConfigRecord({"entries": [entry_to_json(e) for e in store.entries(after_seq=known)]})
-
-
-def _global_params(msg: Message) -> dict[str, torch.Tensor]:
-    return dict(msg.content.array_records["global"].to_torch_state_dict())
+    return Ledger(tuple(entry_to_json(e) for e in store.entries(after_seq=head)))
 
 
 def _secagg_device(cfg: FedrecConfig, context: Context) -> tuple[Device, Commit]:
@@ -192,10 +156,11 @@ def _secagg_device(cfg: FedrecConfig, context: Context) -> tuple[Device, Commit]
     finally:
         store.close()
 
-    def commit(reply: TrainReply, config: Mapping[str, Scalar]) -> None:
+    def commit(reply: TrainReply, config: SecAggFitConfig) -> None:
+        version, task_id = config.release_ids()  # ProtocolError (a dropout) if the round names none
         ledger = _open_store(cfg, context)
         try:
-            _record_releases(ledger, cfg, reply, ConfigRecord(dict(config)))
+            _record_releases(ledger, cfg, reply, run=config.run, version=version, task_id=task_id)
         finally:
             ledger.close()
         _save_state(context, device.state)
@@ -229,23 +194,19 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         except PolicyViolation as exc:
             if is_secagg_message(msg):
                 raise  # Flower's SecAgg+ flow reports a raising client as a failure
-            refusal = RecordDict(
-                {
-                    "status": ConfigRecord({"status": "refused", "reason": str(exc)}),
-                    "metrics": MetricRecord({"epsilon": 0.0, "delta": 0.0}),
-                }
-            )
-            return Message(refusal, reply_to=msg)
+            # The device's own policy forbids this run: nothing is trained or spent.
+            refusal = TrainRefusal(reason=str(exc), epsilon=0.0, dp_delta=0.0)
+            return Message(build_train_refusal(refusal), reply_to=msg)
         # From reading what the device has spent to recording what this task spends, no other
         # task of the same device may run: both could pass the budget check (client/task_lock.py).
-        with exclusive_task(_store_path(cfg, context)):
+        with exclusive_task(store_path(cfg, context.node_config)):
             if is_secagg_message(msg):
                 # Synchronous secure aggregation runs Flower's legacy SecAgg+ flow (server/secagg.py).
                 return secagg_train(msg, context, lambda ctx: _secagg_device(config_of(ctx), ctx))
-            conf = msg.content.config_records["config"]
+            task = parse_train_task(msg)
             store = _open_store(cfg, context)
             try:
-                return _train(cfg, msg, context, store, conf, run_cfg.privacy.user_epsilon_budget)
+                return _train(cfg, msg, context, store, task, run_cfg.privacy.user_epsilon_budget)
             finally:
                 store.close()
 
@@ -254,55 +215,40 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         msg: Message,
         context: Context,
         store: DeviceLedgerStore,
-        conf: ConfigRecord,
+        task: TrainTask,
         run_user_budget: float,
     ) -> Message:
         device = _device(cfg, context, store, run_user_budget)
-        task_seed = get_int(conf, "task-seed")
-        reply = device.train(_global_params(msg), task_seed)
+        reply = device.train(dict(task.model.to_torch_state_dict()), task.task_seed)
         if isinstance(reply, RefusalReply):
-            content = RecordDict(
-                {
-                    "status": ConfigRecord({"status": "refused", "reason": reply.reason}),
-                    "metrics": MetricRecord(
-                        {
-                            "epsilon": reply.epsilon_spent,
-                            "delta": cfg.privacy.delta,
-                            "epsilon-would-reach": reply.epsilon_would_reach,
-                        }
-                    ),
-                }
+            refusal = TrainRefusal(
+                reason=reply.reason,
+                epsilon=reply.epsilon_spent,
+                dp_delta=cfg.privacy.delta,
+                epsilon_would_reach=reply.epsilon_would_reach,
             )
-            return Message(content, reply_to=msg)
-        _record_releases(store, cfg, reply, conf)
+            return Message(build_train_refusal(refusal), reply_to=msg)
+        _record_releases(store, cfg, reply, run=task.run, version=task.version, task_id=task.task_seed)
         _save_state(context, device.state)
-        metrics: dict[str, int | float | list[int] | list[float]] = {
-            "num-examples": reply.num_examples,
-            "steps": reply.steps,
-            "epsilon": reply.epsilon,
-            "delta": cfg.privacy.delta if cfg.privacy.dp else 0.0,
-            "sample-rate": reply.sample_rate,
-        }
-        if not cfg.privacy.dp:
+        update = TrainUpdate(
+            delta=ArrayRecord(reply.delta),
+            num_examples=reply.num_examples,
+            steps=reply.steps,
+            epsilon=reply.epsilon,
+            dp_delta=cfg.privacy.delta if cfg.privacy.dp else 0.0,
+            sample_rate=reply.sample_rate,
             # The mean training loss is a function of the records that DP-SGD does not
             # privatise; with DP on it stays on the device.
-            metrics["loss"] = reply.loss
-        content = RecordDict(
-            {
-                "delta": ArrayRecord(reply.delta),
-                "metrics": MetricRecord(metrics),
-                "status": ConfigRecord({"status": "ok"}),
-                "ledger": _ledger_record(store, conf),
-            }
+            loss=None if cfg.privacy.dp else reply.loss,
         )
-        return Message(content, reply_to=msg)
+        return Message(build_train_update(update, _ledger(store, task.ledger_head)), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         _run_cfg, cfg, policy = run_and_device_config(context)
-        conf = msg.content.config_records["config"]
+        task = parse_evaluate_task(msg)
         # Counting and recording the answer are one step per device, like a training task's budget.
-        with exclusive_task(_store_path(cfg, context)):
+        with exclusive_task(store_path(cfg, context.node_config)):
             store = _open_store(cfg, context)
             try:
                 if policy is not None:
@@ -312,46 +258,36 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
                             f"device policy: {answered} evaluations answered in the last 24 hours "
                             f"(max-evaluations-per-day = {policy.max_evaluations_per_day})"
                         )
-                        declined = ConfigRecord({"status": "declined", "reason": reason})
-                        return Message(RecordDict({"status": declined}), reply_to=msg)
-                    store.record_evaluation(
-                        run=str(conf.get("run", "")), version=get_int(conf, "version"), split=str(conf["split"])
-                    )
+                        return Message(build_evaluate_declined(EvaluateDeclined(reason)), reply_to=msg)
+                    store.record_evaluation(run=task.run, version=task.version, split=task.split)
                 device = _device(cfg, context, store)  # its ledger gives the epsilon it reports
             finally:
                 store.close()
-        result: EvalReply = device.evaluate(_global_params(msg), str(conf["split"]), cfg.eval.top_k)
-        records: dict[str, Any] = {
-            "metrics": MetricRecord(
-                {
-                    "hit": result.full.hit,
-                    "ndcg": result.full.ndcg,
-                    "sampled-hit": result.sampled.hit,
-                    "sampled-ndcg": result.sampled.ndcg,
-                    "epsilon": device.epsilon(),
-                }
-            )
-        }
-        if bool(conf.get("export-top-k", False)) and (policy is None or policy.allow_top_k_export):
-            records["top-k"] = ConfigRecord({"items": [int(i) for i in result.top_items]})
-        return Message(RecordDict(records), reply_to=msg)
+        result: EvalReply = device.evaluate(dict(task.model.to_torch_state_dict()), task.split, cfg.eval.top_k)
+        send_top_k = task.export_top_k and (policy is None or policy.allow_top_k_export)
+        answer = EvaluateResult(
+            hit=result.full.hit,
+            ndcg=result.full.ndcg,
+            sampled_hit=result.sampled.hit,
+            sampled_ndcg=result.sampled.ndcg,
+            epsilon=device.epsilon(),
+            top_k=tuple(int(i) for i in result.top_items) if send_top_k else None,
+        )
+        return Message(build_evaluate_result(answer), reply_to=msg)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
+        asked = parse_query(msg)
         store = _open_store(config_of(context), context)
         try:
             public_key = store.identity().public_key  # created on first use, kept on the device
-            records: dict[str, Any] = {
-                "status": ConfigRecord({"device-id": _device_index(context), "public-key": public_key})
-            }
-            conf = msg.content.config_records.get("config")
-            if conf is not None and "ledger-head" in conf:
-                # The server asks for the entries it lacks (after a SecAgg+ round, whose
-                # legacy replies cannot carry them).
-                records["ledger"] = _ledger_record(store, conf)
+            identity = Identity(device_index(context.node_config), public_key)
+            # A ledger query asks for the entries the server lacks (after a SecAgg+ round,
+            # whose legacy replies cannot carry them, or at the end of the run).
+            ledger = _ledger(store, asked.ledger_head) if isinstance(asked, LedgerQuery) else None
         finally:
             store.close()
-        return Message(RecordDict(records), reply_to=msg)
+        return Message(build_identity(identity, ledger), reply_to=msg)
 
     return app
 

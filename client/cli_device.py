@@ -17,6 +17,10 @@ and, to rotate the store key in place (keeping the ledger, its identity and the 
 VAR`` ``--new-key-file``): the store key is then derived (scrypt) from the passphrase in
 the environment variable ``VAR`` (never from a command-line argument, which other local
 users can read in the process list).
+
+One job: the ``fedrec device`` command group (arguments, checks, what each command
+prints). The store is :mod:`client.device_store`, its keys :mod:`client.store_keys`, and
+running the SuperNode :mod:`client.supernode`.
 """
 
 from __future__ import annotations
@@ -24,9 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -34,17 +36,15 @@ from typing import Any, Final
 from client.device_store import (
     ConcurrentWriteError,
     DeviceDataStore,
-    KeyFileError,
-    create_key_file,
     is_enrolled,
-    key_from_file,
     key_from_passphrase,
     stored_device_id,
 )
-from client.policy import POLICY_KEYS, DevicePolicy, PolicyViolation
+from client.store_keys import KeyFileError, create_key_file, key_from_file, passphrase_from_env
+from client.supernode import RETRY_DELAY_S, find_supernode, run_supernode, supernode_argv
 from shared.config import parse_set_pairs
 
-__all__ = ["ML100K_ITEMS", "auth_key_paths", "node_config_value", "register", "supernode_argv", "supervise"]
+__all__ = ["ML100K_ITEMS", "auth_key_paths", "register"]
 
 # The bundled MovieLens-100K catalogue (fedrec's default data set): enrol's default catalogue size.
 ML100K_ITEMS: Final = 1682
@@ -80,13 +80,6 @@ def _new_key_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _passphrase(var: str, option: str = "--passphrase-env") -> str:
-    value = os.environ.get(var, "")
-    if not value:
-        raise ValueError(f"{option}: environment variable {var!r} is unset or empty")
-    return value
-
-
 def _store_path(args: argparse.Namespace) -> Path:
     return Path(args.store).expanduser().resolve()
 
@@ -105,7 +98,7 @@ def _existing_store(args: argparse.Namespace) -> tuple[Path, int]:
 def _key(args: argparse.Namespace, store: Path) -> bytes:
     if args.key_file is not None:
         return key_from_file(args.key_file)
-    return key_from_passphrase(store, _passphrase(args.passphrase_env))
+    return key_from_passphrase(store, passphrase_from_env(args.passphrase_env, "--passphrase-env"))
 
 
 def auth_key_paths(store: Path) -> tuple[Path, Path]:
@@ -156,83 +149,6 @@ def _ensure_auth_key(store: Path) -> tuple[Path, Path, bool]:
     return private, public, created
 
 
-def node_config_value(value: str) -> str:
-    """Quote a string for Flower's ``--node-config`` (TOML values, see FLOWER.md section 5).
-
-    Flower matches ``key='...'`` or ``key="..."`` and parses the value as TOML: a
-    single-quoted literal string takes anything but ``'`` and newlines; a double-quoted
-    one anything but ``"`` (backslashes escaped).
-
-    Raises
-    ------
-    ValueError
-        If the value holds both quote characters or a newline (Flower cannot carry it).
-    """
-    if "\n" in value or "\r" in value:
-        raise ValueError(f"{value!r}: a newline cannot be passed in Flower's --node-config")
-    if "'" not in value:
-        return f"'{value}'"
-    if '"' not in value:
-        return '"' + value.replace("\\", "\\\\") + '"'
-    raise ValueError(f"{value!r}: holds both ' and \"; Flower's --node-config cannot carry it (rename the path)")
-
-
-def supernode_argv(
-    executable: str,
-    *,
-    store: Path,
-    device_id: int,
-    superlink: str,
-    root_cert: Path,
-    auth_key: Path,
-    port: int,
-    key_file: Path | None = None,
-    passphrase_env: str | None = None,
-    policy: Mapping[str, str] | None = None,
-) -> list[str]:
-    """The ``flower-supernode`` command line that runs this device in a federation.
-
-    ``policy`` holds the device's privacy-policy node-config keys (client/policy.py); they are
-    checked here, so a typo or a bad value fails before the SuperNode starts.
-    """
-    if (key_file is None) == (passphrase_env is None):
-        raise ValueError("give exactly one of key_file and passphrase_env")
-    policy = dict(policy or {})
-    unknown = sorted(set(policy) - set(POLICY_KEYS))
-    if unknown:
-        raise ValueError(f"--policy: unknown key(s) {unknown}; known: {', '.join(POLICY_KEYS)}")
-    try:
-        DevicePolicy.from_node_config({"store": str(store), **policy})
-    except PolicyViolation as exc:
-        raise ValueError(f"--policy: {exc}") from None
-    parts = [f"store={node_config_value(str(store))}"]
-    parts += [f"{key}={node_config_value(str(value))}" for key, value in sorted(policy.items())]
-    if key_file is not None:
-        parts.append(f"key-file={node_config_value(str(key_file))}")
-    else:
-        parts.append(f"passphrase-env={node_config_value(str(passphrase_env))}")
-    parts.append(f"device-id={int(device_id)}")
-    return [
-        executable,
-        "--superlink", superlink,
-        "--root-certificates", str(root_cert),
-        "--auth-supernode-private-key", str(auth_key),
-        "--port", str(port),
-        "--node-config", " ".join(parts),
-    ]  # fmt: skip
-
-
-def _find_supernode() -> str:
-    # Prefer the one installed next to this interpreter (the fedrec virtualenv).
-    sibling = Path(sys.executable).with_name("flower-supernode")
-    if sibling.is_file() and os.access(sibling, os.X_OK):
-        return str(sibling)
-    found = shutil.which("flower-supernode")
-    if found is None:
-        raise FileNotFoundError("flower-supernode not found: install fedrec (it depends on flwr) in this environment")
-    return found
-
-
 # --------------------------------------------------------------- commands
 
 
@@ -262,7 +178,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
             key = create_key_file(key_path)
             key_note = f"new key file {key_path} (back it up: without it the data cannot be read)"
     else:
-        key = key_from_passphrase(store, _passphrase(args.passphrase_env))
+        key = key_from_passphrase(store, passphrase_from_env(args.passphrase_env, "--passphrase-env"))
         key_note = f"passphrase from ${args.passphrase_env} (scrypt)"
     with DeviceDataStore(store, args.device_id, key) as data_store:
         recorded_items = data_store.num_items
@@ -358,7 +274,7 @@ def _cmd_rekey(args: argparse.Namespace) -> int:
     old_key_file = None if args.key_file is None else Path(args.key_file).expanduser().resolve()
     new_passphrase = None
     if args.new_passphrase_env is not None:
-        new_passphrase = _passphrase(args.new_passphrase_env, "--new-passphrase-env")
+        new_passphrase = passphrase_from_env(args.new_passphrase_env, "--new-passphrase-env")
     # Not while a training task of this device runs (client/task_lock.py): it would read or seal
     # records under the old key halfway through.
     with _no_task_running(store), DeviceDataStore(store, device_id, key) as data_store:  # a wrong key fails here
@@ -506,9 +422,10 @@ def _cmd_start(args: argparse.Namespace) -> int:
     if auth_key.stat().st_mode & 0o077:
         raise ValueError(f"--auth-key: {auth_key} is readable by group/others; `chmod 600 {auth_key}`")
     if args.passphrase_env is not None:
-        _passphrase(args.passphrase_env)  # the ClientApp reads it from the SuperNode's environment
+        # The ClientApp reads it from the SuperNode's environment: fail here, not in its first task.
+        passphrase_from_env(args.passphrase_env, "--passphrase-env")
     argv = supernode_argv(
-        "flower-supernode" if args.dry_run else _find_supernode(),
+        "flower-supernode" if args.dry_run else find_supernode(),
         store=store,
         device_id=device_id,
         superlink=args.superlink,
@@ -526,71 +443,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         return 0
     if args.retry_for < 0:
         raise ValueError(f"--retry-for must be >= 0 seconds, got {args.retry_for:g}")
-    if args.retry_for > 0:
-        return supervise(argv, args.retry_for)
-    sys.stdout.flush()
-    os.execv(argv[0], argv)  # replaces this process; only returns by raising OSError
-    return 1  # pragma: no cover
-
-
-#: Seconds between two starts of a SuperNode that exited with an error (``--retry-for``).
-RETRY_DELAY_S = 10.0
-
-
-def supervise(argv: Sequence[str], retry_for: float) -> int:
-    """Run ``argv`` (the SuperNode), starting it again after an error exit for up to ``retry_for`` s.
-
-    Right after a crash the SuperLink refuses the node for about a minute (two missed heartbeats,
-    docs/deploy.md), so a device restarted at once fails to start; this retries it every
-    :data:`RETRY_DELAY_S` seconds. The window counts from the first failure of a streak: a SuperNode
-    that ran for longer than ``retry_for`` before failing starts a new streak. A clean exit (0) or
-    SIGINT/SIGTERM to this process (passed on to the SuperNode) ends it. Returns the last exit code.
-    """
-    import signal
-    import subprocess
-    import time
-
-    stopping: list[int] = []
-    child: subprocess.Popen[bytes] | None = None
-
-    def forward(signum: int, _frame: object) -> None:
-        stopping.append(signum)
-        if child is not None and child.poll() is None:
-            child.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        streak_start: float | None = None
-        attempt = 0
-        while True:
-            attempt += 1
-            started = time.monotonic()
-            sys.stdout.flush()
-            child = subprocess.Popen(list(argv))  # noqa: S603 - our own flower-supernode command line
-            code = child.wait()
-            if code == 0 or stopping:
-                return code
-            now = time.monotonic()
-            if streak_start is None or now - started > retry_for:
-                streak_start = started
-            if now + RETRY_DELAY_S - streak_start > retry_for:
-                print(
-                    f"fedrec: flower-supernode exited with {code}; giving up after {attempt} attempts "
-                    f"(--retry-for {retry_for:g} s)",
-                    file=sys.stderr,
-                )
-                return code
-            print(
-                f"fedrec: flower-supernode exited with {code} (attempt {attempt}); starting it again in "
-                f"{RETRY_DELAY_S:g} s",
-                file=sys.stderr,
-            )
-            time.sleep(RETRY_DELAY_S)
-            if stopping:
-                return code
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return run_supernode(argv, args.retry_for)
 
 
 # ----------------------------------------------------------------- parser

@@ -1,30 +1,31 @@
 """The device's encrypted local store of its owner's raw interactions and personal model state.
 
-One job: the person's raw data at rest. It lives in the same SQLite file as the
-device's ledger store (:mod:`shared.privacy.ledger_store`), in tables of its own
-(``device_data_meta``, ``device_data_blobs``) declared on a separate SQLAlchemy base,
-so neither schema knows about the other.
+One job: the person's raw data at rest, and rotating the key it is encrypted under. It
+lives in the same SQLite file as the device's ledger store
+(:mod:`shared.privacy.ledger_store`), in tables of its own (``device_data_meta``,
+``device_data_blobs``, declared on :class:`shared.sql_store.Base`) that it alone
+creates and reads.
 
 Encryption
 ----------
 Everything personal is AES-256-GCM ciphertext (``cryptography``'s ``AESGCM``): the
-interactions as one blob, the personal model state (the user embedding) as another.
-Every write draws a fresh random 96-bit nonce; the associated data binds each blob to
-this device and to its table and row (``fedrec-device-store/v1|device=N|table=T|name=X``),
-so a blob copied to another row or another device's file fails to decrypt instead of
-being read as something else. What is stored in the clear: the device id, the
-catalogue size, the scrypt salt (when a passphrase is used), blob sizes and write
-times; never an item id, a timestamp or a rating.
+interactions as one blob, the personal model state (the user embedding) as another, and
+the SecAgg+ contribution receipts (:mod:`client.receipts`) one blob each. Every write
+draws a fresh random 96-bit nonce; the associated data binds each blob to this device
+and to its table and row (``fedrec-device-store/v1|device=N|table=T|name=X``), so a
+blob copied to another row or another device's file fails to decrypt instead of being
+read as something else. What is stored in the clear: the device id, the catalogue size,
+the scrypt salt (when a passphrase is used), blob sizes and write times; never an item
+id, a timestamp or a rating.
 
 Keys
 ----
-A store's 32-byte key comes either from a key file (:func:`create_key_file`,
-:func:`key_from_file`: 32 random bytes, mode 0o600, refused when group or others have
-any access) or from a passphrase (:func:`key_from_passphrase`: scrypt, n=2**15, r=8,
-p=1, with a random 16-byte salt kept in the store). A ``key_check`` blob (a known
-constant encrypted under the key) lets :class:`DeviceDataStore` tell a wrong key
-(:class:`WrongKeyError`) from damaged data (:class:`StoreCorruptError`) before it
-touches anything; a wrong key never writes to the file.
+A store's 32-byte key comes from a key file or a passphrase (:mod:`client.store_keys`);
+a passphrase's key is derived under a random salt kept in this store
+(:func:`key_from_passphrase`). A ``key_check`` blob (a known constant encrypted under
+the key) lets :class:`DeviceDataStore` tell a wrong key (:class:`WrongKeyError`) from
+damaged data (:class:`StoreCorruptError`) before it touches anything; a wrong key never
+writes to the file.
 
 Rotating the key (:meth:`DeviceDataStore.rekey`, ``fedrec device rekey``) re-encrypts
 every blob (the key check included) under a new key in one SQLite transaction, with the
@@ -32,19 +33,6 @@ same associated data, and replaces or removes the scrypt salt in the same transa
 the store is either wholly under the new key or unchanged. The ledger tables (identity,
 signed entries, hence the accountant's history and the spent epsilon) are not encrypted
 under the store key and are left as they are.
-
-Contribution receipts
----------------------
-Under secure aggregation (SecAgg+) the server only ever sees the sum of a cohort's
-updates, so nobody but the device can later show its owner what it contributed. Each
-time the device feeds an update into a SecAgg+ round, it keeps a receipt here
-(:meth:`DeviceDataStore.add_contribution_receipt`): the run, model version and task,
-its number of examples, the plain (DP-noised) delta exactly as it went into the
-masking (before weighting and quantization) and the protocol's clipping and
-quantization settings. A receipt is encrypted like the interactions, never leaves the
-device and adds nothing to what is sent; only the :data:`RECEIPTS_KEPT` most recent
-are kept, so the store does not grow with every round. The owner reads them with
-:meth:`DeviceDataStore.contribution_receipts`.
 """
 
 from __future__ import annotations
@@ -55,71 +43,50 @@ import math
 import os
 import secrets
 import sqlite3
-import stat
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-from sqlalchemy import Double, Engine, Integer, LargeBinary, String, create_engine, delete, select, update
+from sqlalchemy import Engine, Integer, LargeBinary, create_engine, delete, select, update
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
+from client.receipts import ContributionReceipts, SealedEntry
+from client.store_keys import KEY_BYTES, derive_key, new_salt
 from shared.data.split import leave_one_out
 from shared.data.types import DataError, DeviceData, InteractionLog
-from shared.sql_store import SqlStore
-from shared.typed_fields import get_int
+from shared.sql_store import Base, SqlStore, create_tables
 
 if TYPE_CHECKING:
     import torch
 
-    from shared.config import FedrecConfig
-
 __all__ = [
-    "KEY_BYTES",
-    "RECEIPTS_KEPT",
     "ConcurrentWriteError",
-    "ContributionReceipt",
+    "DeviceDataStore",
     "ImportResult",
     "Interaction",
-    "KeyFileError",
     "StoreCorruptError",
     "WrongKeyError",
-    "DeviceDataStore",
-    "create_key_file",
-    "device_data_from_node",
     "is_enrolled",
-    "key_from_file",
-    "key_from_node_config",
     "key_from_passphrase",
-    "open_node_store",
     "stored_device_id",
 ]
 
-KEY_BYTES: Final = 32  # AES-256
 NONCE_BYTES: Final = 12  # 96-bit GCM nonce, the size GCM is specified for
-SALT_BYTES: Final = 16
-# scrypt cost: 32 MiB and ~0.1 s per derivation on a phone-class CPU (RFC 7914's interactive setting).
-SCRYPT_N: Final = 2**15
-SCRYPT_R: Final = 8
-SCRYPT_P: Final = 1
 FILE_MODE: Final = 0o600
 MIN_INTERACTIONS: Final = 3  # leave-one-out needs train, valid and test
-RECEIPTS_KEPT: Final = 3  # SecAgg+ contribution receipts kept (the most recent)
 
 _FORMAT: Final = "fedrec-device-store/v1"
 _KEY_CHECK_PLAINTEXT: Final = b"fedrec device store key check v1"
 _INTERACTIONS: Final = "interactions"
 _PERSONAL: Final = "personal"
 _KEY_CHECK: Final = "key_check"
-_RECEIPT_PREFIX: Final = "receipt/"  # + zero-padded sequence number: names sort in order
-_RECEIPT_FORMAT: Final = "fedrec-contribution-receipt/v1"
 
 
 class WrongKeyError(ValueError):
@@ -128,10 +95,6 @@ class WrongKeyError(ValueError):
 
 class StoreCorruptError(ValueError):
     """The key is right but a stored blob does not authenticate: the file was damaged or tampered with."""
-
-
-class KeyFileError(ValueError):
-    """A key file is missing, malformed or readable by others."""
 
 
 class ConcurrentWriteError(RuntimeError):
@@ -165,49 +128,21 @@ class ImportResult:
     total: int  # interactions in the store afterwards
 
 
-@dataclass(frozen=True)
-class ContributionReceipt:
-    """What this device fed into one SecAgg+ round; kept encrypted on the device, never sent.
-
-    SecAgg+ hides each device's update from the server, so only the device can tell its
-    owner what it contributed: this is that record. ``delta`` is the plain update (after
-    the device's own DP noise) before the protocol weights it by ``num_examples /
-    max_weight``, clips it to ``clipping_range`` and quantizes it to ``quantization_range``
-    levels; those settings, as the protocol gave them to the device, are kept too (None
-    when unknown). ``clipped`` says whether the weighted update exceeded the clipping range.
-    """
-
-    seq: int  # this device's receipt number, increasing
-    run: str  # the run label the server sent (as in the ledger entries)
-    version: int  # the global model version the update was computed on
-    task_id: int
-    num_examples: int
-    delta: dict[str, torch.Tensor]
-    created_at: float  # Unix seconds
-    clipping_range: float | None = None
-    quantization_range: int | None = None
-    modulus_range: int | None = None
-    max_weight: float | None = None
-    clipped: bool | None = None
-
-
 # ------------------------------------------------------------------- schema
 
 
-class _Base(DeclarativeBase):
-    """Declarative base of the encrypted data tables (separate from the ledger store's)."""
-
-    type_annotation_map = {float: Double(), str: String(64)}  # noqa: RUF012 - read by SQLAlchemy
+# On fedrec's one declarative base; the table names are this store's file format (existing
+# stores open by them), and only these two tables are ever created in a device's file.
 
 
-class _MetaRow(_Base):
+class _MetaRow(Base):
     __tablename__ = "device_data_meta"
 
     key: Mapped[str] = mapped_column(primary_key=True)
     value: Mapped[bytes] = mapped_column(LargeBinary, comment="public values only: device id, salt, catalogue size")
 
 
-class _BlobRow(_Base):
+class _BlobRow(Base):
     __tablename__ = "device_data_blobs"
 
     name: Mapped[str] = mapped_column(primary_key=True)
@@ -271,72 +206,11 @@ def is_enrolled(path: Path | str) -> bool:
     return stored_device_id(path) is not None
 
 
-# --------------------------------------------------------------------- keys
-
-
-def create_key_file(path: Path | str) -> bytes:
-    """Write 32 fresh random bytes to a new key file readable by its owner only (0o600).
-
-    Raises
-    ------
-    KeyFileError
-        If ``path`` already exists (an existing key is never overwritten: the data
-        encrypted under it would be lost).
-    """
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(KEY_BYTES)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    except FileExistsError:
-        raise KeyFileError(f"{path}: key file already exists; refusing to overwrite it") from None
-    try:
-        os.fchmod(fd, FILE_MODE)
-        os.write(fd, key)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return key
-
-
-def key_from_file(path: Path | str) -> bytes:
-    """Read a store key from a key file (32 raw bytes, or 64 hex digits).
-
-    Raises
-    ------
-    KeyFileError
-        If the file is missing, not a regular file, has any group/other permission
-        bits (a key others can read protects nothing), or does not hold a 32-byte key.
-    """
-    path = Path(path).expanduser()
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise KeyFileError(f"{path}: key file not found") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise KeyFileError(f"{path}: key file is not a regular file")
-    loose = stat.S_IMODE(info.st_mode) & 0o077
-    if loose:
-        raise KeyFileError(
-            f"{path}: key file mode is {stat.S_IMODE(info.st_mode):04o}, which lets group/others access it; "
-            f"refusing to use it. Restrict it with `chmod 600 {path}` (and consider the key exposed)"
-        )
-    raw = path.read_bytes()
-    if len(raw) == KEY_BYTES:
-        return raw
-    text = raw.strip()
-    if len(text) == 2 * KEY_BYTES:
-        try:
-            return bytes.fromhex(text.decode("ascii"))
-        except (UnicodeDecodeError, ValueError):
-            pass
-    raise KeyFileError(
-        f"{path}: not a key file (expected {KEY_BYTES} raw bytes or {2 * KEY_BYTES} hex digits, found {len(raw)} bytes)"
-    )
+# ---------------------------------------------------------- passphrase salt
 
 
 def key_from_passphrase(store_path: Path | str, passphrase: str) -> bytes:
-    """Derive a store key from a passphrase with scrypt (n=2**15, r=8, p=1).
+    """Derive a store key from a passphrase with scrypt (:func:`client.store_keys.derive_key`).
 
     The salt is random, 16 bytes, kept in the store: it is created (and the store file
     with it, mode 0o600) on first use, and read afterwards.
@@ -354,7 +228,7 @@ def key_from_passphrase(store_path: Path | str, passphrase: str) -> bytes:
     _create_private_file(path)
     engine = _engine(path)
     try:
-        _Base.metadata.create_all(engine)
+        create_tables(engine, _MetaRow, _BlobRow)
         with sessionmaker(engine)() as session, session.begin():
             row = session.get(_MetaRow, "scrypt_salt")
             if row is None and session.get(_MetaRow, "device_id") is not None:
@@ -363,40 +237,12 @@ def key_from_passphrase(store_path: Path | str, passphrase: str) -> bytes:
                     f"{path}: this store was created with a key file, not a passphrase; nothing was read or changed"
                 )
             if row is None:
-                row = _MetaRow(key="scrypt_salt", value=secrets.token_bytes(SALT_BYTES))
+                row = _MetaRow(key="scrypt_salt", value=new_salt())
                 session.add(row)
             salt = bytes(row.value)
     finally:
         engine.dispose()
-    return _derive_key(passphrase, salt)
-
-
-def _derive_key(passphrase: str, salt: bytes) -> bytes:
-    """The scrypt (n=2**15, r=8, p=1) store key of ``passphrase`` under ``salt``."""
-    kdf = Scrypt(salt=salt, length=KEY_BYTES, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
-    return kdf.derive(passphrase.encode("utf-8"))
-
-
-def key_from_node_config(node_config: Mapping[str, Any], store_path: Path) -> bytes | None:
-    """The store key named by a node config (``key-file`` or ``passphrase-env``), else None.
-
-    Raises
-    ------
-    KeyFileError, ValueError
-        If both are given, the key file is unusable, or the environment variable is unset or empty.
-    """
-    has_file, has_env = "key-file" in node_config, "passphrase-env" in node_config
-    if has_file and has_env:
-        raise ValueError("node config: give either 'key-file' or 'passphrase-env', not both")
-    if has_file:
-        return key_from_file(str(node_config["key-file"]))
-    if has_env:
-        var = str(node_config["passphrase-env"])
-        passphrase = os.environ.get(var, "")
-        if not passphrase:
-            raise ValueError(f"node config 'passphrase-env': environment variable {var!r} is unset or empty")
-        return key_from_passphrase(store_path, passphrase)
-    return None
+    return derive_key(passphrase, salt)
 
 
 # -------------------------------------------------------------------- store
@@ -432,8 +278,11 @@ def _check_record(index: int, record: Interaction) -> None:
         raise ValueError(f"record {index}: rating must be finite or None, got {record.rating!r}")
 
 
-class DeviceDataStore(SqlStore):
-    """The device's encrypted interactions and personal model state.
+class DeviceDataStore(ContributionReceipts, SqlStore):
+    """The device's encrypted interactions, personal model state and contribution receipts.
+
+    The receipts' methods (``add_contribution_receipt``, ``contribution_receipts``) come
+    from :class:`client.receipts.ContributionReceipts`; this class stores them.
 
     Parameters
     ----------
@@ -444,7 +293,7 @@ class DeviceDataStore(SqlStore):
         The device this store belongs to; recorded when the data tables are first
         created, and checked on every later open.
     key
-        32 bytes from :func:`key_from_file` or :func:`key_from_passphrase`.
+        32 bytes from :func:`client.store_keys.key_from_file` or :func:`key_from_passphrase`.
     num_items
         The catalogue size to record on first open (optional; see :attr:`num_items`).
 
@@ -483,7 +332,7 @@ class DeviceDataStore(SqlStore):
                 self._set_meta("num_items", str(int(num_items)).encode())
             return
         # New data tables (or only the passphrase salt so far): record the device and the key check.
-        _Base.metadata.create_all(self._engine)
+        create_tables(self._engine, _MetaRow, _BlobRow)
         with self._sessions.begin() as session:
             if session.get(_MetaRow, "device_id") is not None:  # a concurrent opener got there first
                 self._verify(session)
@@ -543,8 +392,8 @@ class DeviceDataStore(SqlStore):
     def rekey(self, new_key: bytes | None = None, *, new_passphrase: str | None = None) -> int:
         """Re-encrypt the whole store under a new key, in place, in one transaction.
 
-        Give exactly one of ``new_key`` (32 bytes, e.g. from :func:`create_key_file` or
-        :func:`key_from_file`) and ``new_passphrase`` (the key is then derived with scrypt
+        Give exactly one of ``new_key`` (32 bytes, e.g. from :func:`client.store_keys.create_key_file`
+        or :func:`client.store_keys.key_from_file`) and ``new_passphrase`` (the key is then derived with scrypt
         under a fresh random salt, which replaces the store's salt). Every encrypted blob
         (interactions, personal state, contribution receipts, the key check and any other
         row of the blob table) is decrypted with the current key and sealed again under the
@@ -584,8 +433,8 @@ class DeviceDataStore(SqlStore):
         if new_passphrase is not None:
             if not new_passphrase:
                 raise ValueError("the new passphrase is empty")
-            salt = secrets.token_bytes(SALT_BYTES)
-            new_key = _derive_key(new_passphrase, salt)
+            salt = new_salt()
+            new_key = derive_key(new_passphrase, salt)
         if not isinstance(new_key, bytes) or len(new_key) != KEY_BYTES:
             raise ValueError(f"the new store key must be {KEY_BYTES} bytes")
         new_aead = AESGCM(new_key)
@@ -835,159 +684,52 @@ class DeviceDataStore(SqlStore):
         loaded = torch.load(io.BytesIO(blob), weights_only=True)
         return dict(loaded)
 
-    # ------------------------------------------------------- contribution receipts
+    # ------------------------------------------------------- numbered series
 
-    def add_contribution_receipt(
-        self,
-        *,
-        run: str,
-        version: int,
-        task_id: int,
-        num_examples: int,
-        delta: Mapping[str, torch.Tensor],
-        clipping_range: float | None = None,
-        quantization_range: int | None = None,
-        modulus_range: int | None = None,
-        max_weight: float | None = None,
-        clipped: bool | None = None,
-        keep: int = RECEIPTS_KEPT,
-    ) -> ContributionReceipt:
-        """Keep a receipt of a SecAgg+ contribution (encrypted), dropping all but the ``keep`` most recent.
+    def _append_sealed(self, series: str, plaintext: bytes, keep: int) -> int:
+        """Seal ``plaintext`` as the next entry of ``series``, keep the ``keep`` most recent; its number.
 
-        Called by the device before its masked update leaves it (``client/secagg_client.py``).
-        See :class:`ContributionReceipt` for the fields.
+        An entry's row is named ``series`` + its number, zero-padded so that names sort in
+        order. Numbering, writing and dropping are one transaction.
 
         Raises
         ------
-        ValueError
-            If ``keep < 1`` or ``num_examples < 0``.
         ConcurrentWriteError
-            If another process added a receipt at the same time (retry).
+            If another process appended to ``series`` at the same time (retry).
         """
-        import torch
-
-        if keep < 1:
-            raise ValueError(f"keep must be at least 1, got {keep}")
-        if num_examples < 0:
-            raise ValueError(f"num_examples must be non-negative, got {num_examples}")
-        now = time.time()
-        fields: dict[str, Any] = {
-            "run": str(run),
-            "version": int(version),
-            "task_id": int(task_id),
-            "num_examples": int(num_examples),
-            "created_at": now,
-            "clipping_range": None if clipping_range is None else float(clipping_range),
-            "quantization_range": None if quantization_range is None else int(quantization_range),
-            "modulus_range": None if modulus_range is None else int(modulus_range),
-            "max_weight": None if max_weight is None else float(max_weight),
-            "clipped": None if clipped is None else bool(clipped),
-        }
-        tensors = {str(k): v.detach().cpu().clone() for k, v in delta.items()}
-        buffer = io.BytesIO()
-        torch.save({"format": _RECEIPT_FORMAT, **fields, "delta": tensors}, buffer)
         with self._session() as session, session.begin():
-            names = self._receipt_names(session)
-            seq = _receipt_seq(names[-1]) + 1 if names else 1
-            name = f"{_RECEIPT_PREFIX}{seq:010d}"
-            self._write(session, name, buffer.getvalue(), 0)
+            names = self._series_names(session, series)
+            seq = _series_seq(series, names[-1]) + 1 if names else 1
+            name = f"{series}{seq:010d}"
+            self._write(session, name, plaintext, 0)
             stale = [*names, name][:-keep]
             if stale:
                 session.execute(delete(_BlobRow).where(_BlobRow.name.in_(stale)))
-        return ContributionReceipt(seq=seq, delta=tensors, **fields)
+        return seq
 
-    def contribution_receipts(self) -> list[ContributionReceipt]:
-        """This device's kept SecAgg+ contribution receipts, oldest first (at most :data:`RECEIPTS_KEPT`).
+    def _sealed_series(self, series: str) -> list[SealedEntry]:
+        """Every entry of ``series``, decrypted, oldest first.
 
         Raises
         ------
         StoreCorruptError
-            If a receipt does not authenticate (damaged or tampered with).
+            If an entry does not authenticate (damaged or tampered with).
         """
         with self._session() as session:
             rows = session.scalars(
-                select(_BlobRow).where(_BlobRow.name.startswith(_RECEIPT_PREFIX)).order_by(_BlobRow.name)
+                select(_BlobRow).where(_BlobRow.name.startswith(series)).order_by(_BlobRow.name)
             ).all()
-            blobs = [(row.name, self._open_row(row)) for row in rows]
-        if not blobs:
-            return []
-        import torch
+            return [SealedEntry(_series_seq(series, row.name), row.name, self._open_row(row)) for row in rows]
 
-        receipts = []
-        for name, blob in blobs:
-            data = torch.load(io.BytesIO(blob), weights_only=True)
-            if not isinstance(data, dict) or data.get("format") != _RECEIPT_FORMAT:
-                raise StoreCorruptError(f"{self.path}: receipt {name!r} has an unknown format")
-            data.pop("format")
-            receipts.append(ContributionReceipt(seq=_receipt_seq(name), **data))
-        return receipts
+    def _damaged(self, detail: str) -> StoreCorruptError:
+        return StoreCorruptError(f"{self.path}: {detail}")
 
     @staticmethod
-    def _receipt_names(session: Session) -> list[str]:
+    def _series_names(session: Session, series: str) -> list[str]:
         return list(
-            session.scalars(
-                select(_BlobRow.name).where(_BlobRow.name.startswith(_RECEIPT_PREFIX)).order_by(_BlobRow.name)
-            ).all()
+            session.scalars(select(_BlobRow.name).where(_BlobRow.name.startswith(series)).order_by(_BlobRow.name)).all()
         )
 
 
-def _receipt_seq(name: str) -> int:
-    return int(name[len(_RECEIPT_PREFIX) :])
-
-
-# ---------------------------------------------------------------- ClientApp
-
-
-def open_node_store(node_config: Mapping[str, Any]) -> DeviceDataStore | None:
-    """A deployed device's encrypted store, opened from its node config; None for a simulated device.
-
-    Deployed means ``store`` plus a key source (``key-file`` or ``passphrase-env``) and
-    ``device-id``, as for :func:`device_data_from_node`. The caller closes the store.
-
-    Raises
-    ------
-    DataError, ValueError
-        For a missing store file or ``device-id``, an unusable key, or a wrong key.
-    """
-    if "store" not in node_config or not ({"key-file", "passphrase-env"} & set(node_config)):
-        return None
-    if "device-id" not in node_config:
-        raise ValueError("node config: 'store' is set but 'device-id' is missing")
-    path = Path(str(node_config["store"])).expanduser()
-    if not path.is_file():
-        raise DataError(f"{path}: device store not found (run `fedrec device enroll` first)")
-    key = key_from_node_config(node_config, path)
-    assert key is not None  # a key source is present (checked above)
-    return DeviceDataStore(path, get_int(node_config, "device-id"), key)
-
-
-def device_data_from_node(cfg: FedrecConfig, node_config: Mapping[str, Any]) -> tuple[DeviceData, int] | None:
-    """A deployed device's own data, from its encrypted store; None for a simulated device.
-
-    A node is deployed when its ``node_config`` has ``store`` and a key source
-    (``key-file``, or ``passphrase-env`` naming an environment variable that holds the
-    passphrase); it also needs ``device-id``. Without a key source, None: the caller
-    falls back to the simulation partitions.
-
-    The catalogue size is the node config's ``num-items`` when given, else the one
-    recorded in the store at enrolment (``fedrec device enroll``). It is not read from
-    the global model because the data is loaded before any model arrives (and the
-    ClientApp loads data for every message); a catalogue that disagrees with the global
-    model's item table fails loudly when the model's state is loaded.
-
-    ``cfg`` is accepted for symmetry with the simulation route and is not read today.
-
-    Raises
-    ------
-    DataError, ValueError
-        For a missing ``device-id``, an unusable key, a wrong key, or unusable data.
-    """
-    del cfg  # the catalogue comes from the node or the store, not from the data config
-    opened = open_node_store(node_config)
-    if opened is None:
-        return None
-    with opened as store:
-        num_items = get_int(node_config, "num-items") if "num-items" in node_config else store.num_items
-        if num_items is None:
-            raise DataError(f"{store.path}: no catalogue size recorded; set 'num-items' in the node config")
-        return store.device_data(num_items), num_items
+def _series_seq(series: str, name: str) -> int:
+    return int(name[len(series) :])

@@ -20,8 +20,8 @@ import torch
 from shared.config import FedrecConfig
 from shared.data.types import DataError, DeviceData
 from shared.metrics import top_k
-from shared.models.base import Recommender, UserContext
-from shared.models.factory import ModelSpec, build_model
+from shared.models.base import ModelSpec, Recommender, UserContext
+from shared.models.factory import build_model
 from shared.models.ncf import NCF
 from shared.models.sasrec import SASRec
 from shared.seeding import MODEL_INIT, device_seed
@@ -214,9 +214,9 @@ def load_titles(cache_dir: Path | str | None = None, *, download: bool = False) 
 
     Reads fedrec's cached copy (``~/.cache/fedrec/ml-100k``, or ``cache_dir``, or
     ``FEDREC_CACHE_DIR``). Without a cache it returns None unless ``download`` is True,
-    in which case it fetches the data as :func:`shared.data.movielens.load_bundled_ml100k` does.
+    in which case it fetches the data as :func:`shared.data.bundled.load_bundled_ml100k` does.
     """
-    from shared.data.movielens import BUNDLED_FILES, load_bundled_ml100k, resolve_cache_dir
+    from shared.data.bundled import BUNDLED_FILES, load_bundled_ml100k, resolve_cache_dir
 
     root = resolve_cache_dir("" if cache_dir is None else str(cache_dir))
     cached = all((root / "ml-100k" / name).is_file() for name in BUNDLED_FILES)

@@ -28,9 +28,8 @@ the masked vector leaves the device, stays encrypted on it and is never sent.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -42,15 +41,15 @@ from flwr.common import NDArrays, Scalar
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 
 from client.device import Device, RefusalReply, TrainReply
-from client.device_store import open_node_store
-from shared.protocol import PARAM_KEYS
-from shared.typed_fields import get_float, get_int
+from client.node_config import open_node_store
+from shared.protocol import SecAggFitConfig, parse_secagg_fit_config
+from shared.typed_fields import get_float
 
 log = logging.getLogger("fedrec.secagg")
 
-# Called with the successful reply and the round's config, *before* the masked
-# vector leaves the device: record releases in the ledger, save the device state.
-Commit = Callable[[TrainReply, Mapping[str, Scalar]], None]
+# Called with the successful reply and fedrec's part of the round's config, *before* the
+# masked vector leaves the device: record releases in the ledger, save the device state.
+Commit = Callable[[TrainReply, SecAggFitConfig], None]
 DeviceFactory = Callable[[Context], tuple[Device, Commit]]
 
 
@@ -80,21 +79,22 @@ class _SecAggNumPyClient(NumPyClient):
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         """Train on the device and return its delta (same order as the incoming arrays)."""
-        keys = json.loads(str(config[PARAM_KEYS]))
+        fit = parse_secagg_fit_config(config)
+        keys = list(fit.param_keys)
         if len(keys) != len(parameters):
             raise ValueError(f"{len(parameters)} arrays for {len(keys)} parameter names")
         global_params = {k: torch.from_numpy(np.array(a, copy=True)) for k, a in zip(keys, parameters, strict=True)}
         device, commit = self._factory(self._context)
         # The scheduler's task id seeds the task; without one, the device's own task
         # counter still gives every task a different seed.
-        task_seed = int(config["task-seed"]) if "task-seed" in config else device.state.tasks_done
+        task_seed = fit.task_seed if fit.task_seed is not None else device.state.tasks_done
         reply = device.train(global_params, task_seed)
         if isinstance(reply, RefusalReply):
             raise DeviceRefused(reply.reason)
-        commit(reply, config)
+        commit(reply, fit)
         delta = [reply.delta[k].detach().cpu().numpy() for k in keys]
         clipped = self._warn_if_clipped(delta, reply.num_examples)
-        self._keep_receipt(reply, keys, config, clipped)
+        self._keep_receipt(reply, keys, fit, clipped)
         # No metrics: unlike the masked vector, they would reach the server in plaintext.
         return delta, int(reply.num_examples), {}
 
@@ -128,9 +128,7 @@ class _SecAggNumPyClient(NumPyClient):
             return True
         return False
 
-    def _keep_receipt(
-        self, reply: TrainReply, keys: list[str], config: Mapping[str, Scalar], clipped: bool | None
-    ) -> None:
+    def _keep_receipt(self, reply: TrainReply, keys: list[str], fit: SecAggFitConfig, clipped: bool | None) -> None:
         """Keep a receipt of this contribution in a deployed device's encrypted store (module docstring).
 
         A simulated device has no store of its own and keeps none. A failure here fails
@@ -142,9 +140,9 @@ class _SecAggNumPyClient(NumPyClient):
         settings = self._protocol_settings()
         with store:
             store.add_contribution_receipt(
-                run=str(config.get("run", "")),
-                version=get_int(config, "version") if "version" in config else -1,
-                task_id=get_int(config, "task-seed") if "task-seed" in config else -1,
+                run=fit.run,
+                version=fit.version if fit.version is not None else -1,
+                task_id=fit.task_seed if fit.task_seed is not None else -1,
                 num_examples=int(reply.num_examples),
                 delta={k: reply.delta[k] for k in keys},
                 clipping_range=settings.get("clipping_range"),

@@ -10,10 +10,11 @@ as one JSON line::
 ``content`` is the reply's :class:`flwr.app.RecordDict` serialized with Flower's own
 serde (``recorddict_to_proto``), i.e. every array, metric and config value the
 SuperNode then sends to the SuperLink; :func:`read_wire_log` turns it back into
-RecordDicts. Without the variable the mod is a pass-through, so it costs nothing in
-production. ``tests/test_deployment.py`` sets it on each SuperNode of a loopback
-deployment and checks that no reply carries raw interactions, item id lists or the
-personal embedding.
+RecordDicts, which ``shared/protocol.py``'s parsers read like any message. ``error``
+is Flower's error (its ``code`` and ``reason``) for an error reply. Without the
+variable the mod is a pass-through, so it costs nothing in production.
+``tests/test_deployment.py`` sets it on each SuperNode of a loopback deployment and
+checks that no reply carries raw interactions, item id lists or the personal embedding.
 
 The file is opened in append mode for a single ``write`` per message; a file per
 device avoids interleaving between processes.
@@ -31,19 +32,19 @@ from typing import Any, Final
 
 from flwr.app import Context, Message, RecordDict
 
+from client.node_config import device_index
+
 __all__ = ["ENV_VAR", "WireRecord", "read_wire_log", "wire_log_mod", "wire_log_mods"]
 
 ENV_VAR: Final = "FEDREC_WIRE_LOG"
 
 
 def _device_id(context: Context) -> int | None:
-    for key in ("device-id", "partition-id"):
-        if key in context.node_config:
-            try:
-                return int(context.node_config[key])  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                return None
-    return None
+    """The node's device id, or None when its node config names none (the log still gets the reply)."""
+    try:
+        return device_index(context.node_config)
+    except (KeyError, ValueError):
+        return None
 
 
 def wire_log_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:

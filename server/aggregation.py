@@ -1,7 +1,8 @@
 """Buffered, staleness-aware aggregation (FedBuff) and the server optimizers it feeds.
 
 Synchronous FedAvg is the same engine with a buffer the size of the cohort and no
-staleness, so the two modes differ only in scheduling (see ``server/fedbuff.py``).
+staleness, so the two modes differ only in scheduling (see "The asynchronous
+algorithm" in ``docs/architecture.md``).
 
 The buffer's aggregate is ``sum_i s(tau_i) w_i delta_i / sum_i w_i``: with no
 staleness (s = 1) it is exactly the example-weighted FedAvg mean, and a stale update

@@ -12,14 +12,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
 from server.federation import Federation
 from server.privacy_store import PrivacyStore
-from server.reporting import export_top_k, write_plots, write_summary
+from server.reporting import (
+    export_top_k,
+    print_done,
+    run_outputs,
+    run_summary,
+    save_global_model,
+    write_plots,
+    write_summary,
+)
 from server.run_store import RunStore
 from shared.config import FedrecConfig, parse_config
 from shared.data.partition import prepare_partitions
@@ -73,7 +80,7 @@ def run_federation(grid: Grid, cfg: FedrecConfig) -> dict[str, Any]:
                 for device, key in registry.keys().items():
                     privacy_store.register_key(device, key)
         for device in range(num_devices):
-            fed.intake.register(device, fed.driver.public_keys.get(device))  # type: ignore[union-attr]
+            fed.intake.register(device, fed.driver.public_keys.get(device))
         print(
             f"[fedrec] {num_devices} devices, {num_items} items ({source}); "
             f"model {cfg.model.name} with {count_parameters(model):,} parameters; "
@@ -82,31 +89,31 @@ def run_federation(grid: Grid, cfg: FedrecConfig) -> dict[str, Any]:
         )
         fed.train()
         fed.driver.drain()
-        model_path = out / "global_model.pt"
-        torch.save({"version": fed.scheduler.version, "params": fed.scheduler.params}, model_path)
+        model_path = save_global_model(out, fed.scheduler.version, fed.scheduler.params)
         final = fed.evaluate(list(range(num_devices)), "test", export=cfg.eval.export_top_k != "none")
         fed.driver.drain()
-        fed.reconcile_ledgers()
+        fed.spending.reconcile()
         fed.driver.drain()
         export = export_top_k(out, final.top_lists, cfg.eval.export_top_k, "test")
         plots = write_plots(
             out,
             fed.evaluations,
-            sorted(fed.device_epsilon.values()),
+            sorted(fed.spending.device_epsilon.values()),
             cfg.privacy.epsilon_budget if cfg.privacy.dp else None,
             cfg.privacy.delta,
         )
-        summary = fed.summary(
+        summary = run_summary(
+            cfg,
             final.record,
-            {
+            fed.scheduler,
+            fed.spending,
+            fed.status_counts,
+            num_devices=num_devices,
+            wall_seconds=fed.wall(),
+            extra={
                 "dataset": source,
                 "model-parameters": count_parameters(model),
-                "outputs": {
-                    "database": str(db_path),
-                    "global-model": str(model_path),
-                    "top-k": str(export) if export else None,
-                    "plots": [str(p) for p in plots],
-                },
+                "outputs": run_outputs(db_path, model_path, export, plots),
             },
         )
         store.finish_run(fed.run_id, summary)
@@ -114,13 +121,7 @@ def run_federation(grid: Grid, cfg: FedrecConfig) -> dict[str, Any]:
     finally:
         store.close()
         privacy_store.close()
-    f, p = summary["final"], summary["privacy"]
-    print(
-        f"[fedrec] done: test HR@10 {f['hr@10']:.4f}  NDCG@10 {f['ndcg@10']:.4f}  "
-        f"(sampled-100: HR@10 {f['sampled-hr@10']:.4f}  NDCG@10 {f['sampled-ndcg@10']:.4f})  "
-        f"max device epsilon {p['epsilon-max']:.3f} at delta {p['delta']:g}  -> {out}/summary.json",
-        flush=True,
-    )
+    print_done(summary, out)
     return summary
 
 

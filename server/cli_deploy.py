@@ -25,15 +25,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from server import deploy, pki
+from server import device_registry, flwr_cli, pki, superlink
 
 __all__ = ["register"]
 
 _LOCAL = "127.0.0.1"
 
 
-def _paths(args: argparse.Namespace) -> deploy.DeployPaths:
-    return deploy.DeployPaths(Path(args.dir))
+def _paths(args: argparse.Namespace) -> superlink.DeployPaths:
+    return superlink.DeployPaths(Path(args.dir))
 
 
 def _fail(message: str) -> int:
@@ -41,7 +41,7 @@ def _fail(message: str) -> int:
     return 1
 
 
-def _control_host(paths: deploy.DeployPaths, bind_host: str) -> str:
+def _control_host(paths: superlink.DeployPaths, bind_host: str) -> str:
     """The address ``flwr`` on this host dials: must be a SAN of the server certificate."""
     from cryptography import x509
 
@@ -83,9 +83,9 @@ def _cmd_start(args: argparse.Namespace) -> int:
     paths = _paths(args)
     paths.check_tls()
     address = f"{_control_host(paths, args.host)}:{args.port}"
-    config = deploy.write_connection_config(args.federation, address, paths.ca_cert)
+    config = flwr_cli.write_connection_config(args.federation, address, paths.ca_cert)
     try:
-        proc = deploy.start_superlink(paths, args.host, args.port, timeout=args.timeout)
+        proc = superlink.start_superlink(paths, args.host, args.port, timeout=args.timeout)
     except (RuntimeError, TimeoutError) as exc:
         return _fail(str(exc))
     print(f"SuperLink running (pid {proc.pid}) on {args.host}:{args.port} with TLS and SuperNode authentication")
@@ -93,7 +93,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
     print(f"CA fingerprint:    SHA256 {pki.certificate_fingerprint(paths.ca_cert)}")
     print(f"flwr connection:   {args.federation} -> {address} (in {config})")
     print(f"log:               {paths.log_file}")
-    if not deploy.is_loopback(args.host):
+    if not superlink.is_loopback(args.host):
         # Flower 1.42 serves its management (Control) and Runtime APIs on the same port as the
         # devices' Fleet API, without authentication: whoever reaches the port can submit runs.
         print(
@@ -110,7 +110,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
     try:
         code = proc.wait()
     except KeyboardInterrupt:
-        deploy.stop_superlink(proc)
+        superlink.stop_superlink(proc)
         print("SuperLink stopped")
         return 0
     return _fail(f"SuperLink exited with code {code}; see {paths.log_file}")
@@ -118,7 +118,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
 
 def _cmd_register_device(args: argparse.Namespace) -> int:
     try:
-        node_id = deploy.register_device(
+        node_id = device_registry.register_device(
             _paths(args),
             args.federation,
             args.device_id,
@@ -126,7 +126,7 @@ def _cmd_register_device(args: argparse.Namespace) -> int:
             args.ledger_key,
             replace_ledger_key=args.replace_ledger_key,
         )
-    except deploy.FlowerCommandError as exc:
+    except flwr_cli.FlowerCommandError as exc:
         return _fail(str(exc))
     print(f"device {args.device_id} registered: SuperNode {node_id}, ledger key {args.ledger_key}")
     return 0
@@ -134,8 +134,8 @@ def _cmd_register_device(args: argparse.Namespace) -> int:
 
 def _cmd_list_devices(args: argparse.Namespace) -> int:
     try:
-        records = deploy.list_devices(_paths(args), args.federation)
-    except deploy.FlowerCommandError as exc:
+        records = device_registry.list_devices(_paths(args), args.federation)
+    except flwr_cli.FlowerCommandError as exc:
         return _fail(str(exc))
     if args.json:
         import json
@@ -155,8 +155,8 @@ def _cmd_list_devices(args: argparse.Namespace) -> int:
 
 def _cmd_revoke_device(args: argparse.Namespace) -> int:
     try:
-        deploy.revoke_device(_paths(args), args.federation, args.device_id, auth_only=args.auth_only)
-    except deploy.FlowerCommandError as exc:
+        device_registry.revoke_device(_paths(args), args.federation, args.device_id, auth_only=args.auth_only)
+    except flwr_cli.FlowerCommandError as exc:
         return _fail(str(exc))
     if args.auth_only:
         print(
@@ -185,8 +185,8 @@ def register(subparsers: Any) -> None:
     def federation(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--federation",
-            default=deploy.DEFAULT_CONNECTION,
-            help=f"Flower connection name in $FLWR_HOME/config.toml (default {deploy.DEFAULT_CONNECTION})",
+            default=flwr_cli.DEFAULT_CONNECTION,
+            help=f"Flower connection name in $FLWR_HOME/config.toml (default {flwr_cli.DEFAULT_CONNECTION})",
         )
 
     init = command("init", "create the CA and the SuperLink's TLS certificate")
@@ -205,7 +205,9 @@ def register(subparsers: Any) -> None:
 
     start = command("start", "run the SuperLink (TLS, SuperNode auth, persistent state) until Ctrl-C")
     start.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all interfaces)")
-    start.add_argument("--port", type=int, default=deploy.DEFAULT_PORT, help=f"port (default {deploy.DEFAULT_PORT})")
+    start.add_argument(
+        "--port", type=int, default=superlink.DEFAULT_PORT, help=f"port (default {superlink.DEFAULT_PORT})"
+    )
     start.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the SuperLink to listen")
     federation(start)
     start.set_defaults(func=_cmd_start)

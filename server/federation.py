@@ -10,38 +10,42 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-import statistics
-import sys
 import time
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
 from server.aggregation import StateDict, polynomial_staleness
 from server.fleet import Fleet
 from server.grid_driver import GridDriver
-from server.ledger_intake import IntakeResult, LedgerIntake
+from server.ledger_intake import LedgerIntake
 from server.privacy_store import PrivacyStore
-from server.run_store import (
-    EvalRecord,
-    PrivacyRecord,
-    RunStore,
-    TaskRecord,
-    UserReleaseRecord,
-    VersionRecord,
-)
-from server.scheduler import Completion, DeviceStatus, Failure, Outcome, Refusal, Scheduler, Task, Update
+from server.reporting import print_progress
+from server.run_store import EvalRecord, RunStore, TaskRecord, VersionRecord
+from server.scheduler import AppliedVersion, Completion, Failure, Outcome, Refusal, Scheduler, Task, Update
+from server.spending import SpendingBook
 from shared.config import FedrecConfig, to_flat
-from shared.typed_fields import get_float, get_int, get_int_list
+from shared.protocol import (
+    EVALUATE_TASK,
+    TRAIN_TASK,
+    EvaluateDeclined,
+    EvaluateTask,
+    ProtocolError,
+    TrainRefusal,
+    TrainTask,
+    TrainUpdate,
+    build_evaluate_task,
+    build_train_task,
+    parse_evaluate_reply,
+    parse_train_reply,
+    secagg_round_config,
+    secagg_task_config,
+)
 
 log = logging.getLogger("fedrec.server")
-
-_DISCOVERY_TIMEOUT = 300.0
 
 
 @dataclass
@@ -52,26 +56,15 @@ class EvalOutcome:
     top_lists: dict[int, list[int]] = field(default_factory=dict)
 
 
-def validate_update(reply: Message, reference: StateDict) -> Outcome:
-    """Turn a train reply into an Update, Refusal or Failure; never trust its content blindly."""
-    if reply.has_error():
-        return Failure("failed", f"device error {reply.error.code}: {reply.error.reason}")
-    content = reply.content
+def validate_update(update: TrainUpdate, reference: StateDict) -> Update | Failure:
+    """Turn a well-formed train update into an Update, or a Failure; never trust its content blindly.
+
+    The protocol has checked the reply's form (``shared/protocol.py``); this checks the
+    delta against the global model: the same parameter names and shapes, finite
+    values, and a positive number of examples.
+    """
     try:
-        status = str(content.config_records["status"]["status"])
-    except KeyError:
-        return Failure("failed", "malformed reply: no status")
-    if status == "refused":
-        return Refusal(str(content.config_records["status"].get("reason", "budget exhausted")))
-    if status != "ok":
-        return Failure("failed", f"malformed reply: unknown status {status!r}")
-    try:
-        delta = dict(content.array_records["delta"].to_torch_state_dict())
-        metrics = content.metric_records["metrics"]
-        num_examples = get_int(metrics, "num-examples")
-        # Under DP the device does not report its training loss (it is computed from
-        # its records and is not covered by the DP guarantee).
-        loss = get_float(metrics, "loss") if "loss" in metrics else None
+        delta = dict(update.delta.to_torch_state_dict())
     except (KeyError, ValueError, TypeError) as exc:
         return Failure("failed", f"malformed reply: {exc}")
     if set(delta) != set(reference):
@@ -83,13 +76,21 @@ def validate_update(reply: Message, reference: StateDict) -> Outcome:
             return Failure("failed", f"corrupt update: {key} has shape {tuple(value.shape)}")
         if value.is_floating_point() and not torch.isfinite(value).all():
             return Failure("failed", f"corrupt update: {key} has non-finite values")
-    if num_examples <= 0:
-        return Failure("failed", f"corrupt update: num-examples = {num_examples}")
-    return Update(delta, num_examples, loss)
+    if update.num_examples <= 0:
+        return Failure("failed", f"corrupt update: num-examples = {update.num_examples}")
+    # Under DP the device does not report its training loss (it is computed from its
+    # records and is not covered by the DP guarantee).
+    return Update(delta, update.num_examples, update.loss)
 
 
 class Federation:
-    """Runs one training job to completion and records it."""
+    """Runs one training job to completion and records it.
+
+    The loop lives here: dispatch tasks, wait for replies in virtual-time order, hand
+    each to the scheduler, record the completion, evaluate new versions. Messages are
+    built and read by ``shared/protocol.py``; what devices spent is kept by
+    :attr:`spending` (``server/spending.py``); the summary is ``server/reporting.py``'s.
+    """
 
     def __init__(
         self,
@@ -99,8 +100,9 @@ class Federation:
         num_items: int,
         initial: StateDict,
         store: RunStore,
-        run_name: str = "run",
-        privacy_store: PrivacyStore | None = None,
+        *,
+        privacy_store: PrivacyStore,
+        run_name: str = "federation",
     ) -> None:
         self.cfg = cfg
         self.num_devices = num_devices
@@ -108,7 +110,6 @@ class Federation:
         self.driver = GridDriver(
             grid,
             cfg.aggregation.wall_timeout,
-            on_late_reply=self._late_reply,
             # Simulated devices share a few CPU cores: a small window of messages at the
             # Grid keeps them busy (grid_driver.py says why more costs time). Real devices
             # each compute on their own, so every dispatched task goes out at once.
@@ -134,26 +135,21 @@ class Federation:
             cfg.seed,
             user_level,
         )
-        self.device_user_epsilon: dict[int, float] = {}
         self.store = store
         self.run_id = store.start_run(run_name, cfg.seed, to_flat(cfg))
         # Unique across runs (the database restarts run ids): ledger entries name their run.
         self.run_label = f"{run_name}#{self.run_id}-{secrets.token_hex(4)}"
         store.label_run(self.run_id, self.run_label)
-        self.intake = LedgerIntake(cfg, privacy_store) if privacy_store is not None else None
-        if self.intake is not None:
-            self.intake.run_label = self.run_label
-        self.device_epsilon: dict[int, float] = {}
+        self.intake = LedgerIntake(cfg, privacy_store)
+        self.intake.run_label = self.run_label
+        self.spending = SpendingBook(cfg, self.intake, store, self.run_id, self.driver)
+        # A reply to a task already resolved as lost: the device still trained and spent.
+        self.driver.on_late_reply = self.spending.take_late_reply
         self.status_counts: dict[str, int] = {}
         self.evaluations: list[EvalRecord] = []
         self._t0 = time.monotonic()
         self._model_rec: ArrayRecord | None = None
         self._model_rec_version = -1
-        self._lost: dict[int, Task] = {}  # device -> its task resolved as lost, reply still due
-        # Devices whose latest releases may not have reached the server (a reply that never
-        # came or could not be used): asked for their ledgers at the end (reconcile_ledgers).
-        self._unsettled: set[int] = set()
-        self.unreconciled: set[int] = set()
         rng = np.random.default_rng([cfg.seed, 0xE7A1])
         n_eval = cfg.eval.eval_devices or num_devices
         self.eval_subset = sorted(rng.choice(num_devices, size=min(n_eval, num_devices), replace=False).tolist())
@@ -172,21 +168,43 @@ class Federation:
         return self._model_rec
 
     def _dispatch(self, task: Task) -> str:
-        content = RecordDict(
-            {
-                "global": self._model_record(),
-                "config": ConfigRecord(
-                    {
-                        "version": task.base_version,
-                        "task-seed": task.task_id,
-                        "run": self.run_label,
-                        "ledger-head": self.intake.head_seq(task.device_id) if self.intake else -1,
-                    }
-                ),
-            }
+        content = build_train_task(
+            TrainTask(
+                model=self._model_record(),
+                version=task.base_version,
+                task_seed=task.task_id,
+                run=self.run_label,
+                ledger_head=self.spending.ledger_head(task.device_id),
+            )
         )
         # Pushed in virtual finish order: the order in which the server will wait for them.
-        return self.driver.send(task.device_id, content, MessageType.TRAIN, priority=task.finish_at)
+        return self.driver.send(task.device_id, content, TRAIN_TASK.message_type, priority=task.finish_at)
+
+    def _outcome(self, task: Task, reply: Message | None) -> Outcome:
+        """What a task's reply (None: none within the wall timeout) amounts to.
+
+        A malformed reply, a corrupt update or a rejected ledger is a Failure; a
+        well-formed reply's spending goes to the spending book whatever its fate.
+        """
+        if reply is None:
+            return Failure("timeout", "no reply within wall-timeout")
+        if reply.has_error():
+            return Failure("failed", f"device error {reply.error.code}: {reply.error.reason}")
+        try:
+            parsed = parse_train_reply(reply)
+        except ProtocolError as exc:
+            return Failure("failed", f"malformed reply: {exc}")
+        if isinstance(parsed, TrainRefusal):
+            self.spending.take_refusal(task, parsed)
+            return Refusal(parsed.reason)
+        outcome = validate_update(parsed, self.scheduler.params)
+        if isinstance(outcome, Failure):
+            return outcome
+        intake = self.spending.take_update(task, reply, parsed)
+        if not intake.accepted:
+            log.warning("device %d: ledger rejected: %s", task.device_id, "; ".join(intake.problems))
+            return Failure("rejected-ledger", "; ".join(intake.problems))
+        return outcome
 
     # -- the loop --------------------------------------------------------------------
     def train(self) -> None:
@@ -195,45 +213,33 @@ class Federation:
             self._train_secure()
             return
         sched = self.scheduler
-        messages: dict[int, tuple[Task, str]] = {}
+        messages: dict[int, str] = {}
         while not sched.finished:
             for task in sched.dispatch():
-                messages[task.task_id] = (task, self._dispatch(task))
-            due = sched.next_due()
-            if due is None:
+                messages[task.task_id] = self._dispatch(task)
+            task_due = sched.next_due()
+            if task_due is None:
                 continue
-            task = due
-            mid = messages.pop(task.task_id)[1]
+            task = task_due
+            handle = messages.pop(task.task_id)
             if task.lost:
-                # The simulated device went away: its reply, whenever it comes, is ignored.
-                self._lost[task.device_id] = task
-                self.driver.discard(mid)
+                # The simulated device went away: its reply, whenever it comes, is a late reply.
+                self.driver.discard(handle)
                 outcome: Outcome = Failure(task.lost, "simulated " + task.lost)
-                reply = None
             else:
-                reply = self.driver.wait(mid)
-                outcome = (
-                    Failure("timeout", "no reply within wall-timeout")
-                    if reply is None
-                    else validate_update(reply, sched.params)
-                )
-                if isinstance(outcome, Update) and reply is not None and self.intake is not None:
-                    intake = self._check_ledger(task.device_id, task.task_id, reply, outcome.num_examples)
-                    if not intake.accepted:
-                        log.warning("device %d: ledger rejected: %s", task.device_id, "; ".join(intake.problems))
-                        outcome = Failure("rejected-ledger", "; ".join(intake.problems))
-            if not task.lost and isinstance(outcome, Failure) and outcome.kind in ("timeout", "failed"):
-                # (A simulated loss is not: its reply still arrives, as a late reply.)
-                self._unsettled.add(task.device_id)
+                outcome = self._outcome(task, self.driver.wait(handle))
+                if isinstance(outcome, Failure) and outcome.kind in ("timeout", "failed"):
+                    # (A simulated loss is not: its reply still arrives, as a late reply.)
+                    self.spending.unsettled.add(task.device_id)
             completion = sched.complete(task, outcome)
-            self._record(completion, reply)
+            self._record(completion)
             if completion.applied_version is not None:
-                self._on_version(completion.applied_version)
+                assert sched.last_applied is not None
+                self._on_version(sched.last_applied)
         # Tasks still running when the run ends: their updates are not used, but the
         # devices train and spend privacy, which their late replies record.
-        for task, mid in messages.values():
-            self._lost[task.device_id] = task
-            self.driver.discard(mid)
+        for handle in messages.values():
+            self.driver.discard(handle)
 
     def _train_secure(self) -> None:
         """Synchronous FedAvg where each cohort is aggregated by SecAgg+ (server/secagg.py).
@@ -261,14 +267,14 @@ class Federation:
                         self.driver.grid,
                         list(live),
                         sched.params,
-                        {"run": self.run_label, "version": sched.version},
+                        secagg_round_config(self.run_label, sched.version),
                         num_shares=len(live),
                         reconstruction_threshold=max(2, math.ceil(2 * len(live) / 3)),
                         clipping_range=agg.secagg_clipping_range,
                         quantization_range=2**22,
                         timeout=agg.wall_timeout,
                         max_weight=agg.secagg_max_weight,
-                        per_node_config={n: {"task-seed": t.task_id} for n, t in live.items()},
+                        per_node_config={n: secagg_task_config(t.task_id) for n, t in live.items()},
                         server_round=sched.version + 1,
                     )
                     delta = result.delta
@@ -278,8 +284,10 @@ class Federation:
             else:
                 log.warning("cohort at version %d has %d live devices; SecAgg+ needs 3", sched.version, len(live))
             # Live devices left out of the sum may still have trained and spent.
-            self._unsettled.update(t.device_id for t in live.values() if t.device_id not in contributed)
-            rejected = self._collect_ledgers({t.device_id: t.task_id for t in tasks if t.device_id in contributed})
+            self.spending.unsettled.update(t.device_id for t in live.values() if t.device_id not in contributed)
+            rejected = self.spending.collect_ledgers(
+                {t.device_id: t.task_id for t in tasks if t.device_id in contributed}
+            )
             if rejected and delta is not None:
                 log.warning(
                     "SecAgg+ aggregate at version %d withheld: ledgers of devices %s failed verification",
@@ -288,150 +296,12 @@ class Federation:
                 )
                 delta = None
             for c in sched.complete_cohort(tasks, delta, contributed, rejected=rejected):
-                self._record(c, None)
+                self._record(c)
             if delta is not None:
-                self._on_version(sched.version)
+                assert sched.last_applied is not None
+                self._on_version(sched.last_applied)
 
-    def _collect_ledgers(self, contributors: dict[int, int]) -> set[int]:
-        """Fetch and verify the new ledger entries of SecAgg+ contributors (device -> task id).
-
-        Returns the devices whose ledger did not arrive or failed verification, including
-        a ledger without a release for the task whose update is in the sum.
-        """
-        if self.intake is None or not self.intake.enabled:
-            return set()
-        rejected = set()
-        for device, reply in self._ask_ledgers(contributors).items():
-            if reply is None:
-                log.warning("device %d did not send its ledger", device)
-                rejected.add(device)
-                self._unsettled.add(device)
-                continue
-            result = self._check_ledger(device, contributors[device], reply, None)
-            if not result.accepted:
-                log.warning("device %d: ledger rejected: %s", device, "; ".join(result.problems))
-                rejected.add(device)
-        return rejected
-
-    def _ask_ledgers(self, devices: Iterable[int], timeout: float | None = None) -> dict[int, Message | None]:
-        """Ask ``devices`` at once for the ledger entries the server lacks; each reply (None: none, or an error)."""
-        assert self.intake is not None
-        mids = {}
-        for device in sorted(devices):
-            conf = ConfigRecord({"ledger-head": self.intake.head_seq(device)})
-            mids[device] = self.driver.send(device, RecordDict({"config": conf}), MessageType.QUERY, timeout=timeout)
-        replies: dict[int, Message | None] = {}
-        for device, mid in mids.items():
-            reply = self.driver.wait(mid)
-            # A reply without a ledger is passed on: the intake records it as a rejection.
-            replies[device] = reply if reply is not None and not reply.has_error() else None
-        return replies
-
-    def reconcile_ledgers(self, timeout: float | None = None) -> None:
-        """At the end of a run, ask devices whose latest releases may be missing for their new entries.
-
-        A task that timed out or failed, or a SecAgg+ participant left out of the sum, may
-        have trained and signed a release whose entry never reached the server (a retired
-        device never replies again). Each such device is asked once, with ``timeout``
-        (default: the wall timeout, at most 60 s, so a dead device cannot hold the run's
-        end); the entries are verified like any others. Devices that do not answer are
-        kept in :attr:`unreconciled` and counted in the summary.
-        """
-        if self.intake is None or not self.intake.enabled or not self._unsettled:
-            return
-        wait = min(self.cfg.aggregation.wall_timeout, 60.0) if timeout is None else timeout
-        for device, reply in self._ask_ledgers(self._unsettled, timeout=wait).items():
-            if reply is None:
-                log.warning("device %d did not answer the final ledger query", device)
-                self.unreconciled.add(device)
-                continue
-            self._check_ledger(device, None, reply, None)
-        self._unsettled.clear()
-
-    def _note_epsilon(self, device_id: int, epsilon: float) -> None:
-        """Keep the highest cumulative epsilon any reply of the device has reported.
-
-        Cumulative epsilon only grows, so the maximum is the latest; replies of
-        lost tasks and evaluation replies count too, since the device spent the
-        budget whether or not the server used its update.
-        """
-        if self.cfg.privacy.dp and epsilon > self.device_epsilon.get(device_id, 0.0):
-            self.device_epsilon[device_id] = epsilon
-
-    def _late_reply(self, device_id: int, reply: Message) -> None:
-        """A reply to a task already resolved as lost: record its privacy spending only."""
-        task = self._lost.pop(device_id, None)
-        if reply.has_error() or "metrics" not in reply.content.metric_records:
-            return
-        metrics = reply.content.metric_records["metrics"]
-        if not self.cfg.privacy.dp or "epsilon" not in metrics:
-            return
-        status = reply.content.config_records.get("status")
-        if status is None or str(status.get("status", "")) != "ok":
-            return  # a late refusal spent nothing
-        self._note_epsilon(device_id, get_float(metrics, "epsilon"))
-        if self.intake is not None:
-            # Whether or not the task is still known here (a device with two lost tasks has one
-            # entry in _lost), its signed entries name their own tasks.
-            examples = get_int(metrics, "num-examples") if "num-examples" in metrics else None
-            self._check_ledger(device_id, None, reply, examples)
-        elif task is not None:
-            self._add_privacy(task, metrics, "spent")
-
-    def _check_ledger(
-        self, device_id: int, task_id: int | None, reply: Message, num_examples: int | None
-    ) -> IntakeResult:
-        """Verify a reply's ledger entries; every verified record-level entry becomes a spending row.
-
-        Rows come from verified, signed entries, whatever path they arrived by (a used
-        update, a lost task's late reply, a query after a SecAgg+ round, or entries of
-        the device's earlier runs), so replaying a device's rows in order reproduces its
-        lifetime claims.
-        """
-        assert self.intake is not None
-        result = self.intake.check(device_id, task_id, reply, num_examples)
-        for e in result.entries if result.accepted else ():
-            if e.unit != "record":
-                continue
-            self._note_epsilon(device_id, e.epsilon)
-            self.store.add_privacy(
-                self.run_id,
-                PrivacyRecord(
-                    device_id=device_id,
-                    task_id=e.task_id,
-                    version=e.version,
-                    epsilon=e.epsilon,
-                    delta=e.delta,
-                    noise_multiplier=e.noise_multiplier,
-                    sample_rate=e.sample_rate,
-                    steps=e.steps,
-                    clip_norm=e.clip_norm,
-                    accountant=e.accountant,
-                    status="spent",
-                ),
-            )
-        return result
-
-    def _add_privacy(self, t: Task, metrics: MetricRecord, status: str) -> None:
-        p = self.cfg.privacy
-        self.store.add_privacy(
-            self.run_id,
-            PrivacyRecord(
-                device_id=t.device_id,
-                task_id=t.task_id,
-                version=t.base_version,
-                epsilon=get_float(metrics, "epsilon"),
-                delta=p.delta,
-                noise_multiplier=p.noise_multiplier,
-                sample_rate=get_float(metrics, "sample-rate", 0.0),
-                steps=get_int(metrics, "steps") if "steps" in metrics else 0,
-                clip_norm=p.clip_norm,
-                accountant=p.accountant,
-                status=status,
-            ),
-        )
-
-    def _record(self, c: Completion, reply: Message | None) -> None:
+    def _record(self, c: Completion) -> None:
         self.status_counts[c.status] = self.status_counts.get(c.status, 0) + 1
         t = c.task
         self.store.add_task(
@@ -449,104 +319,79 @@ class Federation:
                 c.loss,
             ),
         )
-        if c.status == "failed" or reply is None or reply.has_error():
-            if c.status == "failed":
-                log.warning("task %d on device %d failed", t.task_id, t.device_id)
-            return
-        metrics = reply.content.metric_records.get("metrics")
-        if metrics is None or not self.cfg.privacy.dp or "epsilon" not in metrics:
-            return
-        # A rejected ledger is unverified, but the device did spend: its claim still counts
-        # towards the reported maximum (never under-report).
-        self._note_epsilon(t.device_id, get_float(metrics, "epsilon"))
-        if c.status == "refused":
-            self._add_privacy(t, metrics, "refused")
-        elif self.intake is None and c.status != "rejected-ledger":
-            self._add_privacy(t, metrics, "spent")  # spending rows otherwise come from verified entries
+        if c.status == "failed":
+            log.warning("task %d on device %d failed", t.task_id, t.device_id)
 
-    def _on_version(self, version: int) -> None:
-        sched = self.scheduler
-        mech = sched.user_level
+    def _on_version(self, applied: AppliedVersion) -> None:
+        """Record a new version: what it applied (as the scheduler reports it), and evaluate it if due."""
+        mech = self.scheduler.user_level
         if mech is not None:
-            for rel in sched.last_user_releases:
-                self.device_user_epsilon[rel.device_id] = rel.epsilon
-                self.store.add_user_release(
-                    self.run_id,
-                    UserReleaseRecord(
-                        version,
-                        rel.device_id,
-                        rel.weight,
-                        mech.noise_multiplier,
-                        mech.clip,
-                        mech.order,
-                        rel.epsilon,
-                        mech.delta,
-                    ),
-                )
-        recent = sched.applied_staleness[-self.cfg.aggregation.buffer_size :] or [0]
+            self.spending.take_user_releases(applied, mech)
+        staleness = applied.staleness or (0,)
         self.store.add_version(
             self.run_id,
-            VersionRecord(version, sched.now, self.wall(), len(recent), float(np.mean(recent)), int(max(recent))),
+            VersionRecord(
+                applied.version,
+                self.scheduler.now,
+                self.wall(),
+                len(applied.staleness),
+                float(np.mean(staleness)),
+                int(max(staleness)),
+            ),
         )
+        version = applied.version
         if version % self.cfg.eval.eval_every == 0 or version == self.cfg.aggregation.num_versions:
             result = self.evaluate(self.eval_subset, "valid", export=False)
-            self._progress(result.record)
-
-    def _progress(self, rec: EvalRecord) -> None:
-        eps = max(self.device_epsilon.values(), default=0.0)
-        print(
-            f"[fedrec] v{rec.version:>4}/{self.cfg.aggregation.num_versions}  sim {rec.sim_time:8.0f}s  "
-            f"wall {rec.wall_time:6.0f}s  updates {self.status_counts.get('accepted', 0):>5}  "
-            f"valid NDCG@{rec.k} {rec.ndcg:.4f}  HR@{rec.k} {rec.hr:.4f}  eps max {eps:.2f}",
-            file=sys.stderr,
-            flush=True,
-        )
+            epsilon_max = max(self.spending.device_epsilon.values(), default=0.0)
+            print_progress(result.record, self.cfg, self.status_counts.get("accepted", 0), epsilon_max)
 
     # -- evaluation ------------------------------------------------------------------
     def evaluate(self, devices: list[int], split: str, export: bool) -> EvalOutcome:
         """On-device evaluation of the current global model on ``devices``."""
-        content_cfg: dict[str, Any] = {
-            "split": split,
-            "version": self.scheduler.version,
-            "export-top-k": export,
-            "run": self.run_label,
-        }
-        sums = {"hit": 0.0, "ndcg": 0.0, "sampled-hit": 0.0, "sampled-ndcg": 0.0}
+        task = EvaluateTask(
+            model=self._model_record(),
+            split=split,
+            version=self.scheduler.version,
+            export_top_k=export,
+            run=self.run_label,
+        )
+        sums = np.zeros(4)  # hit, NDCG, sampled hit, sampled NDCG
         users = 0
         tops: dict[int, list[int]] = {}
         replies: list[tuple[int, Message | None]] = []
         wave = self.cfg.aggregation.concurrency
         # In waves of `concurrency` devices, so pending messages stay bounded.
         for start in range(0, len(devices), wave):
-            mids = {}
+            handles = {}
             for device in devices[start : start + wave]:
-                content = RecordDict({"global": self._model_record(), "config": ConfigRecord(dict(content_cfg))})
-                mids[device] = self.driver.send(device, content, MessageType.EVALUATE)
-            replies.extend((device, self.driver.wait(mid)) for device, mid in mids.items())
+                handles[device] = self.driver.send(device, build_evaluate_task(task), EVALUATE_TASK.message_type)
+            replies.extend((device, self.driver.wait(handle)) for device, handle in handles.items())
         declined = 0
         for device, reply in replies:
             if reply is None or reply.has_error():
                 continue
-            if "metrics" not in reply.content.metric_records:
+            try:
+                parsed = parse_evaluate_reply(reply)
+            except ProtocolError as exc:
+                log.warning("device %d: malformed evaluation reply: %s", device, exc)
+                continue
+            if isinstance(parsed, EvaluateDeclined):
                 # A deployed device's policy rate-limits evaluations (client/policy.py); the
                 # device is fine and stays scheduled for training.
                 declined += 1
                 continue
-            m = reply.content.metric_records["metrics"]
-            if "epsilon" in m:
-                self._note_epsilon(device, get_float(m, "epsilon"))
-            for key in sums:
-                sums[key] += get_float(m, key)
+            self.spending.take_evaluation(device, parsed)
+            sums += (parsed.hit, parsed.ndcg, parsed.sampled_hit, parsed.sampled_ndcg)
             users += 1
-            if export and "top-k" in reply.content.config_records:
-                tops[device] = get_int_list(reply.content.config_records["top-k"], "items")
+            if export and parsed.top_k is not None:
+                tops[device] = list(parsed.top_k)
         if declined:
             log.info(
                 "evaluation of version %d: %d devices declined (their evaluation limit)",
                 self.scheduler.version,
                 declined,
             )
-        mean = {k: (v / users if users else math.nan) for k, v in sums.items()}
+        hr, ndcg, sampled_hr, sampled_ndcg = (float(v / users) if users else math.nan for v in sums)
         coverage = None
         if tops:
             seen = {i for lst in tops.values() for i in lst}
@@ -557,86 +402,13 @@ class Federation:
             wall_time=self.wall(),
             split=split,
             users=users,
-            hr=mean["hit"],
-            ndcg=mean["ndcg"],
-            sampled_hr=mean["sampled-hit"],
-            sampled_ndcg=mean["sampled-ndcg"],
+            hr=hr,
+            ndcg=ndcg,
+            sampled_hr=sampled_hr,
+            sampled_ndcg=sampled_ndcg,
             coverage=coverage,
             k=self.cfg.eval.top_k,
         )
         self.store.add_evaluation(self.run_id, rec)
         self.evaluations.append(rec)
         return EvalOutcome(rec, tops)
-
-    # -- summary ---------------------------------------------------------------------
-    def _user_level_summary(self) -> dict[str, Any]:
-        mech = self.scheduler.user_level
-        if mech is None:
-            return {"enabled": False}
-        eps = sorted(self.device_user_epsilon.values())
-        return {
-            "enabled": True,
-            "unit": "user (a device's whole history), server-side Gaussian noise per buffer",
-            "epsilon-max": eps[-1] if eps else 0.0,
-            "epsilon-median": statistics.median(eps) if eps else 0.0,
-            "delta": mech.delta,
-            "epsilon-budget": mech.budget,
-            "noise-multiplier": mech.noise_multiplier,
-            "clip-norm": mech.clip,
-            "renyi-order": mech.order,
-            "devices-contributing": len(eps),
-            "devices-stopped-by-filter": sum(s is DeviceStatus.USER_EXHAUSTED for s in self.scheduler.status),
-        }
-
-    def summary(self, final: EvalRecord, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The run's headline figures (written to summary.json)."""
-        eps = sorted(self.device_epsilon.values())
-        staleness = self.scheduler.applied_staleness
-        counts = self.status_counts
-        return {
-            "final": {
-                "split": final.split,
-                "users": final.users,
-                "k": final.k,
-                "hr@10": final.hr,
-                "ndcg@10": final.ndcg,
-                "sampled-hr@10": final.sampled_hr,
-                "sampled-ndcg@10": final.sampled_ndcg,
-                "coverage@10": final.coverage,
-            },
-            "privacy": {
-                "dp": self.cfg.privacy.dp,
-                "unit": "record (one interaction / training record on a device)",
-                "epsilon-max": eps[-1] if eps else 0.0,
-                "epsilon-median": statistics.median(eps) if eps else 0.0,
-                "delta": self.cfg.privacy.delta,
-                "epsilon-budget": self.cfg.privacy.epsilon_budget,
-                "devices-with-spending": len(eps),
-                "devices-exhausted": counts.get("refused", 0),
-                # Devices whose last releases may be missing here: they never answered the final
-                # ledger query (their own ledgers hold the truth).
-                "devices-unreconciled": len(self.unreconciled),
-                "accountant": self.cfg.privacy.accountant,
-                "user-level": self._user_level_summary(),
-            },
-            "aggregation": {
-                "mode": self.cfg.aggregation.mode,
-                "versions": self.scheduler.version,
-                "updates-applied": counts.get("accepted", 0),
-                "updates-rejected-stale": counts.get("rejected-stale", 0),
-                "tasks-failed": counts.get("failed", 0),
-                "updates-rejected-ledger": counts.get("rejected-ledger", 0),
-                "updates-withheld": counts.get("withheld", 0),
-                "tasks-dropped": counts.get("dropped", 0),
-                "tasks-timed-out": counts.get("timeout", 0),
-                "tasks-refused": counts.get("refused", 0),
-                "devices-retired": sum(s is DeviceStatus.RETIRED for s in self.scheduler.status),
-                "staleness-mean": float(np.mean(staleness)) if staleness else 0.0,
-                "staleness-max": int(max(staleness)) if staleness else 0,
-            },
-            "time": {"simulated-seconds": self.scheduler.now, "wall-seconds": self.wall()},
-            "seed": self.cfg.seed,
-            "devices": self.num_devices,
-            "config": to_flat(self.cfg),
-            **(dict(extra) if extra else {}),
-        }

@@ -17,10 +17,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from shared.typed_fields import get_int
+from shared.protocol import DISCOVERY, ProtocolError, build_discovery, parse_identity
 
 log = logging.getLogger("fedrec.server")
 
@@ -128,7 +128,7 @@ class GridDriver:
         while to_ask or asked:
             while to_ask and len(asked) < window:
                 node = to_ask.popleft()
-                mid = self._push(Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY))
+                mid = self._push(Message(build_discovery(), dst_node_id=node, message_type=DISCOVERY.message_type))
                 self._pending[mid] = _Pending(-1, time.monotonic(), self.wall_timeout)  # device id not known yet
                 asked[mid] = node
             if not self._pull():
@@ -140,13 +140,16 @@ class GridDriver:
             reply = replies[node]
             if reply is None or reply.has_error():
                 raise GridError(f"node {node} did not answer the device-id query")
-            status = reply.content.config_records["status"]
-            device = get_int(status, "device-id")
+            try:
+                identity = parse_identity(reply)
+            except ProtocolError as exc:
+                raise GridError(f"node {node} answered the device-id query with {exc}") from exc
+            device = identity.device_id
             if device in self.node_of:
                 raise GridError(f"two nodes claim device id {device}")
             self.node_of[device] = node
-            if "public-key" in status:
-                self.public_keys[device] = str(status["public-key"])
+            if identity.public_key is not None:
+                self.public_keys[device] = identity.public_key
         return dict(self.node_of)
 
     # -- sending -------------------------------------------------------------------

@@ -1,22 +1,24 @@
 """The server's intake of devices' ledger entries: verify, cross-check, store or reject.
 
-Every training reply carries the device's new ledger entries (signed, hash-chained).
-Before the server uses an update it checks that the entries verify against the
+Every training reply carries the device's new ledger entries (signed, hash-chained),
+which ``shared/protocol.py`` reads off the message as JSON texts. Before the server
+uses an update it checks that the entries verify against the
 device's registered key, continue the chain it already holds, describe the
 mechanism the server asked for (noise, clipping, steps, accountant, and the
 sampling rate Opacus derives from the reported record count), claim the epsilon
 that mechanism really gives, and include this task's release. An update whose
 entries fail is rejected and the rejection recorded (``server/privacy_store.py``).
+
+This module only verifies and keeps the device's signed evidence; what the server
+makes of it (its own spending rows, each device's epsilon, asking devices for their
+ledgers) is ``server/spending.py``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-from flwr.app import Message
 
 from server.privacy_store import PrivacyStore
 from shared.config import FedrecConfig
@@ -77,40 +79,38 @@ class LedgerIntake:
         head = self.store.head(device_id)
         return -1 if head is None else head.seq
 
-    def _parse(self, reply: Message) -> list[LedgerEntry]:
-        record = reply.content.config_records.get("ledger")
-        if record is None:
-            raise ValueError("the reply carries no ledger")
-        raw = record.get("entries", [])
-        if not isinstance(raw, list):
-            raise ValueError("ledger entries are not a list")
-        return [entry_from_json(str(text)) for text in raw]
-
     def _expected(self, entry: LedgerEntry, num_examples: int | None) -> list[str]:
         """Problems with an entry's mechanism parameters or claim (empty: as asked)."""
         p, problems = self.cfg.privacy, []
 
-        def want(name: str, expected: object, claimed: object) -> None:
-            if isinstance(expected, float) and isinstance(claimed, float):
-                if math.isclose(expected, claimed, rel_tol=0.0, abs_tol=0.0):
-                    return
-            elif expected == claimed:
-                return
-            problems.append(f"entry {entry.seq}: {name} is {claimed!r}, the server asked for {expected!r}")
+        def want(**asked: object) -> None:
+            # Keyword names are LedgerEntry fields: each is compared with what the server asked.
+            for name, expected in asked.items():
+                claimed = getattr(entry, name)
+                if isinstance(expected, float) and isinstance(claimed, float):
+                    if math.isclose(expected, claimed, rel_tol=0.0, abs_tol=0.0):
+                        continue
+                elif expected == claimed:
+                    continue
+                problems.append(f"entry {entry.seq}: {name} is {claimed!r}, the server asked for {expected!r}")
 
-        want("delta", p.delta, entry.delta)
+        want(delta=p.delta)
         if entry.unit == "record":
-            want("mechanism", "subsampled-gaussian", entry.mechanism)
-            want("noise_multiplier", p.noise_multiplier, entry.noise_multiplier)
-            want("clip_norm", p.clip_norm, entry.clip_norm)
-            want("accountant", p.accountant, entry.accountant)
-            want("steps", self.cfg.train.local_steps, entry.steps)
+            want(
+                mechanism="subsampled-gaussian",
+                noise_multiplier=p.noise_multiplier,
+                clip_norm=p.clip_norm,
+                accountant=p.accountant,
+                steps=self.cfg.train.local_steps,
+            )
             if num_examples is not None:
-                want("sample_rate", opacus_sample_rate(num_examples, self.cfg.train.batch_size), entry.sample_rate)
+                want(sample_rate=opacus_sample_rate(num_examples, self.cfg.train.batch_size))
         elif entry.unit == "user":
-            want("mechanism", "gaussian-server-noise", entry.mechanism)
-            want("noise_multiplier", p.user_noise_multiplier, entry.noise_multiplier)
-            want("clip_norm", p.user_clip_norm, entry.clip_norm)
+            want(
+                mechanism="gaussian-server-noise",
+                noise_multiplier=p.user_noise_multiplier,
+                clip_norm=p.user_clip_norm,
+            )
         else:
             problems.append(f"entry {entry.seq}: unknown privacy unit {entry.unit!r}")
         return problems
@@ -147,17 +147,21 @@ class LedgerIntake:
                 problems.append(f"entry {e.seq}: claims epsilon {e.epsilon!r}, its mechanism gives {truth!r}")
         return problems
 
-    def check(self, device_id: int, task_id: int | None, reply: Message, num_examples: int | None) -> IntakeResult:
-        """Verify a training reply's new entries; store them if and only if they all pass.
+    def check(
+        self, device_id: int, task_id: int | None, texts: Sequence[str], num_examples: int | None
+    ) -> IntakeResult:
+        """Verify a reply's new entries (JSON texts); store them if and only if they all pass.
 
-        ``task_id`` None (a late reply) skips the check that this task's release is present.
+        ``task_id`` None (a late reply, a ledger query) skips the check that this task's
+        release is present; ``num_examples`` (the reply's record count) fixes the
+        sampling rate this task's entry must state.
         """
         if not self.enabled:
             return IntakeResult(True, (), ())
         try:
-            entries = self._parse(reply)
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
-            return self._reject(device_id, task_id, [f"unreadable ledger: {exc}"], ())
+            entries = [entry_from_json(text) for text in texts]
+        except (ValueError, KeyError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+            return self.unreadable(device_id, task_id, str(exc))
         # Entries the server already holds (a reply racing a lost task's) are dropped if identical.
         stored = self.store.entries(device_id)  # read once: duplicates and claims both need it
         if stored:
@@ -187,6 +191,10 @@ class LedgerIntake:
         if chain:
             return self._reject(device_id, task_id, [p.detail for p in chain], entries, chain)
         return IntakeResult(True, (), tuple(entries))
+
+    def unreadable(self, device_id: int, task_id: int | None, problem: str) -> IntakeResult:
+        """Record that a reply's ledger could not be read at all (a rejection, like any other)."""
+        return self._reject(device_id, task_id, [f"unreadable ledger: {problem}"], ())
 
     def _reject(
         self,

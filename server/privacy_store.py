@@ -13,16 +13,42 @@ Schema (SQLAlchemy 2.0, any backend; SQLite by default)
 ``device_keys``
     One row per device: ``public_key`` (raw Ed25519 key, URL-safe base64),
     ``registered_at`` (UTC) and ``revoked``.
-``ledger_entries``
+``accepted_ledger_entries``
     Every accepted entry, one row each, all :class:`~shared.privacy.ledger.LedgerEntry`
     fields plus an autoincrement ``id`` recording acceptance (storage) order; unique
-    ``(device_id, seq)``.
+    ``(device_id, seq)`` (:mod:`shared.privacy.ledger_table`).
 ``ledger_rejections``
     Uploads the server refused: ``device_id``, ``task_id``, ``seq`` (NULL for the whole
     upload), problem ``kind`` and ``detail``, and when (``at``, UTC).
 
-The tables have their own declarative base, so the store can share a database file
-with ``server.run_store.RunStore``: each creates only its own tables.
+The store can share a database file with ``server.run_store.RunStore`` and the device
+registry: all tables belong to :class:`shared.sql_store.Base`, and each store creates
+only its own.
+
+Upgrading an earlier database
+-----------------------------
+Up to now this store called its entries table ``ledger_entries``, the name the device's
+ledger file (:mod:`shared.privacy.ledger_store`) also uses; one metadata cannot hold
+two tables of one name, so one of the two had to change, and it is this one. Opening a
+database of the earlier layout renames its table (:func:`_upgrade`), guarded by what
+the file holds: a ``ledger_entries`` table with exactly the entry columns, beside
+``device_keys`` and without ``accepted_ledger_entries``. The rename is one statement
+in one transaction that holds SQLite's write lock from the first check on, so a
+concurrent opener waits and then finds the file upgraded; it rewrites no row, so every
+entry, its storage-order ``id`` and signature are kept as they were. (SQLite and
+PostgreSQL keep the constraint names, which still say ``ledger_entries``; nothing
+addresses them by name.)
+
+Why this side: the server's database is one file in the operator's care, opened by
+fedrec's server processes and ``fedrec audit``; the device's file holds the device's
+private key, lives unattended on every device, and is opened for each message. A
+device that was upgraded and then ran an earlier fedrec would meet an empty
+``ledger_entries``, start a new chain and derive its accountant history from nothing,
+under-counting what it has spent; an earlier server meeting an upgraded database
+refuses the devices' uploads (they do not continue an empty chain) instead. A database
+that still holds a ``ledger_entries`` with entries next to the upgraded table (an
+earlier fedrec wrote to it after the upgrade) is refused with an error rather than
+having those entries ignored.
 """
 
 from __future__ import annotations
@@ -30,34 +56,33 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Final
 
 from sqlalchemy import (
     Boolean,
-    Double,
+    Connection,
     Engine,
-    ForeignKey,
+    ForeignKeyConstraint,
     Integer,
-    MetaData,
-    String,
     Text,
     UniqueConstraint,
-    create_engine,
+    insert,
+    inspect,
     select,
 )
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
-from server.run_store import NAMING_CONVENTION, UTCDateTime
 from shared.privacy.identity import decode_public_key
-from shared.privacy.ledger import GENESIS, ChainProblem, LedgerEntry, verify_chain
-from shared.sql_store import SqlStore
+from shared.privacy.ledger import ENTRY_FIELDS, GENESIS, ChainProblem, LedgerEntry, verify_chain
+from shared.privacy.ledger_table import entry_from_row, entry_row, ledger_entry_table
+from shared.sql_store import Base, SqlStore, create_store_engine, create_tables
 
 __all__ = ["PrivacyStore", "Rejection"]
 
-_ENTRY_FIELDS: Final = tuple(LedgerEntry.__dataclass_fields__)
+# The entries table, and its name in databases written before the upgrade above.
+ENTRIES_TABLE: Final = "accepted_ledger_entries"
+_LEGACY_ENTRIES_TABLE: Final = "ledger_entries"
 
 
 @dataclass(frozen=True)
@@ -75,18 +100,6 @@ class Rejection:
 # ------------------------------------------------------------------------------- ORM
 
 
-class Base(DeclarativeBase):
-    """Declarative base of the privacy tables only (see the module docstring)."""
-
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    # Double: Float is single precision on MySQL, and the hashes cover every bit.
-    type_annotation_map = {  # noqa: RUF012 - SQLAlchemy reads this class attribute
-        float: Double(),
-        str: String(64),
-        datetime: UTCDateTime(),
-    }
-
-
 class DeviceKeyRow(Base):
     """``device_keys``: each device's registered public key."""
 
@@ -96,34 +109,6 @@ class DeviceKeyRow(Base):
     public_key: Mapped[str] = mapped_column(comment="raw Ed25519 public key, URL-safe base64")
     registered_at: Mapped[datetime] = mapped_column(comment="UTC time the key was (re)registered")
     revoked: Mapped[bool] = mapped_column(Boolean, default=False, comment="key no longer trusted")
-
-
-class LedgerEntryRow(Base):
-    """``ledger_entries``: accepted, signed ledger entries in acceptance order."""
-
-    __tablename__ = "ledger_entries"
-    __table_args__ = (UniqueConstraint("device_id", "seq"),)
-
-    # Row id is the storage order that verify_chain reads, to detect reordering.
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    device_id: Mapped[int] = mapped_column(ForeignKey("device_keys.device_id"), comment="releasing device")
-    seq: Mapped[int] = mapped_column(comment="position in the device's ledger, from 0")
-    run: Mapped[str] = mapped_column(String(255), comment="run the release belongs to")
-    version: Mapped[int] = mapped_column(comment="global model version trained on; -1 if not applicable")
-    task_id: Mapped[int] = mapped_column(comment="training task the release answered")
-    unit: Mapped[str] = mapped_column(comment="privacy unit: record|user")
-    mechanism: Mapped[str] = mapped_column(comment="e.g. subsampled-gaussian")
-    noise_multiplier: Mapped[float] = mapped_column(comment="noise std / clip_norm")
-    sample_rate: Mapped[float] = mapped_column(comment="Poisson sampling probability per step")
-    steps: Mapped[int] = mapped_column(comment="noisy steps in this release")
-    clip_norm: Mapped[float] = mapped_column(comment="L2 clipping bound")
-    accountant: Mapped[str] = mapped_column(comment="accountant of epsilon, e.g. rdp")
-    epsilon: Mapped[float] = mapped_column(comment="device's cumulative epsilon after this release")
-    delta: Mapped[float] = mapped_column(comment="delta the epsilon is stated at")
-    timestamp: Mapped[float] = mapped_column(comment="device's Unix seconds when the entry was made")
-    prev_hash: Mapped[str] = mapped_column(comment="entry_hash of the previous entry")
-    entry_hash: Mapped[str] = mapped_column(comment="SHA-256 hex of the canonical entry")
-    signature: Mapped[str] = mapped_column(String(128), comment="device's Ed25519 signature of entry_hash")
 
 
 class RejectionRow(Base):
@@ -141,8 +126,66 @@ class RejectionRow(Base):
     at: Mapped[datetime] = mapped_column(comment="UTC time of the rejection")
 
 
-def _to_entry(row: LedgerEntryRow) -> LedgerEntry:
-    return LedgerEntry(**{name: getattr(row, name) for name in _ENTRY_FIELDS})
+# Row id is the storage order that verify_chain reads, to detect reordering.
+_ENTRIES = ledger_entry_table(
+    ENTRIES_TABLE,
+    UniqueConstraint("device_id", "seq"),
+    ForeignKeyConstraint(["device_id"], ["device_keys.device_id"]),
+)
+
+
+def _upgrade(engine: Engine) -> None:
+    """Rename an earlier database's ``ledger_entries`` to :data:`ENTRIES_TABLE` (module docstring).
+
+    Raises
+    ------
+    ValueError
+        If the database holds a ``ledger_entries`` this store cannot take over (one
+        with other columns, or one with entries beside the upgraded table), or it needs
+        the upgrade but is read-only.
+    """
+    names = set(inspect(engine).get_table_names())
+    if _LEGACY_ENTRIES_TABLE not in names or "device_keys" not in names or "device_identity" in names:
+        return  # a new or upgraded database, or not a privacy store's (a device's ledger file)
+    url = engine.url.render_as_string(hide_password=True)
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name == "sqlite":
+                # Take the write lock before looking, so two openers cannot both rename.
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            _rename_legacy(conn, url)
+            conn.commit()
+    except OperationalError as exc:
+        if "readonly" not in str(exc.orig).replace(" ", "").lower():
+            raise
+        raise ValueError(
+            f"{url} was written by an earlier fedrec and is upgraded when opened (table "
+            f"{_LEGACY_ENTRIES_TABLE} becomes {ENTRIES_TABLE}), which needs write access: open a writable copy"
+        ) from None
+
+
+def _rename_legacy(conn: Connection, url: str) -> None:
+    """The guarded rename, in ``conn``'s transaction; raises ValueError where :func:`_upgrade` says."""
+    inspector = inspect(conn)
+    names = set(inspector.get_table_names())
+    if _LEGACY_ENTRIES_TABLE not in names:
+        return  # upgraded by a concurrent opener
+    if ENTRIES_TABLE in names:
+        left = conn.exec_driver_sql(f"SELECT COUNT(*) FROM {_LEGACY_ENTRIES_TABLE}").scalar_one()
+        if left:
+            raise ValueError(
+                f"{url} holds {left} ledger entries in table {_LEGACY_ENTRIES_TABLE} beside the upgraded "
+                f"{ENTRIES_TABLE}: an earlier fedrec wrote them after the upgrade; move them into "
+                f"{ENTRIES_TABLE} (or discard them) before opening it"
+            )
+        return  # an empty leftover of an earlier fedrec: nothing to keep, nothing to rename
+    columns = {c["name"] for c in inspector.get_columns(_LEGACY_ENTRIES_TABLE)}
+    if columns != {"id", *ENTRY_FIELDS}:
+        raise ValueError(
+            f"{url}: table {_LEGACY_ENTRIES_TABLE} has columns {sorted(columns)}, not those of fedrec's "
+            "ledger entries; it was not upgraded"
+        )
+    conn.exec_driver_sql(f"ALTER TABLE {_LEGACY_ENTRIES_TABLE} RENAME TO {ENTRIES_TABLE}")
 
 
 # ----------------------------------------------------------------------------- store
@@ -160,15 +203,15 @@ class PrivacyStore(SqlStore):
     """
 
     def __init__(self, url: str) -> None:
-        parsed = make_url(url)
-        if parsed.get_backend_name() == "sqlite":
-            database = parsed.database or ""
-            if database and database != ":memory:" and not database.startswith("file:"):
-                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        self._engine: Engine = create_engine(url)
-        Base.metadata.create_all(self._engine)
+        self._engine = create_store_engine(url)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         self._closed = False
+        try:
+            _upgrade(self._engine)
+            create_tables(self._engine, DeviceKeyRow, _ENTRIES, RejectionRow)
+        except BaseException:
+            self._engine.dispose()
+            raise
 
     # ----------------------------------------------------------------------- keys
 
@@ -249,14 +292,9 @@ class PrivacyStore(SqlStore):
 
     @staticmethod
     def _head(session: Session, device_id: int) -> LedgerEntry | None:
-        query = (
-            select(LedgerEntryRow)
-            .where(LedgerEntryRow.device_id == device_id)
-            .order_by(LedgerEntryRow.seq.desc())
-            .limit(1)
-        )
-        row = session.scalars(query).first()
-        return None if row is None else _to_entry(row)
+        query = select(_ENTRIES).where(_ENTRIES.c.device_id == device_id).order_by(_ENTRIES.c.seq.desc()).limit(1)
+        row = session.execute(query).mappings().first()
+        return None if row is None else entry_from_row(row)
 
     def accept(
         self, entries: Sequence[LedgerEntry], *, expected: Mapping[str, object] | None = None
@@ -290,7 +328,7 @@ class PrivacyStore(SqlStore):
             If ``expected`` names a field a ledger entry does not have.
         """
         expected = dict(expected or {})
-        unknown = set(expected) - set(_ENTRY_FIELDS)
+        unknown = set(expected) - set(ENTRY_FIELDS)
         if unknown:
             raise ValueError(f"expected names unknown ledger fields: {', '.join(sorted(unknown))}")
         if not entries:
@@ -315,7 +353,7 @@ class PrivacyStore(SqlStore):
                     problems += _mismatches(uploaded, expected)
                 if problems:
                     return problems
-                session.add_all(LedgerEntryRow(**{name: getattr(e, name) for name in _ENTRY_FIELDS}) for e in entries)
+                session.execute(insert(_ENTRIES), [entry_row(e) for e in entries])
         except IntegrityError:
             # Another writer stored the same seq between our read of the head and the
             # commit; the transaction was rolled back, so nothing is stored.
@@ -346,11 +384,11 @@ class PrivacyStore(SqlStore):
         Storage order, not seq order: :func:`~shared.privacy.ledger.verify_chain` needs
         it to detect reordered rows.
         """
-        query = select(LedgerEntryRow).order_by(LedgerEntryRow.id)
+        query = select(_ENTRIES).order_by(_ENTRIES.c.id)
         if device_id is not None:
-            query = query.where(LedgerEntryRow.device_id == device_id)
+            query = query.where(_ENTRIES.c.device_id == device_id)
         with self._session() as session:
-            return [_to_entry(row) for row in session.scalars(query)]
+            return [entry_from_row(row) for row in session.execute(query).mappings()]
 
     def rejections(self, device_id: int | None = None) -> list[Rejection]:
         """Return recorded rejections in the order they were recorded."""

@@ -1,15 +1,151 @@
-"""Writes a run's output directory: summary.json, top-k export and plots."""
+"""What a run reports: its progress lines, its summary, and its output directory.
+
+The summary (``summary.json``, also kept in the run database) is assembled here from
+the scheduler, the spending book and the completions' counts; the output directory
+holds it, the final global model, the top-k export and the plots.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from server.plots import plot_accuracy_vs_time, plot_epsilon_distribution
 from server.run_store import EvalRecord
+from server.scheduler import DeviceStatus, Scheduler
+from server.spending import SpendingBook
+from shared.config import FedrecConfig, to_flat
+
+
+def print_progress(rec: EvalRecord, cfg: FedrecConfig, accepted: int, epsilon_max: float) -> None:
+    """One line on stderr per validation round: version, time, updates, accuracy, worst epsilon."""
+    print(
+        f"[fedrec] v{rec.version:>4}/{cfg.aggregation.num_versions}  sim {rec.sim_time:8.0f}s  "
+        f"wall {rec.wall_time:6.0f}s  updates {accepted:>5}  "
+        f"valid NDCG@{rec.k} {rec.ndcg:.4f}  HR@{rec.k} {rec.hr:.4f}  eps max {epsilon_max:.2f}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def print_done(summary: Mapping[str, Any], out_dir: Path) -> None:
+    """The run's last line on stdout: test accuracy and the worst device epsilon."""
+    f, p = summary["final"], summary["privacy"]
+    print(
+        f"[fedrec] done: test HR@10 {f['hr@10']:.4f}  NDCG@10 {f['ndcg@10']:.4f}  "
+        f"(sampled-100: HR@10 {f['sampled-hr@10']:.4f}  NDCG@10 {f['sampled-ndcg@10']:.4f})  "
+        f"max device epsilon {p['epsilon-max']:.3f} at delta {p['delta']:g}  -> {out_dir}/summary.json",
+        flush=True,
+    )
+
+
+def save_global_model(out_dir: Path, version: int, params: Mapping[str, torch.Tensor]) -> Path:
+    """``global_model.pt``: the final global parameters and their version."""
+    path = out_dir / "global_model.pt"
+    torch.save({"version": version, "params": params}, path)
+    return path
+
+
+def run_outputs(database: Path, global_model: Path, top_k: Path | None, plots: Sequence[Path]) -> dict[str, Any]:
+    """The summary's ``outputs`` section: where each output of the run was written."""
+    return {
+        "database": str(database),
+        "global-model": str(global_model),
+        "top-k": str(top_k) if top_k else None,
+        "plots": [str(p) for p in plots],
+    }
+
+
+def _user_level_summary(scheduler: Scheduler, spending: SpendingBook) -> dict[str, Any]:
+    mech = scheduler.user_level
+    if mech is None:
+        return {"enabled": False}
+    eps = sorted(spending.device_user_epsilon.values())
+    return {
+        "enabled": True,
+        "unit": "user (a device's whole history), server-side Gaussian noise per buffer",
+        "epsilon-max": eps[-1] if eps else 0.0,
+        "epsilon-median": statistics.median(eps) if eps else 0.0,
+        "delta": mech.delta,
+        "epsilon-budget": mech.budget,
+        "noise-multiplier": mech.noise_multiplier,
+        "clip-norm": mech.clip,
+        "renyi-order": mech.order,
+        "devices-contributing": len(eps),
+        "devices-stopped-by-filter": sum(s is DeviceStatus.USER_EXHAUSTED for s in scheduler.status),
+    }
+
+
+def run_summary(
+    cfg: FedrecConfig,
+    final: EvalRecord,
+    scheduler: Scheduler,
+    spending: SpendingBook,
+    status_counts: Mapping[str, int],
+    *,
+    num_devices: int,
+    wall_seconds: float,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The run's headline figures (written to summary.json); ``extra`` adds top-level entries."""
+    eps = sorted(spending.device_epsilon.values())
+    staleness = scheduler.applied_staleness
+    counts = status_counts
+    return {
+        "final": {
+            "split": final.split,
+            "users": final.users,
+            "k": final.k,
+            "hr@10": final.hr,
+            "ndcg@10": final.ndcg,
+            "sampled-hr@10": final.sampled_hr,
+            "sampled-ndcg@10": final.sampled_ndcg,
+            "coverage@10": final.coverage,
+        },
+        "privacy": {
+            "dp": cfg.privacy.dp,
+            "unit": "record (one interaction / training record on a device)",
+            "epsilon-max": eps[-1] if eps else 0.0,
+            "epsilon-median": statistics.median(eps) if eps else 0.0,
+            "delta": cfg.privacy.delta,
+            "epsilon-budget": cfg.privacy.epsilon_budget,
+            "devices-with-spending": len(eps),
+            "devices-exhausted": counts.get("refused", 0),
+            # Devices whose last releases may be missing here: they never answered the final
+            # ledger query (their own ledgers hold the truth).
+            "devices-unreconciled": len(spending.unreconciled),
+            "accountant": cfg.privacy.accountant,
+            "user-level": _user_level_summary(scheduler, spending),
+        },
+        "aggregation": {
+            "mode": cfg.aggregation.mode,
+            "versions": scheduler.version,
+            "updates-applied": counts.get("accepted", 0),
+            "updates-rejected-stale": counts.get("rejected-stale", 0),
+            "tasks-failed": counts.get("failed", 0),
+            "updates-rejected-ledger": counts.get("rejected-ledger", 0),
+            "updates-withheld": counts.get("withheld", 0),
+            "tasks-dropped": counts.get("dropped", 0),
+            "tasks-timed-out": counts.get("timeout", 0),
+            "tasks-refused": counts.get("refused", 0),
+            "devices-retired": sum(s is DeviceStatus.RETIRED for s in scheduler.status),
+            "staleness-mean": float(np.mean(staleness)) if staleness else 0.0,
+            "staleness-max": int(max(staleness)) if staleness else 0,
+        },
+        "time": {"simulated-seconds": scheduler.now, "wall-seconds": wall_seconds},
+        "seed": cfg.seed,
+        "devices": num_devices,
+        "config": to_flat(cfg),
+        **(dict(extra) if extra else {}),
+    }
 
 
 def write_summary(out_dir: Path, summary: Mapping[str, Any]) -> Path:

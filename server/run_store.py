@@ -56,31 +56,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, TypeVar
 
 from sqlalchemy import (
-    JSON,
     CheckConstraint,
-    DateTime,
-    Dialect,
-    Double,
-    Engine,
     ForeignKey,
     Index,
     Integer,
-    MetaData,
     String,
     UniqueConstraint,
-    create_engine,
     event,
     func,
     insert,
     select,
 )
-from sqlalchemy.engine import make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
+
+from shared.sql_store import Base, SqlStore, create_store_engine, create_tables
 
 __all__ = [
     "EVAL_SPLITS",
@@ -91,6 +83,7 @@ __all__ = [
     "PrivacyRecord",
     "RunInfo",
     "RunStore",
+    "TABLES",
     "TaskRecord",
     "UserReleaseRecord",
     "VersionRecord",
@@ -230,60 +223,9 @@ class RunInfo:
 # ------------------------------------------------------------------------------- ORM
 
 
-class UTCDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC timestamps on every backend.
-
-    SQLite has no timezone-aware type and hands back naive datetimes, so values are
-    normalised to UTC on the way in and tagged as UTC on the way out.
-    """
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        """Reject naive datetimes (ambiguous) and store UTC."""
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("timestamps must be timezone-aware")
-        return value.astimezone(UTC)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        """Return an aware UTC datetime whatever the backend returned."""
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
-
-
-# Deterministic constraint names, so migrations on any backend can address them.
-NAMING_CONVENTION: Final = {
-    "ix": "ix_%(column_0_label)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-
 def _in_list(column: str, allowed: tuple[str, ...]) -> str:
     # Plain SQL IN list: portable across backends (no enum types).
     return f"{column} IN ({', '.join(repr(v) for v in allowed)})"
-
-
-class Base(DeclarativeBase):
-    """Declarative base: constraint naming convention and portable column types."""
-
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    # Double rather than Float: Float is single precision on MySQL. Strings get a
-    # length because some backends (MySQL) require one for VARCHAR.
-    type_annotation_map = {  # noqa: RUF012 - SQLAlchemy reads this class attribute
-        float: Double(),
-        str: String(64),
-        datetime: UTCDateTime(),
-        dict[str, Any]: JSON(),
-    }
 
 
 class RunRow(Base):
@@ -414,6 +356,10 @@ class UserReleaseRow(Base):
     delta: Mapped[float] = mapped_column(comment="delta the epsilon is stated at")
 
 
+# The results database's tables: what RunStore creates, and nothing else.
+TABLES: Final[tuple[type[Base], ...]] = (RunRow, TaskRow, VersionRow, EvaluationRow, PrivacyRow, UserReleaseRow)
+
+
 # ----------------------------------------------------------------------------- store
 
 
@@ -443,7 +389,7 @@ def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-class RunStore:
+class RunStore(SqlStore):
     """Buffered writer and reader of the results database.
 
     Parameters
@@ -460,16 +406,16 @@ class RunStore:
     """
 
     def __init__(self, url: str) -> None:
-        parsed = make_url(url)
-        if parsed.get_backend_name() == "sqlite":
-            database = parsed.database or ""
-            if database and database != ":memory:" and not database.startswith("file:"):
-                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        self._engine: Engine = create_engine(url)
+        self._engine = create_store_engine(url)
         if self._engine.dialect.name == "sqlite":
             event.listen(self._engine, "connect", _enable_sqlite_foreign_keys)
-        Base.metadata.create_all(self._engine)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+        self._closed = False
+        try:
+            create_tables(self._engine, *TABLES)
+        except BaseException:
+            self._engine.dispose()
+            raise
         # Pending rows per table, in insertion order, as column dicts for executemany.
         self._pending: dict[type[Base], list[dict[str, Any]]] = {
             TaskRow: [],
@@ -481,34 +427,17 @@ class RunStore:
         self._pending_count = 0
         # Run ids confirmed to exist, so buffered writes need not query per row.
         self._known_runs: set[int] = set()
-        self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def close(self) -> None:
-        """Flush pending rows and release the database connections (idempotent)."""
+        """Flush pending rows, then release the database connections (idempotent)."""
         if self._closed:
             return
         try:
             self.flush()
         finally:
-            self._closed = True
-            self._engine.dispose()
-
-    def _require_open(self) -> None:
-        if self._closed:
-            raise ValueError("RunStore is closed")
+            super().close()
 
     def _require_run(self, run_id: int) -> None:
         self._require_open()

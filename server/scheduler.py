@@ -91,6 +91,20 @@ Outcome = Update | Refusal | Failure
 
 
 @dataclass(frozen=True)
+class AppliedVersion:
+    """What one new global version applied: its updates' staleness, and the user-level releases.
+
+    One entry of ``staleness`` per update folded in: a FedBuff buffer holds
+    ``buffer_size`` of them, a synchronous cohort every accepted update of the cohort
+    (however many that is), a SecAgg+ sum every contributor.
+    """
+
+    version: int
+    staleness: tuple[int, ...]
+    user_releases: tuple[UserRelease, ...] = ()
+
+
+@dataclass(frozen=True)
 class Completion:
     """What processing one task did, for logging and the results store."""
 
@@ -147,9 +161,9 @@ class Scheduler:
         self._availability_attempts = [0] * len(fleet)
         self._consecutive_failures = [0] * len(fleet)
         self._cohort_open = 0  # sync mode: tasks of the current cohort not yet completed
-        self.applied_staleness: list[int] = []
+        self.applied_staleness: list[int] = []  # every applied update's, over the whole run
         self.user_level = user_level
-        self.last_user_releases: list[UserRelease] = []  # of the latest buffer application
+        self.last_applied: AppliedVersion | None = None  # what the latest version applied
 
     # -- scheduling -------------------------------------------------------------
     @property
@@ -314,10 +328,12 @@ class Scheduler:
         self.now = max([self.now, *(t.finish_at for t in tasks)])
         applied = None
         if mean_delta is not None and contributed:
-            self.applied_staleness.extend(0 for _ in contributed)
+            staleness = tuple(0 for _ in contributed)
+            self.applied_staleness.extend(staleness)
             self.params = self.optimizer.apply(self.params, mean_delta)
             self.version += 1
             applied = self.version
+            self.last_applied = AppliedVersion(applied, staleness)
         completions = []
         for t in sorted(tasks):
             self.status[t.device_id] = DeviceStatus.IDLE
@@ -342,11 +358,13 @@ class Scheduler:
         return completions
 
     def _apply(self) -> int:
-        self.applied_staleness.extend(e.staleness for e in self.buffer.entries)
+        entries = list(self.buffer.entries)
+        staleness = tuple(e.staleness for e in entries)
+        self.applied_staleness.extend(staleness)
+        releases: tuple[UserRelease, ...] = ()
         if self.user_level is not None:
-            entries = list(self.buffer.entries)
             delta = self.buffer.aggregate(noise=self.user_level.noise)
-            self.last_user_releases = self.user_level.charge(entries)
+            releases = tuple(self.user_level.charge(entries))
             for e in entries:
                 if self.status[e.device_id] is DeviceStatus.BUFFERED:
                     self.status[e.device_id] = DeviceStatus.IDLE
@@ -354,4 +372,5 @@ class Scheduler:
             delta = self.buffer.aggregate()
         self.params = self.optimizer.apply(self.params, delta)
         self.version += 1
+        self.last_applied = AppliedVersion(self.version, staleness, releases)
         return self.version

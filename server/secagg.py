@@ -74,7 +74,6 @@ Flower 1.42, so fedrec offers SecAgg+ only in synchronous mode.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -105,7 +104,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from shared.protocol import PARAM_KEYS
+from shared.protocol import with_param_keys
 
 log = logging.getLogger("fedrec.secagg")
 
@@ -252,9 +251,11 @@ def run_secagg_round(
     """Run one SecAgg+ fit round on exactly ``node_ids`` and return the weighted mean delta.
 
     Each device receives ``global_params`` (as legacy Parameters, in the order of
-    ``global_params``, names in the config under :data:`PARAM_KEYS`) and
-    ``round_config`` merged with ``per_node_config[node_id]`` (e.g. its
-    ``task-seed``) and answers with its delta and ``num_examples``. Only the sum
+    ``global_params``, their names added to the config by
+    :func:`shared.protocol.with_param_keys`) and ``round_config`` merged with
+    ``per_node_config[node_id]`` (fedrec's are built by
+    :func:`shared.protocol.secagg_round_config` and
+    :func:`shared.protocol.secagg_task_config`) and answers with its delta and ``num_examples``. Only the sum
     of the weighted, quantized deltas is ever unmasked; the result is
     ``sum n_i delta_i / sum n_i`` within :func:`quantization_error_bound`.
 
@@ -282,9 +283,7 @@ def run_secagg_round(
     for k in keys:
         if not torch.is_floating_point(global_params[k]):
             raise TypeError(f"SecAgg+ aggregates floating-point parameters only; {k!r} is {global_params[k].dtype}")
-    if PARAM_KEYS in round_config:
-        raise ValueError(f"round_config must not set the reserved key {PARAM_KEYS!r}")
-    config: dict[str, Scalar] = {**dict(round_config), PARAM_KEYS: json.dumps(keys)}
+    config = with_param_keys(round_config, keys)  # ProtocolError (a ValueError) if round_config sets them
 
     tap = _ErrorTap(grid)
     run_id = grid.run.run_id

@@ -1,5 +1,954 @@
-"""The wire contract between the server and devices (being assembled: see docs/architecture.md)."""
+"""The wire contract between the server and devices: every message, its records and keys.
 
-# FitIns config key carrying the parameter names in the order of the legacy SecAgg+
-# Parameters list (legacy Parameters have no names).
-PARAM_KEYS = "fedrec-param-keys"
+This module is the only place that spells a key that crosses the wire. Both sides
+describe a message as a frozen dataclass and call this module's ``build_*`` function
+(dataclass in, Flower :class:`~flwr.app.RecordDict` out) or ``parse_*`` function (a
+RecordDict or :class:`~flwr.app.Message` in, dataclass out). A message that is
+malformed or incomplete raises :class:`ProtocolError`, which names the message kind
+and the key at fault.
+
+Message kinds (:data:`MESSAGES` lists each with its direction and keys;
+docs/architecture.md shows the same table, and ``tests/test_protocol.py`` fails when
+the two disagree):
+
+* ``train-task`` -> ``train-update`` (with the device's new ``ledger`` entries) or
+  ``train-refusal``;
+* ``evaluate-task`` -> ``evaluate-result`` or ``evaluate-declined``;
+* ``discovery`` -> ``identity``, and ``ledger-query`` -> ``ledger-reply`` (Flower
+  ``query`` messages);
+* ``secagg-fit-config``: the keys fedrec adds to the legacy ``FitIns`` config of
+  Flower's SecAgg+ flow, whose stages are otherwise Flower's own.
+
+Record names are parameters (:class:`RecordNames`, default :data:`RECORDS`), as
+Flower's strategies take ``arrayrecord_key`` and ``configrecord_key``; keys inside a
+record are fixed by :data:`MESSAGES`. Parsers ignore records and keys they do not
+know, so either side may add one without breaking the other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from enum import Enum
+from typing import Any, Final, Literal, TypeVar
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import Scalar
+
+__all__ = [
+    "DISCOVERY",
+    "EVALUATE_DECLINED",
+    "EVALUATE_RESULT",
+    "EVALUATE_TASK",
+    "IDENTITY",
+    "LEDGER_QUERY",
+    "LEDGER_REPLY",
+    "MESSAGES",
+    "RECORDS",
+    "SECAGG_FIT_CONFIG",
+    "TRAIN_REFUSAL",
+    "TRAIN_TASK",
+    "TRAIN_UPDATE",
+    "Direction",
+    "Discovery",
+    "EvaluateDeclined",
+    "EvaluateResult",
+    "EvaluateTask",
+    "Identity",
+    "Key",
+    "Ledger",
+    "LedgerQuery",
+    "MessageSpec",
+    "PartSpec",
+    "ProtocolError",
+    "RecordNames",
+    "RecordSpec",
+    "SecAggFitConfig",
+    "TrainRefusal",
+    "TrainTask",
+    "TrainUpdate",
+    "build_discovery",
+    "build_evaluate_declined",
+    "build_evaluate_result",
+    "build_evaluate_task",
+    "build_identity",
+    "build_ledger_query",
+    "build_secagg_fit_config",
+    "build_train_refusal",
+    "build_train_task",
+    "build_train_update",
+    "parse_evaluate_reply",
+    "parse_evaluate_task",
+    "parse_identity",
+    "parse_ledger",
+    "parse_query",
+    "parse_secagg_fit_config",
+    "parse_train_reply",
+    "parse_train_task",
+    "secagg_round_config",
+    "secagg_task_config",
+    "wire_keys",
+    "with_param_keys",
+]
+
+
+class ProtocolError(ValueError):
+    """A message does not follow the protocol.
+
+    Parameters
+    ----------
+    kind
+        The message kind being read or written (e.g. ``"train-update"``).
+    key
+        The record name or key at fault.
+    detail
+        What is wrong with it.
+    """
+
+    def __init__(self, kind: str, key: str, detail: str) -> None:
+        super().__init__(f"{kind} message, key {key!r}: {detail}")
+        self.kind = kind
+        self.key = key
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class RecordNames:
+    """The names of fedrec's records inside a message's RecordDict.
+
+    Every build and parse function takes them as ``names`` (default :data:`RECORDS`);
+    both sides of a federation must use the same.
+    """
+
+    model: str = "global"  # ArrayRecord: the global parameters a task carries
+    config: str = "config"  # ConfigRecord: a task's settings
+    update: str = "delta"  # ArrayRecord: a trained delta of the global parameters
+    metrics: str = "metrics"  # MetricRecord: a reply's numbers
+    status: str = "status"  # ConfigRecord: how a device answered, or who it is
+    ledger: str = "ledger"  # ConfigRecord: the device's new signed ledger entries
+    top_k: str = "top-k"  # ConfigRecord: a device's top-k list, when asked for
+
+
+RECORDS: Final = RecordNames()
+
+
+# ---------------------------------------------------------------------------- the registry
+
+ValueType = Literal["int", "float", "str", "bool", "int-list", "str-list", "json-str-list"]
+RecordType = Literal["array", "config", "metric", "legacy-config"]
+
+
+class Direction(Enum):
+    """Who sends a message (the values are how docs/architecture.md writes them)."""
+
+    TO_DEVICE = "server → device"
+    TO_SERVER = "device → server"
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key of a record.
+
+    Attributes
+    ----------
+    name
+        The key on the wire.
+    attr
+        The dataclass field it fills ("" for a key with a fixed value).
+    type
+        How the value is checked and encoded (``json-str-list``: a list of text sent
+        as one JSON string, for legacy configs that hold scalars only).
+    optional
+        Absent on the wire means the field's default (None: "not sent").
+    fixed
+        A value the record always carries (a status): it selects the message kind.
+    """
+
+    name: str
+    attr: str
+    type: ValueType
+    optional: bool = False
+    fixed: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    """One record of a message: its name (a :class:`RecordNames` role), type and keys.
+
+    An ``array`` record is carried whole in the dataclass field ``attr``. An
+    ``optional`` record is sent only when one of its fields is set. A
+    ``legacy-config`` record is a Flower legacy config (``FitIns.config``), named
+    ``label`` since Flower, not fedrec, places it.
+    """
+
+    role: str
+    type: RecordType
+    keys: tuple[Key, ...] = ()
+    attr: str = ""
+    optional: bool = False
+    label: str = ""
+
+    def name(self, names: RecordNames = RECORDS) -> str:
+        """The record's name in a RecordDict under ``names``."""
+        return self.label or str(getattr(names, self.role))
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """A dataclass and the records it maps to; a message is one part or a few."""
+
+    cls: type
+    records: tuple[RecordSpec, ...]
+
+
+@dataclass(frozen=True)
+class MessageSpec:
+    """One message kind: its Flower message type, direction and parts."""
+
+    kind: str
+    message_type: str
+    direction: Direction
+    parts: tuple[PartSpec, ...]
+
+    @property
+    def records(self) -> tuple[RecordSpec, ...]:
+        """Every record the message carries, in the order it is built."""
+        return tuple(r for part in self.parts for r in part.records)
+
+
+# ---------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """``train-task``: train on ``model`` (the global parameters) and send back a delta.
+
+    ``ledger_head`` is the last ledger seq the server holds for the device, so the reply
+    carries only newer entries; ``run`` labels the releases the device signs.
+    """
+
+    model: ArrayRecord
+    version: int
+    task_seed: int
+    run: str = ""
+    ledger_head: int = -1
+
+
+@dataclass(frozen=True)
+class TrainUpdate:
+    """``train-update``: the delta of the global parameters and what the release cost.
+
+    ``epsilon`` is the device's cumulative epsilon at ``dp_delta``; ``loss`` is sent
+    only with DP off (it is computed from records DP-SGD does not privatise).
+    """
+
+    delta: ArrayRecord
+    num_examples: int
+    steps: int
+    epsilon: float
+    dp_delta: float
+    sample_rate: float
+    loss: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainRefusal:
+    """``train-refusal``: the task would exceed the device's budget or break its policy."""
+
+    reason: str
+    epsilon: float
+    dp_delta: float
+    epsilon_would_reach: float | None = None
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """The device's signed ledger entries the server lacks (JSON texts, in seq order).
+
+    Carried by ``train-update`` and ``ledger-reply``; read with :func:`parse_ledger`,
+    apart from the rest of the reply, because the server's intake turns a ledger it
+    cannot read into a recorded rejection rather than a malformed reply.
+    """
+
+    entries: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EvaluateTask:
+    """``evaluate-task``: rank ``model`` on the device's ``split`` (``valid`` or ``test``)."""
+
+    model: ArrayRecord
+    split: str
+    version: int
+    export_top_k: bool = False
+    run: str = ""
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    """``evaluate-result``: hit and NDCG under both protocols, epsilon spent, maybe the top-k."""
+
+    hit: float
+    ndcg: float
+    sampled_hit: float
+    sampled_ndcg: float
+    epsilon: float
+    top_k: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class EvaluateDeclined:
+    """``evaluate-declined``: the device's policy answers no more evaluations for now."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """``discovery``: who are you? (an empty query)."""
+
+
+@dataclass(frozen=True)
+class LedgerQuery:
+    """``ledger-query``: send the ledger entries after ``ledger_head``."""
+
+    ledger_head: int
+
+
+@dataclass(frozen=True)
+class Identity:
+    """``identity``: the device's id and its Ed25519 ledger public key."""
+
+    device_id: int
+    public_key: str | None = None
+
+
+@dataclass(frozen=True)
+class SecAggFitConfig:
+    """``secagg-fit-config``: what fedrec adds to the legacy ``FitIns`` config of a SecAgg+ round.
+
+    ``param_keys`` names the legacy Parameters list (which has no names), in order.
+    """
+
+    param_keys: tuple[str, ...]
+    run: str = ""
+    version: int | None = None
+    task_seed: int | None = None
+
+    def release_ids(self) -> tuple[int, int]:
+        """The ``(version, task id)`` a release is recorded under in the device's ledger.
+
+        Raises
+        ------
+        ProtocolError
+            If the round's config lacks either.
+        """
+        if self.version is None:
+            raise ProtocolError(SECAGG_FIT_CONFIG.kind, _key_of(_SECAGG_PART, "version"), "missing")
+        if self.task_seed is None:
+            raise ProtocolError(SECAGG_FIT_CONFIG.kind, _key_of(_SECAGG_PART, "task_seed"), "missing")
+        return self.version, self.task_seed
+
+
+_MODEL = RecordSpec("model", "array", attr="model")
+
+_TRAIN_TASK_PART = PartSpec(
+    TrainTask,
+    (
+        _MODEL,
+        RecordSpec(
+            "config",
+            "config",
+            (
+                Key("version", "version", "int"),
+                Key("task-seed", "task_seed", "int"),
+                Key("run", "run", "str", optional=True),
+                Key("ledger-head", "ledger_head", "int", optional=True),
+            ),
+        ),
+    ),
+)
+_TRAIN_UPDATE_PART = PartSpec(
+    TrainUpdate,
+    (
+        RecordSpec("update", "array", attr="delta"),
+        RecordSpec(
+            "metrics",
+            "metric",
+            (
+                Key("num-examples", "num_examples", "int"),
+                Key("steps", "steps", "int"),
+                Key("epsilon", "epsilon", "float"),
+                Key("delta", "dp_delta", "float"),
+                Key("sample-rate", "sample_rate", "float"),
+                Key("loss", "loss", "float", optional=True),
+            ),
+        ),
+        RecordSpec("status", "config", (Key("status", "", "str", fixed="ok"),)),
+    ),
+)
+_TRAIN_REFUSAL_PART = PartSpec(
+    TrainRefusal,
+    (
+        RecordSpec("status", "config", (Key("status", "", "str", fixed="refused"), Key("reason", "reason", "str"))),
+        RecordSpec(
+            "metrics",
+            "metric",
+            (
+                Key("epsilon", "epsilon", "float"),
+                Key("delta", "dp_delta", "float"),
+                Key("epsilon-would-reach", "epsilon_would_reach", "float", optional=True),
+            ),
+        ),
+    ),
+)
+_LEDGER_PART = PartSpec(Ledger, (RecordSpec("ledger", "config", (Key("entries", "entries", "str-list"),)),))
+_EVALUATE_TASK_PART = PartSpec(
+    EvaluateTask,
+    (
+        _MODEL,
+        RecordSpec(
+            "config",
+            "config",
+            (
+                Key("split", "split", "str"),
+                Key("version", "version", "int"),
+                Key("export-top-k", "export_top_k", "bool", optional=True),
+                Key("run", "run", "str", optional=True),
+            ),
+        ),
+    ),
+)
+_EVALUATE_RESULT_PART = PartSpec(
+    EvaluateResult,
+    (
+        RecordSpec(
+            "metrics",
+            "metric",
+            (
+                Key("hit", "hit", "float"),
+                Key("ndcg", "ndcg", "float"),
+                Key("sampled-hit", "sampled_hit", "float"),
+                Key("sampled-ndcg", "sampled_ndcg", "float"),
+                Key("epsilon", "epsilon", "float"),
+            ),
+        ),
+        RecordSpec("top_k", "config", (Key("items", "top_k", "int-list"),), optional=True),
+    ),
+)
+_EVALUATE_DECLINED_PART = PartSpec(
+    EvaluateDeclined,
+    (RecordSpec("status", "config", (Key("status", "", "str", fixed="declined"), Key("reason", "reason", "str"))),),
+)
+_DISCOVERY_PART = PartSpec(Discovery, ())
+_LEDGER_QUERY_PART = PartSpec(
+    LedgerQuery, (RecordSpec("config", "config", (Key("ledger-head", "ledger_head", "int"),)),)
+)
+_IDENTITY_PART = PartSpec(
+    Identity,
+    (
+        RecordSpec(
+            "status",
+            "config",
+            (Key("device-id", "device_id", "int"), Key("public-key", "public_key", "str", optional=True)),
+        ),
+    ),
+)
+_SECAGG_PART = PartSpec(
+    SecAggFitConfig,
+    (
+        RecordSpec(
+            "fit_config",
+            "legacy-config",
+            (
+                Key("fedrec-param-keys", "param_keys", "json-str-list"),
+                Key("run", "run", "str", optional=True),
+                Key("version", "version", "int", optional=True),
+                Key("task-seed", "task_seed", "int", optional=True),
+            ),
+            label="FitIns.config",
+        ),
+    ),
+)
+
+_TRAIN, _EVALUATE, _QUERY = MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY
+_DOWN, _UP = Direction.TO_DEVICE, Direction.TO_SERVER
+
+TRAIN_TASK: Final = MessageSpec("train-task", _TRAIN, _DOWN, (_TRAIN_TASK_PART,))
+TRAIN_UPDATE: Final = MessageSpec("train-update", _TRAIN, _UP, (_TRAIN_UPDATE_PART, _LEDGER_PART))
+TRAIN_REFUSAL: Final = MessageSpec("train-refusal", _TRAIN, _UP, (_TRAIN_REFUSAL_PART,))
+EVALUATE_TASK: Final = MessageSpec("evaluate-task", _EVALUATE, _DOWN, (_EVALUATE_TASK_PART,))
+EVALUATE_RESULT: Final = MessageSpec("evaluate-result", _EVALUATE, _UP, (_EVALUATE_RESULT_PART,))
+EVALUATE_DECLINED: Final = MessageSpec("evaluate-declined", _EVALUATE, _UP, (_EVALUATE_DECLINED_PART,))
+DISCOVERY: Final = MessageSpec("discovery", _QUERY, _DOWN, (_DISCOVERY_PART,))
+IDENTITY: Final = MessageSpec("identity", _QUERY, _UP, (_IDENTITY_PART,))
+LEDGER_QUERY: Final = MessageSpec("ledger-query", _QUERY, _DOWN, (_LEDGER_QUERY_PART,))
+LEDGER_REPLY: Final = MessageSpec("ledger-reply", _QUERY, _UP, (_IDENTITY_PART, _LEDGER_PART))
+# Legacy SecAgg+ (server/secagg.py, client/secagg_client.py): the fit stage is a Flower
+# ``train`` message whose FitIns config carries these keys besides Flower's own.
+SECAGG_FIT_CONFIG: Final = MessageSpec("secagg-fit-config", _TRAIN, _DOWN, (_SECAGG_PART,))
+
+MESSAGES: Final[tuple[MessageSpec, ...]] = (
+    TRAIN_TASK,
+    TRAIN_UPDATE,
+    TRAIN_REFUSAL,
+    EVALUATE_TASK,
+    EVALUATE_RESULT,
+    EVALUATE_DECLINED,
+    DISCOVERY,
+    IDENTITY,
+    LEDGER_QUERY,
+    LEDGER_REPLY,
+    SECAGG_FIT_CONFIG,
+)
+
+
+def wire_keys(names: RecordNames = RECORDS) -> frozenset[str]:
+    """Every record name and key fedrec puts on the wire (not Flower's own, nor labels)."""
+    found: set[str] = set()
+    for spec in MESSAGES:
+        for record in spec.records:
+            if not record.label:
+                found.add(record.name(names))
+            found.update(k.name for k in record.keys)
+    return frozenset(found)
+
+
+def _key_of(part: PartSpec, attr: str) -> str:
+    """The wire key that fills ``attr`` of ``part``'s dataclass."""
+    for record in part.records:
+        for key in record.keys:
+            if key.attr == attr:
+                return key.name
+    raise KeyError(attr)
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def _encode(kind: str, key: Key, value: Any) -> Any:
+    """``value`` as the wire holds it; a wrong type is the sender's bug and raises."""
+    try:
+        if key.type == "int":
+            if isinstance(value, bool):
+                raise TypeError("a bool is not an integer")
+            return int(value)
+        if key.type == "float":
+            if isinstance(value, bool):
+                raise TypeError("a bool is not a number")
+            return float(value)
+        if key.type == "str":
+            if not isinstance(value, str):
+                raise TypeError(f"expected text, got {type(value).__name__}")
+            return value
+        if key.type == "bool":
+            if not isinstance(value, bool):
+                raise TypeError(f"expected a bool, got {type(value).__name__}")
+            return value
+        if key.type == "int-list":
+            return [int(v) for v in value]
+        if key.type == "str-list":
+            return [str(v) for v in value]
+        return json.dumps([str(v) for v in value])
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(kind, key.name, f"cannot send {value!r}: {exc}") from exc
+
+
+def _decode(kind: str, key: Key, value: object) -> Any:
+    """A received value, checked against ``key.type``."""
+
+    def bad(expected: str) -> ProtocolError:
+        return ProtocolError(kind, key.name, f"expected {expected}, got {value!r}")
+
+    if key.type == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("an integer")
+        if isinstance(value, float) and (not math.isfinite(value) or not value.is_integer()):
+            raise bad("an integer")
+        return int(value)
+    if key.type == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if key.type == "str":
+        if not isinstance(value, str):
+            raise bad("text")
+        return value
+    if key.type == "bool":
+        if not isinstance(value, bool):
+            raise bad("a bool")
+        return value
+    if key.type == "int-list":
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise bad("a list of integers")
+        return tuple(int(v) for v in value)
+    if key.type == "str-list":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of text")
+        return tuple(value)
+    if not isinstance(value, str):
+        raise bad("a JSON list of text")
+    try:
+        items = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise bad("a JSON list of text") from exc
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise bad("a JSON list of text")
+    return tuple(items)
+
+
+def _record_values(kind: str, record: RecordSpec, message: object) -> dict[str, Any]:
+    """The keys and values of a config or metric record, from ``message``'s fields."""
+    values: dict[str, Any] = {}
+    for key in record.keys:
+        if key.fixed is not None:
+            values[key.name] = key.fixed
+            continue
+        value = getattr(message, key.attr)
+        if value is None:
+            if not key.optional:
+                raise ProtocolError(kind, key.name, "required, but the message has none")
+            continue
+        values[key.name] = _encode(kind, key, value)
+    return values
+
+
+def _build(spec: MessageSpec, parts: Sequence[object], names: RecordNames) -> RecordDict:
+    """A RecordDict of ``parts``, one dataclass per part of ``spec`` (None: part not sent)."""
+    content = RecordDict()
+    for part, message in zip(spec.parts, parts, strict=True):
+        if message is None:
+            continue
+        if not isinstance(message, part.cls):
+            raise TypeError(f"{spec.kind}: expected {part.cls.__name__}, got {type(message).__name__}")
+        for record in part.records:
+            name = record.name(names)
+            if record.optional and all(getattr(message, k.attr) is None for k in record.keys if k.fixed is None):
+                continue  # an optional record none of whose fields is set is not sent
+            if record.type == "array":
+                value = getattr(message, record.attr)
+                if not isinstance(value, ArrayRecord):
+                    raise ProtocolError(spec.kind, name, f"expected an ArrayRecord, got {type(value).__name__}")
+                content[name] = value  # shared, not copied: one model record serves many messages
+                continue
+            values = _record_values(spec.kind, record, message)
+            content[name] = MetricRecord(values) if record.type == "metric" else ConfigRecord(values)
+    return content
+
+
+def _content(source: Message | RecordDict, kind: str) -> RecordDict:
+    """The RecordDict of ``source``; an error reply or an empty message is not one."""
+    if isinstance(source, RecordDict):
+        return source
+    if source.has_error():
+        raise ProtocolError(
+            kind, "(content)", f"an error reply ({source.error.code}: {source.error.reason}), not content"
+        )
+    if not source.has_content():
+        raise ProtocolError(kind, "(content)", "no content")
+    return source.content
+
+
+def _find_record(content: RecordDict, record: RecordSpec, kind: str, names: RecordNames) -> Any:
+    """The record ``record`` describes, or None when absent (the caller decides if that is allowed)."""
+    name = record.name(names)
+    views: dict[str, Any] = {
+        "array": content.array_records,
+        "config": content.config_records,
+        "metric": content.metric_records,
+    }
+    found = views[record.type].get(name)
+    if found is None and name in content:
+        other = type(content[name]).__name__
+        raise ProtocolError(kind, name, f"expected a {record.type} record, got a {other}")
+    return found
+
+
+_T = TypeVar("_T")
+
+
+def _parse_part(part: PartSpec, cls: type[_T], content: RecordDict, kind: str, names: RecordNames) -> _T:
+    """Fill ``part``'s dataclass from ``content``; ProtocolError for anything missing or mistyped."""
+    kwargs: dict[str, Any] = {}
+    for record in part.records:
+        name = record.name(names)
+        found = _find_record(content, record, kind, names)
+        if found is None:
+            if record.optional:
+                continue
+            raise ProtocolError(kind, name, f"missing {record.type} record")
+        if record.type == "array":
+            kwargs[record.attr] = found
+            continue
+        for key in record.keys:
+            if key.name not in found:
+                if key.optional:
+                    continue
+                raise ProtocolError(kind, key.name, f"missing from the {name!r} record")
+            value = _decode(kind, key, found[key.name])
+            if key.fixed is not None:
+                if value != key.fixed:
+                    raise ProtocolError(kind, key.name, f"expected {key.fixed!r}, got {value!r}")
+                continue
+            kwargs[key.attr] = value
+    return cls(**kwargs)
+
+
+def _status_key(spec: MessageSpec) -> tuple[RecordSpec, Key]:
+    """The record and key whose fixed value marks a reply as ``spec``."""
+    for record in spec.records:
+        for key in record.keys:
+            if key.fixed is not None:
+                return record, key
+    raise ValueError(f"{spec.kind} has no status")
+
+
+def _variant(
+    content: RecordDict, variants: Sequence[MessageSpec], label: str, names: RecordNames
+) -> MessageSpec | None:
+    """Which of ``variants`` a reply is, by its status value; None when it has no status record."""
+    record, key = _status_key(variants[0])
+    found = _find_record(content, record, label, names)
+    if found is None:
+        return None
+    if key.name not in found:
+        raise ProtocolError(label, key.name, f"missing from the {record.name(names)!r} record")
+    value = _decode(label, key, found[key.name])
+    for spec in variants:
+        if _status_key(spec)[1].fixed == value:
+            return spec
+    raise ProtocolError(label, key.name, f"unknown status {value!r}")
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def build_train_task(task: TrainTask, *, names: RecordNames = RECORDS) -> RecordDict:
+    """The content of a ``train-task`` message (the model record is shared, not copied)."""
+    return _build(TRAIN_TASK, (task,), names)
+
+
+def parse_train_task(source: Message | RecordDict, *, names: RecordNames = RECORDS) -> TrainTask:
+    """Read a ``train-task``.
+
+    Raises
+    ------
+    ProtocolError
+        If a record or key is missing or has the wrong type.
+    """
+    return _parse_part(_TRAIN_TASK_PART, TrainTask, _content(source, TRAIN_TASK.kind), TRAIN_TASK.kind, names)
+
+
+def build_train_update(update: TrainUpdate, ledger: Ledger, *, names: RecordNames = RECORDS) -> RecordDict:
+    """The content of a ``train-update`` reply: the update and the device's new ledger entries."""
+    return _build(TRAIN_UPDATE, (update, ledger), names)
+
+
+def build_train_refusal(refusal: TrainRefusal, *, names: RecordNames = RECORDS) -> RecordDict:
+    """The content of a ``train-refusal`` reply."""
+    return _build(TRAIN_REFUSAL, (refusal,), names)
+
+
+def parse_train_reply(source: Message | RecordDict, *, names: RecordNames = RECORDS) -> TrainUpdate | TrainRefusal:
+    """Read a reply to a ``train-task``: an update or a refusal, by its status.
+
+    The ledger entries an update carries are read by :func:`parse_ledger`.
+
+    Raises
+    ------
+    ProtocolError
+        If the reply is an error, has no or an unknown status, or lacks a key.
+    """
+    label = f"{TRAIN_UPDATE.kind}/{TRAIN_REFUSAL.kind}"
+    content = _content(source, label)
+    spec = _variant(content, (TRAIN_UPDATE, TRAIN_REFUSAL), label, names)
+    if spec is None:
+        raise ProtocolError(label, names.status, "missing config record")
+    if spec is TRAIN_UPDATE:
+        return _parse_part(_TRAIN_UPDATE_PART, TrainUpdate, content, spec.kind, names)
+    return _parse_part(_TRAIN_REFUSAL_PART, TrainRefusal, content, spec.kind, names)
+
+
+def parse_ledger(
+    source: Message | RecordDict, *, kind: str = TRAIN_UPDATE.kind, names: RecordNames = RECORDS
+) -> Ledger:
+    """Read the ledger entries of a ``train-update`` or ``ledger-reply`` (``kind`` names which).
+
+    Raises
+    ------
+    ProtocolError
+        If the ledger record is missing or its entries are not a list of text.
+    """
+    return _parse_part(_LEDGER_PART, Ledger, _content(source, kind), kind, names)
+
+
+# ---------------------------------------------------------------------------- evaluate
+
+
+def build_evaluate_task(task: EvaluateTask, *, names: RecordNames = RECORDS) -> RecordDict:
+    """The content of an ``evaluate-task`` message (the model record is shared, not copied)."""
+    return _build(EVALUATE_TASK, (task,), names)
+
+
+def parse_evaluate_task(source: Message | RecordDict, *, names: RecordNames = RECORDS) -> EvaluateTask:
+    """Read an ``evaluate-task``.
+
+    Raises
+    ------
+    ProtocolError
+        If a record or key is missing or has the wrong type.
+    """
+    kind = EVALUATE_TASK.kind
+    return _parse_part(_EVALUATE_TASK_PART, EvaluateTask, _content(source, kind), kind, names)
+
+
+def build_evaluate_result(result: EvaluateResult, *, names: RecordNames = RECORDS) -> RecordDict:
+    """The content of an ``evaluate-result`` reply (the top-k record only when ``top_k`` is set)."""
+    return _build(EVALUATE_RESULT, (result,), names)
+
+
+def build_evaluate_declined(declined: EvaluateDeclined, *, names: RecordNames = RECORDS) -> RecordDict:
+    """The content of an ``evaluate-declined`` reply."""
+    return _build(EVALUATE_DECLINED, (declined,), names)
+
+
+def parse_evaluate_reply(
+    source: Message | RecordDict, *, names: RecordNames = RECORDS
+) -> EvaluateResult | EvaluateDeclined:
+    """Read a reply to an ``evaluate-task``: a result, or a refusal to answer (by its status).
+
+    Raises
+    ------
+    ProtocolError
+        If the reply is an error, has an unknown status, or lacks a key.
+    """
+    label = f"{EVALUATE_RESULT.kind}/{EVALUATE_DECLINED.kind}"
+    content = _content(source, label)
+    if _variant(content, (EVALUATE_DECLINED,), label, names) is None:
+        return _parse_part(_EVALUATE_RESULT_PART, EvaluateResult, content, EVALUATE_RESULT.kind, names)
+    return _parse_part(_EVALUATE_DECLINED_PART, EvaluateDeclined, content, EVALUATE_DECLINED.kind, names)
+
+
+# ---------------------------------------------------------------------------- query
+
+
+def build_discovery(*, names: RecordNames = RECORDS) -> RecordDict:
+    """The (empty) content of a ``discovery`` query."""
+    return _build(DISCOVERY, (Discovery(),), names)
+
+
+def build_ledger_query(query: LedgerQuery, *, names: RecordNames = RECORDS) -> RecordDict:
+    """The content of a ``ledger-query``."""
+    return _build(LEDGER_QUERY, (query,), names)
+
+
+def parse_query(source: Message | RecordDict, *, names: RecordNames = RECORDS) -> Discovery | LedgerQuery:
+    """Read a query: a ``ledger-query`` when it names a ledger head, else a ``discovery``.
+
+    Raises
+    ------
+    ProtocolError
+        If the ledger head has the wrong type.
+    """
+    content = _content(source, LEDGER_QUERY.kind)
+    config = _find_record(content, _LEDGER_QUERY_PART.records[0], LEDGER_QUERY.kind, names)
+    if config is None or _key_of(_LEDGER_QUERY_PART, "ledger_head") not in config:
+        return Discovery()
+    return _parse_part(_LEDGER_QUERY_PART, LedgerQuery, content, LEDGER_QUERY.kind, names)
+
+
+def build_identity(identity: Identity, ledger: Ledger | None = None, *, names: RecordNames = RECORDS) -> RecordDict:
+    """The content of a query's reply: ``identity``, or ``ledger-reply`` when ``ledger`` is given."""
+    if ledger is None:
+        return _build(IDENTITY, (identity,), names)
+    return _build(LEDGER_REPLY, (identity, ledger), names)
+
+
+def parse_identity(
+    source: Message | RecordDict, *, kind: str = IDENTITY.kind, names: RecordNames = RECORDS
+) -> Identity:
+    """Read the identity an ``identity`` or ``ledger-reply`` carries (``kind`` names which).
+
+    A ``ledger-reply``'s entries are read by :func:`parse_ledger`.
+
+    Raises
+    ------
+    ProtocolError
+        If the status record or the device id is missing or mistyped.
+    """
+    return _parse_part(_IDENTITY_PART, Identity, _content(source, kind), kind, names)
+
+
+# ---------------------------------------------------------------------------- SecAgg+
+
+
+def build_secagg_fit_config(config: SecAggFitConfig) -> dict[str, Scalar]:
+    """The fedrec keys of a SecAgg+ round's legacy ``FitIns`` config."""
+    return dict(_record_values(SECAGG_FIT_CONFIG.kind, _SECAGG_PART.records[0], config))
+
+
+def _secagg_values(**attrs: Any) -> dict[str, Scalar]:
+    """The FitIns config keys and values for the given :class:`SecAggFitConfig` fields."""
+    record = _SECAGG_PART.records[0]
+    return {k.name: _encode(SECAGG_FIT_CONFIG.kind, k, attrs[k.attr]) for k in record.keys if k.attr in attrs}
+
+
+def secagg_round_config(run: str, version: int) -> dict[str, Scalar]:
+    """The part of a SecAgg+ fit config every device of the round gets (run label, model version)."""
+    return _secagg_values(run=run, version=version)
+
+
+def secagg_task_config(task_seed: int) -> dict[str, Scalar]:
+    """The part of a SecAgg+ fit config one device gets: its task's seed (the task id)."""
+    return _secagg_values(task_seed=task_seed)
+
+
+def with_param_keys(config: Mapping[str, Scalar], param_keys: Sequence[str]) -> dict[str, Scalar]:
+    """``config`` plus the parameter names of the round's legacy Parameters list, in order.
+
+    Raises
+    ------
+    ProtocolError
+        If ``config`` already sets the key (it is reserved for this).
+    """
+    name = _key_of(_SECAGG_PART, "param_keys")
+    if name in config:
+        raise ProtocolError(SECAGG_FIT_CONFIG.kind, name, "reserved: set from the global parameters")
+    return {**dict(config), **_secagg_values(param_keys=param_keys)}
+
+
+def parse_secagg_fit_config(config: Mapping[str, Scalar]) -> SecAggFitConfig:
+    """Read fedrec's keys from a SecAgg+ round's legacy ``FitIns`` config (Flower's are ignored).
+
+    Raises
+    ------
+    ProtocolError
+        If the parameter names are missing, or a key has the wrong type.
+    """
+    kind, record = SECAGG_FIT_CONFIG.kind, _SECAGG_PART.records[0]
+    kwargs: dict[str, Any] = {}
+    for key in record.keys:
+        if key.name not in config:
+            if key.optional:
+                continue
+            raise ProtocolError(kind, key.name, "missing from the FitIns config")
+        kwargs[key.attr] = _decode(kind, key, config[key.name])
+    return SecAggFitConfig(**kwargs)
+
+
+def _check_registry() -> None:
+    """Every key of every part fills a field of its dataclass, and every field is filled."""
+    for spec in MESSAGES:
+        for part in spec.parts:
+            attrs = {f.name for f in fields(part.cls)}
+            filled = {r.attr for r in part.records if r.type == "array"}
+            filled |= {k.attr for r in part.records for k in r.keys if k.fixed is None}
+            if filled != attrs:
+                raise AssertionError(
+                    f"{spec.kind}: {part.cls.__name__} fields {sorted(attrs)} vs keys {sorted(filled)}"
+                )
+
+
+_check_registry()

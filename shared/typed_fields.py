@@ -1,7 +1,11 @@
-"""Typed reads of Flower mappings (message records, node and run configs): a wrong type is a clear error."""
+"""Typed reads of Flower mappings (node configs, Flower's own records): a wrong type is a clear error.
+
+fedrec's messages are read by ``shared/protocol.py``, whose errors also name the message kind.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,8 +17,10 @@ class FieldError(ValueError):
 def get_int(record: Mapping[str, Any], key: str) -> int:
     """``record[key]`` as an int (bools and non-integral floats are refused)."""
     value = record[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise FieldError(f"field {key!r}: expected an integer, got {value!r}")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise FieldError(f"field {key!r}: expected an integer, got {value!r}")  # int() would raise on NaN/inf
     return int(value)
 
 
@@ -26,11 +32,3 @@ def get_float(record: Mapping[str, Any], key: str, default: float | None = None)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise FieldError(f"field {key!r}: expected a number, got {value!r}")
     return float(value)
-
-
-def get_int_list(record: Mapping[str, Any], key: str) -> list[int]:
-    """``record[key]`` as a list of ints."""
-    value = record[key]
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise FieldError(f"field {key!r}: expected a list of integers")
-    return [int(v) for v in value]

@@ -50,16 +50,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, Message, MessageType
 from flwr.clientapp import ClientApp
 from scipy import stats
 
 from server.audit.empirical import AuditResult, best_lower_bound
 from shared.config import FedrecConfig, parse_config, parse_set_pairs, to_flat
-from shared.data.movielens import load_grouplens, load_interactions
-from shared.data.partition import MIN_INTERACTIONS, prepare_partitions
-from shared.data.split import leave_one_out
+from shared.data.datasets import load_interactions
+from shared.data.formats import load_grouplens
+from shared.data.partition import prepare_partitions
+from shared.data.split import MIN_INTERACTIONS, leave_one_out
 from shared.data.types import InteractionLog
+from shared.protocol import ProtocolError, TrainUpdate, parse_train_reply, parse_train_task
 from simulations.local_grid import LocalGrid
 
 log = logging.getLogger("fedrec.audit")
@@ -150,7 +152,7 @@ def write_canary_data(log_: InteractionLog, plan: CanaryPlan, path: Path) -> Pat
     """Write the base interactions plus the included canaries as a GroupLens ``u.data`` file.
 
     Ids are written 1-based (dense id + 1); every user and item of the base log keeps
-    appearing, so :func:`~shared.data.movielens.load_grouplens` maps them back to the
+    appearing, so :func:`~shared.data.formats.load_grouplens` maps them back to the
     same dense ids. Rows keep the base log's order (it breaks timestamp ties in the
     split) and the canaries follow, each one second before its user's first interaction.
 
@@ -216,11 +218,11 @@ class CanaryAttacker:
         self.bias_score = np.zeros(m)
         self.updates = np.zeros(m, dtype=np.int64)
 
-    def observe(self, device: int, sent: ArrayRecord, delta: ArrayRecord, metrics: MetricRecord | None) -> None:
+    def observe(self, device: int, sent: ArrayRecord, update: TrainUpdate) -> None:
         """Fold one TRAIN reply of ``device`` (its global-parameter delta) into its score."""
+        delta, steps = update.delta, update.steps
         if not 0 <= device < len(self.canary_items) or _BIAS not in delta:
             return
-        steps = int(metrics["steps"]) if metrics is not None and "steps" in metrics else 0  # type: ignore[arg-type]
         c = int(self.canary_items[device])
         bias = sent[_BIAS].numpy().reshape(-1)
         change = delta[_BIAS].numpy().reshape(-1)
@@ -255,7 +257,10 @@ class AuditingGrid(LocalGrid):
         for msg in batch:
             mid = msg.metadata.message_id
             if mid in accepted and msg.metadata.message_type == MessageType.TRAIN:
-                self._train_sent[mid] = (msg.metadata.dst_node_id, msg.content.array_records["global"])
+                try:
+                    self._train_sent[mid] = (msg.metadata.dst_node_id, parse_train_task(msg).model)
+                except ProtocolError:
+                    continue  # not a fedrec train task (a SecAgg+ stage): no plain update to see
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -265,10 +270,12 @@ class AuditingGrid(LocalGrid):
             sent = self._train_sent.pop(reply.metadata.reply_to_message_id, None)
             if sent is None or reply.has_error():
                 continue
-            records = reply.content.array_records
-            if "delta" in records:
-                metrics = reply.content.metric_records.get("metrics")
-                self.attacker.observe(sent[0] - 1, sent[1], records["delta"], metrics)
+            try:
+                update = parse_train_reply(reply)
+            except ProtocolError:
+                continue  # the server would reject it too
+            if isinstance(update, TrainUpdate):  # a refusal carries no delta
+                self.attacker.observe(sent[0] - 1, sent[1], update)
         return replies
 
 

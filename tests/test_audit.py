@@ -68,7 +68,8 @@ def _audit(*args: str) -> tuple[int, dict[str, Any]]:
 def _rows(db: Path, device: int) -> list[dict[str, Any]]:
     con = sqlite3.connect(db)
     con.row_factory = sqlite3.Row
-    rows = [dict(r) for r in con.execute("SELECT * FROM ledger_entries WHERE device_id = ? ORDER BY id", (device,))]
+    query = "SELECT * FROM accepted_ledger_entries WHERE device_id = ? ORDER BY id"
+    rows = [dict(r) for r in con.execute(query, (device,))]
     con.close()
     return rows
 
@@ -76,7 +77,8 @@ def _rows(db: Path, device: int) -> list[dict[str, Any]]:
 def _busiest_device(db: Path) -> int:
     con = sqlite3.connect(db)
     device, count = con.execute(
-        "SELECT device_id, COUNT(*) AS n FROM ledger_entries GROUP BY device_id ORDER BY n DESC, device_id LIMIT 1"
+        "SELECT device_id, COUNT(*) AS n FROM accepted_ledger_entries "
+        "GROUP BY device_id ORDER BY n DESC, device_id LIMIT 1"
     ).fetchone()
     con.close()
     assert count >= 4, "the fixture run must give some device at least four ledger entries"
@@ -114,12 +116,44 @@ def test_a_clean_run_passes_and_every_claim_recomputes_within_tolerance(run_dir:
     assert summary["privacy"]["epsilon-max"] == pytest.approx(fleet["record"]["epsilon-max"], rel=TOLERANCE)
 
 
+def test_a_run_database_of_an_earlier_fedrec_is_upgraded_and_audits_the_same(run_dir: Path, tmp_path: Path) -> None:
+    """Earlier fedrec kept the server's accepted entries in ``ledger_entries``: the audit still reads it."""
+    _, current = _audit(str(_copy(run_dir, tmp_path)))
+    run = tmp_path / "earlier"
+    shutil.copytree(run_dir, run)
+    shutil.rmtree(run / "audit", ignore_errors=True)
+    db = run / "fedrec.db"
+    con = sqlite3.connect(db)
+    # The earlier table: the same DDL under the old name (constraint names follow the table's).
+    (ddl,) = con.execute("SELECT sql FROM sqlite_master WHERE name = 'accepted_ledger_entries'").fetchone()
+    with con:
+        con.execute(ddl.replace("accepted_ledger_entries", "ledger_entries"))
+        con.execute("INSERT INTO ledger_entries SELECT * FROM accepted_ledger_entries")
+        con.execute("DROP TABLE accepted_ledger_entries")
+    before = con.execute("SELECT * FROM ledger_entries ORDER BY id").fetchall()
+    con.close()
+    assert before
+
+    code, report = _audit(str(run))
+
+    assert code == 0, report["findings"]
+    assert (report["findings"], report["fleet"], report["devices"]) == (
+        current["findings"],
+        current["fleet"],
+        current["devices"],
+    )
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT * FROM accepted_ledger_entries ORDER BY id").fetchall() == before
+    assert not con.execute("SELECT name FROM sqlite_master WHERE name = 'ledger_entries'").fetchall()
+    con.close()
+
+
 def test_an_edited_entry_is_named_and_located(run_dir: Path, tmp_path: Path) -> None:
     run = _copy(run_dir, tmp_path)
     db = run / "fedrec.db"
     device = _busiest_device(db)
     target = _rows(db, device)[1]
-    _execute(db, "UPDATE ledger_entries SET epsilon = epsilon / 2 WHERE id = ?", target["id"])
+    _execute(db, "UPDATE accepted_ledger_entries SET epsilon = epsilon / 2 WHERE id = ?", target["id"])
     code, report = _audit(str(run))
     assert code == 1
     assert ("edited", device, target["seq"]) in _kinds(report)
@@ -130,7 +164,7 @@ def test_a_deleted_entry_is_named_and_located(run_dir: Path, tmp_path: Path) -> 
     db = run / "fedrec.db"
     device = _busiest_device(db)
     target = _rows(db, device)[1]
-    _execute(db, "DELETE FROM ledger_entries WHERE id = ?", target["id"])
+    _execute(db, "DELETE FROM accepted_ledger_entries WHERE id = ?", target["id"])
     code, report = _audit(str(run))
     assert code == 1
     deleted = [f for f in report["findings"] if f["kind"] == "deleted" and f["device_id"] == device]
@@ -142,7 +176,7 @@ def test_deleting_the_last_entry_is_detected_from_the_release_log(run_dir: Path,
     db = run / "fedrec.db"
     device = _busiest_device(db)
     last = _rows(db, device)[-1]
-    _execute(db, "DELETE FROM ledger_entries WHERE id = ?", last["id"])
+    _execute(db, "DELETE FROM accepted_ledger_entries WHERE id = ?", last["id"])
     code, report = _audit(str(run))
     assert code == 1
     assert any(f["kind"] == "deleted" and f["device_id"] == device for f in report["findings"])
@@ -156,13 +190,13 @@ def test_reordered_entries_are_named(run_dir: Path, tmp_path: Path) -> None:
     cols = [c for c in a if c != "id"]
     con = sqlite3.connect(db)
     # Swap the two rows' contents, keeping their ids (the storage order); seq is unique, so park one.
-    con.execute("UPDATE ledger_entries SET seq = -1 WHERE id = ?", (a["id"],))
+    con.execute("UPDATE accepted_ledger_entries SET seq = -1 WHERE id = ?", (a["id"],))
     con.execute(
-        f"UPDATE ledger_entries SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?",
+        f"UPDATE accepted_ledger_entries SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?",
         [a[c] for c in cols] + [b["id"]],
     )
     con.execute(
-        f"UPDATE ledger_entries SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?",
+        f"UPDATE accepted_ledger_entries SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?",
         [b[c] for c in cols] + [a["id"]],
     )
     con.commit()
@@ -183,7 +217,7 @@ def test_a_rehashed_forgery_is_named(run_dir: Path, tmp_path: Path) -> None:
     # The forger recomputes the hash, but cannot sign it with the device's key.
     _execute(
         db,
-        "UPDATE ledger_entries SET epsilon = ?, entry_hash = ? WHERE id = ?",
+        "UPDATE accepted_ledger_entries SET epsilon = ?, entry_hash = ? WHERE id = ?",
         fields["epsilon"],
         compute_hash(fields),
         row["id"],
@@ -198,7 +232,7 @@ def test_an_unsigned_entry_is_named(run_dir: Path, tmp_path: Path) -> None:
     db = run / "fedrec.db"
     device = _busiest_device(db)
     row = _rows(db, device)[0]
-    _execute(db, "UPDATE ledger_entries SET signature = '' WHERE id = ?", row["id"])
+    _execute(db, "UPDATE accepted_ledger_entries SET signature = '' WHERE id = ?", row["id"])
     code, report = _audit(str(run))
     assert code == 1
     assert ("unsigned", device, row["seq"]) in _kinds(report)
@@ -309,7 +343,7 @@ def test_a_device_whose_entries_were_all_removed_is_still_flagged(run_dir: Path,
     run = _copy(run_dir, tmp_path)
     db = run / "fedrec.db"
     device = _busiest_device(db)
-    _execute(db, "DELETE FROM ledger_entries WHERE device_id = ?", device)
+    _execute(db, "DELETE FROM accepted_ledger_entries WHERE device_id = ?", device)
     _execute(db, "DELETE FROM device_keys WHERE device_id = ?", device)
     code, report = _audit(str(run))
     assert code == 1
@@ -337,7 +371,7 @@ def test_server_user_releases_the_device_never_signed_are_flagged(run_dir: Path,
         "SELECT device_id, COUNT(*) FROM user_releases GROUP BY device_id ORDER BY device_id LIMIT 1"
     ).fetchone()
     signed = con.execute(
-        "SELECT COUNT(*) FROM ledger_entries WHERE device_id = ? AND unit = 'user'", (device,)
+        "SELECT COUNT(*) FROM accepted_ledger_entries WHERE device_id = ? AND unit = 'user'", (device,)
     ).fetchone()[0]
     con.close()
     assert released <= signed, "a clean run never logs more releases than the device signed"
@@ -411,7 +445,7 @@ def test_a_ledger_spanning_runs_with_and_without_user_dp_audits_clean_and_a_dele
     last_record = [r for r in rows_by_device[device] if r["run"] == label and r["unit"] == "record"][-1]
     tail = [r for r in rows_by_device[device] if r["seq"] >= last_record["seq"]]
     for r in tail:
-        _execute(db, "DELETE FROM ledger_entries WHERE id = ?", r["id"])
+        _execute(db, "DELETE FROM accepted_ledger_entries WHERE id = ?", r["id"])
     code, report = _audit(str(run))
     assert code == 1
     assert any(f["kind"] == "deleted" and f["device_id"] == device for f in report["findings"])

@@ -17,11 +17,13 @@ import torch
 from flwr.common.config import parse_config_args
 from sqlalchemy import Engine, create_engine
 
-from client import cli_device, device_store
-from client.cli_device import auth_key_paths, node_config_value, register
-from client.device_store import DeviceDataStore, key_from_file, key_from_passphrase
+from client import cli_device, device_store, store_keys, supernode
+from client.cli_device import auth_key_paths, register
+from client.device_store import DeviceDataStore, key_from_passphrase
+from client.store_keys import key_from_file
+from client.supernode import node_config_value
 from shared.config import parse_config
-from shared.data.movielens import load_bundled_ml100k, resolve_cache_dir
+from shared.data.bundled import load_bundled_ml100k, resolve_cache_dir
 from shared.data.types import DataError, InteractionLog
 from shared.entrypoint import main
 from shared.models.factory import build_model
@@ -334,7 +336,7 @@ def test_rekey_key_file_to_passphrase(
 
     # A wrong current key (or an unset new passphrase) fails clearly and changes nothing.
     digest = _digest(store)
-    device_store.create_key_file(tmp_path / "other.key")
+    store_keys.create_key_file(tmp_path / "other.key")
     assert main([*rekey, "--key-file", str(tmp_path / "other.key"), "--new-passphrase-env", "FEDREC_NEW_PW"]) == 2
     assert "wrong key or passphrase" in capsys.readouterr().err
     never = tmp_path / "never.key"
@@ -400,7 +402,7 @@ def test_rekey_passphrase_to_key_file(
     assert main([*rekey, "--key-file", str(new_key_file), "--new-key-file", str(new_key_file)]) == 2
     assert "is the current key file" in capsys.readouterr().err
     third = tmp_path / "third.key"
-    third_key = device_store.create_key_file(third)
+    third_key = store_keys.create_key_file(third)
     assert main([*rekey, "--key-file", str(new_key_file), "--new-key-file", str(third)]) == 0
     assert f"key file {third.resolve()}" in capsys.readouterr().out and third.read_bytes() == third_key
     assert _contents(store, 4, third_key) == before
@@ -540,8 +542,8 @@ def test_start_retries_a_refused_supernode_within_the_window(
 ) -> None:
     args = _start_args(tmp_path)
     script, counter = _fake_supernode(tmp_path, fail_times, code=3)
-    monkeypatch.setattr(cli_device, "_find_supernode", lambda: str(script))
-    monkeypatch.setattr(cli_device, "RETRY_DELAY_S", 0.05)
+    monkeypatch.setattr(cli_device, "find_supernode", lambda: str(script))
+    monkeypatch.setattr(supernode, "RETRY_DELAY_S", 0.05)
     code = main([*args, "--retry-for", str(retry_for)])
     assert code == expected_code
     attempts = int(counter.read_text())

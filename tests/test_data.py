@@ -12,16 +12,12 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import pytest
 
-import shared.data.movielens as movielens
+import shared.data.bundled as bundled
+import shared.data.formats as formats
 import shared.data.partition as partition
-from shared.data.movielens import (
-    find_grouplens_files,
-    load_bundled_ml100k,
-    load_grouplens,
-    load_interactions,
-    read_recbole_atomic,
-    resolve_cache_dir,
-)
+from shared.data.bundled import load_bundled_ml100k, resolve_cache_dir
+from shared.data.datasets import load_interactions
+from shared.data.formats import find_grouplens_files, load_grouplens, read_recbole_atomic
 from shared.data.partition import (
     DeviceIndexError,
     item_popularity,
@@ -267,7 +263,7 @@ def test_grouplens_malformed_titles(
 
 
 def test_line_numbers_across_parse_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(movielens, "_CHUNK_LINES", 2)
+    monkeypatch.setattr(formats, "_CHUNK_LINES", 2)
     good = "".join(f"{u}\t{i}\t1\t{100 + i}\n" for u, i in [(1, 1), (1, 2), (2, 1), (2, 3), (3, 2)])
     log = load_grouplens(_write(tmp_path / "ok" / "u.data", good))
     assert log.item_ids.tolist() == [0, 1, 0, 2, 1]
@@ -551,14 +547,14 @@ def test_bundled_cache_with_wrong_content_is_replaced(
     inter = tmp_path / "ml-100k" / "ml-100k.inter"
     good = inter.read_bytes()
     inter.write_bytes(good[: len(good) // 2])  # a damaged cache file
-    monkeypatch.setattr(movielens, "_bundled_from_installed", lambda: None)
+    monkeypatch.setattr(bundled, "_bundled_from_installed", lambda: None)
     monkeypatch.setattr(
-        movielens, "_bundled_from_pip", lambda: {"ml-100k.inter": good, "ml-100k.item": b"item_id:token\n"}
+        bundled, "_bundled_from_pip", lambda: {"ml-100k.inter": good, "ml-100k.item": b"item_id:token\n"}
     )
     with pytest.raises(DataError, match="unexpected SHA-256"):
         load_bundled_ml100k(tmp_path)
     item = (tmp_path / "ml-100k" / "ml-100k.item").read_bytes()
-    monkeypatch.setattr(movielens, "_bundled_from_pip", lambda: {"ml-100k.inter": good, "ml-100k.item": item})
+    monkeypatch.setattr(bundled, "_bundled_from_pip", lambda: {"ml-100k.inter": good, "ml-100k.item": item})
     assert len(load_bundled_ml100k(tmp_path).user_ids) == 100000
     assert inter.read_bytes() == good
 
@@ -579,8 +575,8 @@ def test_bundled_ml100k_from_installed_distribution(
     def no_pip() -> dict[str, bytes]:
         raise AssertionError("downloaded although recbole is installed")
 
-    monkeypatch.setattr(movielens.importlib.metadata, "distribution", lambda name: FakeDistribution())
-    monkeypatch.setattr(movielens, "_bundled_from_pip", no_pip)
+    monkeypatch.setattr(bundled.importlib.metadata, "distribution", lambda name: FakeDistribution())
+    monkeypatch.setattr(bundled, "_bundled_from_pip", no_pip)
     log = load_bundled_ml100k(tmp_path / "cache")
     assert np.array_equal(log.item_ids, ml100k.item_ids)
     assert (tmp_path / "cache" / "ml-100k" / "ml-100k.item").is_file()

@@ -1,4 +1,4 @@
-"""server.deploy and ``fedrec server``: a real SuperLink on loopback (TLS, SuperNode auth, database)."""
+"""`fedrec server` and the modules behind it: a real SuperLink on loopback (TLS, SuperNode auth, database)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from server import cli_deploy, deploy, pki
+from server import cli_deploy, device_registry, flwr_cli, pki, superlink
 from server.privacy_store import PrivacyStore
 from shared.privacy.identity import DeviceIdentity
 
@@ -38,7 +38,7 @@ def _run_cli(*argv: str) -> int:
 
 @dataclass(frozen=True)
 class Server:
-    paths: deploy.DeployPaths
+    paths: superlink.DeployPaths
     port: int
     flwr_home: Path
 
@@ -51,14 +51,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLWR_HOME", str(home))  # never the user's ~/.flwr
         assert _run_cli("server", "init", "--dir", str(root), "--host", "localhost") == 0
-        paths = deploy.DeployPaths(root)
+        paths = superlink.DeployPaths(root)
         port = _free_port()
-        deploy.write_connection_config(CONNECTION, f"127.0.0.1:{port}", paths.ca_cert, flwr_home=home)
-        proc = deploy.start_superlink(paths, "127.0.0.1", port, timeout=45)
+        flwr_cli.write_connection_config(CONNECTION, f"127.0.0.1:{port}", paths.ca_cert, flwr_home=home)
+        proc = superlink.start_superlink(paths, "127.0.0.1", port, timeout=45)
         try:
             yield Server(paths, port, home)
         finally:
-            deploy.stop_superlink(proc)
+            superlink.stop_superlink(proc)
 
 
 @pytest.fixture(scope="module")
@@ -72,22 +72,26 @@ def auth_keys(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 def test_register_list_revoke(server: Server, auth_keys: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
     ledger_key = DeviceIdentity.generate().public_key
-    node_id = deploy.register_device(server.paths, CONNECTION, 3, auth_keys[0], ledger_key, flwr_home=server.flwr_home)
+    node_id = device_registry.register_device(
+        server.paths, CONNECTION, 3, auth_keys[0], ledger_key, flwr_home=server.flwr_home
+    )
     assert node_id.isdigit()
     with PrivacyStore(server.paths.fedrec_db_url) as store:
         assert store.keys() == {3: ledger_key}
 
-    [record] = deploy.list_devices(server.paths, CONNECTION, flwr_home=server.flwr_home)
-    assert record == deploy.DeviceRecord(3, node_id, "registered", ledger_key, True)
+    [record] = device_registry.list_devices(server.paths, CONNECTION, flwr_home=server.flwr_home)
+    assert record == device_registry.DeviceRecord(3, node_id, "registered", ledger_key, True)
 
     # Already registered: refused before Flower is asked.
     with pytest.raises(ValueError, match="already registered"):
-        deploy.register_device(server.paths, CONNECTION, 3, auth_keys[1], ledger_key, flwr_home=server.flwr_home)
+        device_registry.register_device(
+            server.paths, CONNECTION, 3, auth_keys[1], ledger_key, flwr_home=server.flwr_home
+        )
 
     # The same SuperNode key for another device: Flower refuses, fedrec stores nothing.
     other = DeviceIdentity.generate().public_key
-    with pytest.raises(deploy.FlowerCommandError, match="already in use"):
-        deploy.register_device(server.paths, CONNECTION, 4, auth_keys[0], other, flwr_home=server.flwr_home)
+    with pytest.raises(flwr_cli.FlowerCommandError, match="already in use"):
+        device_registry.register_device(server.paths, CONNECTION, 4, auth_keys[0], other, flwr_home=server.flwr_home)
     with PrivacyStore(server.paths.fedrec_db_url) as store:
         assert store.public_key(4) is None
 
@@ -98,14 +102,14 @@ def test_register_list_revoke(server: Server, auth_keys: list[Path], capsys: pyt
                         "--json") == 0  # fmt: skip
     assert json.loads(capsys.readouterr().out)[0]["node_id"] == node_id
 
-    deploy.revoke_device(server.paths, CONNECTION, 3, flwr_home=server.flwr_home)
-    [record] = deploy.list_devices(server.paths, CONNECTION, flwr_home=server.flwr_home)
+    device_registry.revoke_device(server.paths, CONNECTION, 3, flwr_home=server.flwr_home)
+    [record] = device_registry.list_devices(server.paths, CONNECTION, flwr_home=server.flwr_home)
     assert (record.device_id, record.node_id, record.status) == (3, node_id, "unregistered")
     assert not record.ledger_key_active
     with PrivacyStore(server.paths.fedrec_db_url) as store:
         assert store.keys() == {}
     with pytest.raises(KeyError, match="device 3"):
-        deploy.revoke_device(server.paths, CONNECTION, 3, flwr_home=server.flwr_home)
+        device_registry.revoke_device(server.paths, CONNECTION, 3, flwr_home=server.flwr_home)
 
 
 def test_auth_key_rotation_keeps_the_ledger_key(server: Server, tmp_path: Path) -> None:
@@ -113,62 +117,68 @@ def test_auth_key_rotation_keeps_the_ledger_key(server: Server, tmp_path: Path) 
     old_auth = pki.create_device_auth_key(tmp_path / "old")[1]
     new_auth = pki.create_device_auth_key(tmp_path / "new")[1]
     ledger_key = DeviceIdentity.generate().public_key
-    first = deploy.register_device(server.paths, CONNECTION, 5, old_auth, ledger_key, flwr_home=server.flwr_home)
-    deploy.revoke_device(server.paths, CONNECTION, 5, auth_only=True, flwr_home=server.flwr_home)
+    first = device_registry.register_device(
+        server.paths, CONNECTION, 5, old_auth, ledger_key, flwr_home=server.flwr_home
+    )
+    device_registry.revoke_device(server.paths, CONNECTION, 5, auth_only=True, flwr_home=server.flwr_home)
     with PrivacyStore(server.paths.fedrec_db_url) as store:
         assert store.public_key(5) == ledger_key  # still trusted
-    second = deploy.register_device(server.paths, CONNECTION, 5, new_auth, ledger_key, flwr_home=server.flwr_home)
+    second = device_registry.register_device(
+        server.paths, CONNECTION, 5, new_auth, ledger_key, flwr_home=server.flwr_home
+    )
     assert second != first
-    status = {r.node_id: r.status for r in deploy.list_devices(server.paths, CONNECTION, flwr_home=server.flwr_home)}
+    status = {
+        r.node_id: r.status for r in device_registry.list_devices(server.paths, CONNECTION, flwr_home=server.flwr_home)
+    }
     assert status[first] == "unregistered" and status[second] == "registered"
     with pytest.raises(KeyError, match="no registered SuperNode"):
-        deploy.revoke_device(server.paths, CONNECTION, 6, auth_only=True, flwr_home=server.flwr_home)
-    deploy.revoke_device(server.paths, CONNECTION, 5, flwr_home=server.flwr_home)
+        device_registry.revoke_device(server.paths, CONNECTION, 6, auth_only=True, flwr_home=server.flwr_home)
+    device_registry.revoke_device(server.paths, CONNECTION, 5, flwr_home=server.flwr_home)
 
 
 def test_revoking_a_device_whose_node_flower_no_longer_knows(server: Server, tmp_path: Path) -> None:
     """A node unregistered behind fedrec's back: revocation still completes, ledger key first."""
     auth = pki.create_device_auth_key(tmp_path / "gone")[1]
     ledger_key = DeviceIdentity.generate().public_key
-    node = deploy.register_device(server.paths, CONNECTION, 8, auth, ledger_key, flwr_home=server.flwr_home)
-    deploy._run_flwr(["supernode", "unregister", node, CONNECTION], flwr_home=server.flwr_home, cwd=server.paths.root)
+    node = device_registry.register_device(server.paths, CONNECTION, 8, auth, ledger_key, flwr_home=server.flwr_home)
+    flwr_cli.run_flwr(["supernode", "unregister", node, CONNECTION], flwr_home=server.flwr_home, cwd=server.paths.root)
     with pytest.warns(UserWarning, match="already unknown"):
-        deploy.revoke_device(server.paths, CONNECTION, 8, flwr_home=server.flwr_home)
+        device_registry.revoke_device(server.paths, CONNECTION, 8, flwr_home=server.flwr_home)
     with PrivacyStore(server.paths.fedrec_db_url) as store:
         assert store.public_key(8) is None
     # The device id can be admitted again with a new identity.
     fresh = pki.create_device_auth_key(tmp_path / "fresh")[1]
     new_ledger = DeviceIdentity.generate().public_key
-    deploy.register_device(
+    device_registry.register_device(
         server.paths, CONNECTION, 8, fresh, new_ledger, replace_ledger_key=True, flwr_home=server.flwr_home
     )
-    deploy.revoke_device(server.paths, CONNECTION, 8, flwr_home=server.flwr_home)
+    device_registry.revoke_device(server.paths, CONNECTION, 8, flwr_home=server.flwr_home)
 
 
 def test_only_a_loopback_bind_is_private() -> None:
-    assert deploy.is_loopback("127.0.0.1") and deploy.is_loopback("::1") and deploy.is_loopback("localhost")
-    assert not deploy.is_loopback("0.0.0.0") and not deploy.is_loopback("fl.example.org")
-    assert not deploy.is_loopback("192.168.1.5") and deploy.is_loopback("[::1]")
+    assert superlink.is_loopback("127.0.0.1") and superlink.is_loopback("::1") and superlink.is_loopback("localhost")
+    assert not superlink.is_loopback("0.0.0.0") and not superlink.is_loopback("fl.example.org")
+    assert not superlink.is_loopback("192.168.1.5") and superlink.is_loopback("[::1]")
 
 
 def test_start_refuses_a_port_in_use(server: Server) -> None:
     with pytest.raises(RuntimeError, match="already in use"):
-        deploy.start_superlink(server.paths, "127.0.0.1", server.port)
+        superlink.start_superlink(server.paths, "127.0.0.1", server.port)
 
 
 def test_unreachable_superlink_is_a_clear_error(server: Server, auth_keys: list[Path], tmp_path: Path) -> None:
-    deploy.write_connection_config("nowhere", f"127.0.0.1:{_free_port()}", server.paths.ca_cert, flwr_home=tmp_path)
-    with pytest.raises(deploy.FlowerCommandError, match="unavailable"):
-        deploy.list_devices(server.paths, "nowhere", flwr_home=tmp_path)
+    flwr_cli.write_connection_config("nowhere", f"127.0.0.1:{_free_port()}", server.paths.ca_cert, flwr_home=tmp_path)
+    with pytest.raises(flwr_cli.FlowerCommandError, match="unavailable"):
+        device_registry.list_devices(server.paths, "nowhere", flwr_home=tmp_path)
 
 
 def test_start_reports_early_exit_with_log_tail(tmp_path: Path) -> None:
-    paths = deploy.DeployPaths(tmp_path)
+    paths = superlink.DeployPaths(tmp_path)
     pki.create_ca(paths.pki_dir)
     pki.issue_server_certificate(paths.pki_dir, paths.pki_dir, ["127.0.0.1"])
     paths.server_key.write_text("not a key")  # the SuperLink cannot start its TLS listener
     with pytest.raises(RuntimeError, match="exited with code") as info:
-        deploy.start_superlink(paths, "127.0.0.1", _free_port(), timeout=45)
+        superlink.start_superlink(paths, "127.0.0.1", _free_port(), timeout=45)
     assert "last lines of" in str(info.value)
     assert paths.log_file.exists()
 
@@ -177,8 +187,8 @@ def test_start_reports_early_exit_with_log_tail(tmp_path: Path) -> None:
 
 
 def test_superlink_command_argv(tmp_path: Path) -> None:
-    paths = deploy.DeployPaths(tmp_path)
-    argv = deploy.superlink_command(paths, "0.0.0.0", 9093)
+    paths = superlink.DeployPaths(tmp_path)
+    argv = superlink.superlink_command(paths, "0.0.0.0", 9093)
     assert Path(argv[0]).name == "flower-superlink"
     assert argv[1:] == [
         "--ssl-ca-certfile", str(tmp_path.resolve() / "pki" / "ca.crt"),
@@ -197,22 +207,22 @@ def test_superlink_command_argv(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("host", "port"), [("0.0.0.0", 0), ("0.0.0.0", 70000), ("", 9093), ("a b", 9093)])
 def test_superlink_command_rejects_bad_address(tmp_path: Path, host: str, port: int) -> None:
     with pytest.raises(ValueError, match="host|port"):
-        deploy.superlink_command(deploy.DeployPaths(tmp_path), host, port)
+        superlink.superlink_command(superlink.DeployPaths(tmp_path), host, port)
 
 
 def test_start_without_init_names_missing_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="fedrec server init"):
-        deploy.start_superlink(deploy.DeployPaths(tmp_path), "127.0.0.1", _free_port())
+        superlink.start_superlink(superlink.DeployPaths(tmp_path), "127.0.0.1", _free_port())
 
 
 def test_register_rejects_bad_keys_before_asking_flower(tmp_path: Path) -> None:
-    paths = deploy.DeployPaths(tmp_path)
+    paths = superlink.DeployPaths(tmp_path)
     private, public = pki.create_device_auth_key(tmp_path / "dev")
     ledger = DeviceIdentity.generate().public_key
     with pytest.raises(ValueError, match="OpenSSH public key"):
-        deploy.register_device(paths, CONNECTION, 0, private, ledger, flwr_home=tmp_path)
+        device_registry.register_device(paths, CONNECTION, 0, private, ledger, flwr_home=tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        deploy.register_device(paths, CONNECTION, 0, tmp_path / "missing.pub", ledger, flwr_home=tmp_path)
+        device_registry.register_device(paths, CONNECTION, 0, tmp_path / "missing.pub", ledger, flwr_home=tmp_path)
     ed = tmp_path / "ed.pub"
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -223,20 +233,20 @@ def test_register_rejects_bad_keys_before_asking_flower(tmp_path: Path) -> None:
         .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     )
     with pytest.raises(ValueError, match="NIST curve"):
-        deploy.register_device(paths, CONNECTION, 0, ed, ledger, flwr_home=tmp_path)
+        device_registry.register_device(paths, CONNECTION, 0, ed, ledger, flwr_home=tmp_path)
     with pytest.raises(ValueError, match="public key"):
-        deploy.register_device(paths, CONNECTION, 0, public, "not-a-key", flwr_home=tmp_path)
+        device_registry.register_device(paths, CONNECTION, 0, public, "not-a-key", flwr_home=tmp_path)
     with pytest.raises(ValueError, match="device_id"):
-        deploy.register_device(paths, CONNECTION, -1, public, ledger, flwr_home=tmp_path)
+        device_registry.register_device(paths, CONNECTION, -1, public, ledger, flwr_home=tmp_path)
     with pytest.raises(ValueError, match="connection name"):
-        deploy.register_device(paths, "../x", 0, public, ledger, flwr_home=tmp_path)
+        device_registry.register_device(paths, "../x", 0, public, ledger, flwr_home=tmp_path)
 
 
 def test_connection_config_keeps_unrelated_content(tmp_path: Path) -> None:
     ca = tmp_path / "ca.crt"
     ca.write_text("x")
     # A missing file starts from Flower's defaults.
-    path = deploy.write_connection_config("prod", "fl.example.org:9093", ca, flwr_home=tmp_path / "fresh")
+    path = flwr_cli.write_connection_config("prod", "fl.example.org:9093", ca, flwr_home=tmp_path / "fresh")
     config = tomllib.loads(path.read_text())
     assert config["superlink"]["default"] == "local"
     assert config["superlink"]["prod"] == {"address": "fl.example.org:9093", "root-certificates": str(ca.resolve())}
@@ -245,7 +255,7 @@ def test_connection_config_keeps_unrelated_content(tmp_path: Path) -> None:
     existing.write_text(
         '# mine\n[superlink]\ndefault = "other"\n\n[superlink.other]\naddress = "h:1"\ninsecure = true\n'
     )
-    deploy.write_connection_config("prod", "127.0.0.1:9093", ca, flwr_home=tmp_path)
+    flwr_cli.write_connection_config("prod", "127.0.0.1:9093", ca, flwr_home=tmp_path)
     text = existing.read_text()
     assert text.startswith("# mine\n")  # appended, not rewritten
     config = tomllib.loads(text)
@@ -253,7 +263,7 @@ def test_connection_config_keeps_unrelated_content(tmp_path: Path) -> None:
     assert config["superlink"]["default"] == "other"
     assert config["superlink"]["prod"]["address"] == "127.0.0.1:9093"
 
-    deploy.write_connection_config("prod", "127.0.0.1:9193", ca, flwr_home=tmp_path)
+    flwr_cli.write_connection_config("prod", "127.0.0.1:9193", ca, flwr_home=tmp_path)
     config = tomllib.loads(existing.read_text())
     assert config["superlink"]["prod"]["address"] == "127.0.0.1:9193"
     assert config["superlink"]["other"] == {"address": "h:1", "insecure": True}
@@ -268,9 +278,9 @@ def test_connection_config_rejects_bad_input(tmp_path: Path, name: str, address:
     ca = tmp_path / "ca.crt"
     ca.write_text("x")
     with pytest.raises(ValueError, match=match):
-        deploy.write_connection_config(name, address, ca, flwr_home=tmp_path)
+        flwr_cli.write_connection_config(name, address, ca, flwr_home=tmp_path)
     with pytest.raises(FileNotFoundError):
-        deploy.write_connection_config("ok", "h:1", tmp_path / "none.crt", flwr_home=tmp_path)
+        flwr_cli.write_connection_config("ok", "h:1", tmp_path / "none.crt", flwr_home=tmp_path)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -310,7 +320,7 @@ def test_cli_init_for_real(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     d = str(tmp_path / "srv")
     assert _run_cli("server", "init", "--dir", d, "--host", "fl.example.org") == 0
     out = capsys.readouterr().out
-    paths = deploy.DeployPaths(Path(d))
+    paths = superlink.DeployPaths(Path(d))
     assert pki.certificate_fingerprint(paths.ca_cert) in out
     cert = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -293,7 +293,7 @@ class Fleet:
 
 def _history_csv(user: int, path: Path) -> tuple[np.ndarray, list[str]]:
     """Write MovieLens-100K user ``user``'s history (dense catalogue ids) as an owner's CSV."""
-    from shared.data.movielens import load_bundled_ml100k, resolve_cache_dir
+    from shared.data.bundled import load_bundled_ml100k, resolve_cache_dir
 
     log = load_bundled_ml100k(resolve_cache_dir(""))
     assert log.num_items == ML100K_ITEMS
@@ -586,7 +586,8 @@ def _int_lists(content: Any) -> list[list[int]]:
 
 
 def test_messages_carry_no_personal_data(fleet: Fleet, async_run: RunResult) -> None:
-    from client.device_store import DeviceDataStore, key_from_file
+    from client.device_store import DeviceDataStore
+    from client.store_keys import key_from_file
     from client.wire_log import read_wire_log
 
     for device in fleet.devices:
@@ -648,7 +649,8 @@ def _text_hits(data: bytes, items: np.ndarray, rows: list[str]) -> list[str]:
 
 
 def test_device_store_is_encrypted_at_rest(fleet: Fleet) -> None:
-    from client.device_store import DeviceDataStore, WrongKeyError, key_from_file
+    from client.device_store import DeviceDataStore, WrongKeyError
+    from client.store_keys import key_from_file
 
     for device in [*fleet.devices, fleet.spare]:
         assert sum(int(i) >= 1000 for i in device.history) >= 5
@@ -713,7 +715,8 @@ def _check_secagg_aggregate(fleet: Fleet, result: RunResult) -> None:
     """
     import torch
 
-    from client.device_store import DeviceDataStore, key_from_file
+    from client.device_store import DeviceDataStore
+    from client.store_keys import key_from_file
     from server.run_store import RunStore
     from server.secagg import quantization_error_bound
     from shared.config import parse_config

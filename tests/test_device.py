@@ -218,6 +218,30 @@ def test_training_reply_carries_no_loss_under_dp(overrides: dict[str, object]) -
     assert "loss" in _train_reply({**overrides, "dp": False}).content.metric_records["metrics"]
 
 
+def test_the_accountant_is_rebuilt_from_the_ledger_and_not_kept_in_context_state(overrides: dict[str, object]) -> None:
+    """context.state keeps the personal embedding and the task count; what was spent is the ledger's."""
+    from shared.protocol import TRAIN_TASK, TrainTask, TrainUpdate, build_train_task, parse_train_reply
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    app = build_client_app(overrides)
+    cfg = parse_config(overrides)
+    model = build_model(cfg.model, prepare_partitions(cfg.data).num_items, 1, seed=5)
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 3}, state=RecordDict(), run_config={})
+    epsilons = []
+    for seed in range(2):
+        task = TrainTask(ArrayRecord(model.global_state()), version=0, task_seed=seed)
+        reply = parse_train_reply(
+            app(Message(build_train_task(task), dst_node_id=7, message_type=TRAIN_TASK.message_type), context)
+        )
+        assert isinstance(reply, TrainUpdate)
+        epsilons.append(reply.epsilon)
+        assert {name: dict(rec) for name, rec in context.state.config_records.items()} == {
+            "fedrec-device": {"tasks-done": seed + 1}
+        }
+        assert set(context.state.array_records) == {"fedrec-personal"}
+    assert 0 < epsilons[0] < epsilons[1]  # the second task composed on the first, from the ledger
+
+
 def _train_with(
     mode: str, overrides: dict[str, object], records_from: int, seed: int
 ) -> tuple[dict[str, torch.Tensor], list[tuple[float, float, int]], int]:

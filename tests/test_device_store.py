@@ -21,21 +21,26 @@ from sqlalchemy import Engine, create_engine
 
 from client import device_store
 from client.device_store import (
-    RECEIPTS_KEPT,
     ConcurrentWriteError,
     DeviceDataStore,
     Interaction,
-    KeyFileError,
     StoreCorruptError,
     WrongKeyError,
-    create_key_file,
-    device_data_from_node,
     is_enrolled,
-    key_from_file,
     key_from_passphrase,
-    open_node_store,
     stored_device_id,
 )
+from client.node_config import (
+    deployed_device,
+    device_data_from_node,
+    device_index,
+    is_deployed,
+    key_from_node_config,
+    open_node_store,
+    store_path,
+)
+from client.receipts import RECEIPTS_KEPT
+from client.store_keys import KeyFileError, create_key_file, key_from_file
 from shared.config import parse_config
 from shared.data.split import leave_one_out
 from shared.data.types import DataError, InteractionLog
@@ -143,6 +148,21 @@ def test_passphrase_on_a_key_file_store_changes_nothing(tmp_path: Path, key: byt
 
 def test_salts_differ_between_stores(tmp_path: Path) -> None:
     assert key_from_passphrase(tmp_path / "a.db", "pw") != key_from_passphrase(tmp_path / "b.db", "pw")
+
+
+def test_creates_only_its_own_tables(tmp_path: Path, key: bytes) -> None:
+    import server.run_store  # noqa: F401 - puts the server's tables on the shared declarative base
+    from shared.sql_store import Base
+
+    assert {"runs", "device_data_meta", "device_data_blobs"} <= set(Base.metadata.tables)
+    key_store, passphrase_store = tmp_path / "key.db", tmp_path / "passphrase.db"
+    passphrase_key = key_from_passphrase(passphrase_store, "pw")  # creates the salt's table first
+    for path, path_key in ((key_store, key), (passphrase_store, passphrase_key)):
+        with DeviceDataStore(path, 1, path_key):
+            pass
+        with closing(sqlite3.connect(path)) as con:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert tables == {"device_data_meta", "device_data_blobs"}
 
 
 def test_other_device_and_tampering_are_refused(tmp_path: Path, key: bytes) -> None:
@@ -353,6 +373,49 @@ def test_contribution_receipts_are_encrypted_at_rest(tmp_path: Path, key: bytes)
         con.execute("UPDATE device_data_blobs SET ciphertext = ? WHERE name LIKE 'receipt/%'", (flipped,))
     with DeviceDataStore(store_dir / "device.db", 5, key) as store, pytest.raises(StoreCorruptError, match="tamper"):
         store.contribution_receipts()
+
+
+def test_node_config_names_the_device_and_its_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = parse_config({"output-dir": str(tmp_path / "run")})
+    assert device_index({"device-id": 7, "partition-id": 2}) == 7  # a deployed device's own id wins
+    assert device_index({"partition-id": 2}) == 2
+    with pytest.raises(KeyError, match="neither 'device-id' nor 'partition-id'"):
+        device_index({})
+    assert store_path(cfg, {"partition-id": 2}) == tmp_path / "run" / "devices" / "device-2.db"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert store_path(cfg, {"store": "~/device.db", "device-id": 7}) == tmp_path / "device.db"
+    assert not is_deployed({"store": "x.db", "device-id": 1}) and not is_deployed({"key-file": "k", "device-id": 1})
+    assert is_deployed({"store": "x.db", "passphrase-env": "PW"})
+
+
+def test_node_config_key_sources(tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "device.db"
+    key_file = str(tmp_path / "device.key")
+    assert key_from_node_config({"store": str(path)}, path) is None
+    assert key_from_node_config({"key-file": key_file}, path) == key
+    with pytest.raises(ValueError, match="not both"):
+        key_from_node_config({"key-file": key_file, "passphrase-env": "FEDREC_TEST_PW"}, path)
+    monkeypatch.delenv("FEDREC_TEST_PW", raising=False)
+    with pytest.raises(ValueError, match="node config 'passphrase-env': environment variable 'FEDREC_TEST_PW'"):
+        key_from_node_config({"passphrase-env": "FEDREC_TEST_PW"}, path)
+    monkeypatch.setenv("FEDREC_TEST_PW", "s3cret")
+    assert key_from_node_config({"passphrase-env": "FEDREC_TEST_PW"}, path) == key_from_passphrase(path, "s3cret")
+
+
+def test_deployed_device_reads_data_and_personal_state(tmp_path: Path, key: bytes) -> None:
+    path = tmp_path / "device.db"
+    node = {"store": str(path), "key-file": str(tmp_path / "device.key"), "device-id": 4}
+    assert deployed_device({"partition-id": 4}) is None
+    with DeviceDataStore(path, 4, key, num_items=20) as store:
+        store.import_interactions(_history((4, 5, 6, 7)))
+    found = deployed_device(node)
+    assert found is not None and found.personal == {}
+    assert (found.num_items, found.data.test_item) == (20, 7)
+    with DeviceDataStore(path, 4, key) as store:
+        store.save_personal({"user_embedding.weight": torch.ones(1, 3)})
+    found = deployed_device({**node, "num-items": 30})
+    assert found is not None and found.num_items == 30
+    torch.testing.assert_close(found.personal["user_embedding.weight"], torch.ones(1, 3))
 
 
 def test_open_node_store(tmp_path: Path, key: bytes) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import inspect
 
-from server.privacy_store import PrivacyStore
+from server.privacy_store import ENTRIES_TABLE, PrivacyStore
 from server.run_store import RunStore
 from shared.privacy.identity import DeviceIdentity, fingerprint, verify_signature
 from shared.privacy.ledger import (
@@ -79,47 +79,48 @@ def _sql(db: Path, statement: str, *params: object) -> None:
         conn.close()
 
 
-def _row(db: Path, seq: int) -> dict[str, Any]:
-    conn = sqlite3.connect(db)
+def _row(ledger: Ledger, seq: int) -> dict[str, Any]:
+    conn = sqlite3.connect(ledger.db)
     conn.row_factory = sqlite3.Row
     try:
-        row = conn.execute("SELECT * FROM ledger_entries WHERE device_id = ? AND seq = ?", (DEVICE, seq)).fetchone()
+        row = conn.execute(f"SELECT * FROM {ledger.table} WHERE device_id = ? AND seq = ?", (DEVICE, seq)).fetchone()
     finally:
         conn.close()
     assert row is not None
     return dict(row)
 
 
-def _update(db: Path, seq: int, /, **values: object) -> None:
+def _update(ledger: Ledger, seq: int, /, **values: object) -> None:
     assignments = ", ".join(f"{name} = ?" for name in values)
-    _sql(db, f"UPDATE ledger_entries SET {assignments} WHERE device_id = ? AND seq = ?", *values.values(), DEVICE, seq)
+    statement = f"UPDATE {ledger.table} SET {assignments} WHERE device_id = ? AND seq = ?"
+    _sql(ledger.db, statement, *values.values(), DEVICE, seq)
 
 
-def _delete(db: Path, seq: int) -> None:
-    _sql(db, "DELETE FROM ledger_entries WHERE device_id = ? AND seq = ?", DEVICE, seq)
+def _delete(ledger: Ledger, seq: int) -> None:
+    _sql(ledger.db, f"DELETE FROM {ledger.table} WHERE device_id = ? AND seq = ?", DEVICE, seq)
 
 
-def _swap(db: Path, seq_a: int, seq_b: int) -> None:
+def _swap(ledger: Ledger, seq_a: int, seq_b: int) -> None:
     """Exchange two rows' contents, keeping their ids (so storage order changes)."""
-    a, b = _row(db, seq_a), _row(db, seq_b)
+    a, b = _row(ledger, seq_a), _row(ledger, seq_b)
     columns = [c for c in a if c != "id"]
     assignments = ", ".join(f"{c} = ?" for c in columns)
 
     def put(row_id: int, values: dict[str, Any], seq: int) -> None:
         params = [seq if c == "seq" else values[c] for c in columns]
-        _sql(db, f"UPDATE ledger_entries SET {assignments} WHERE id = ?", *params, row_id)
+        _sql(ledger.db, f"UPDATE {ledger.table} SET {assignments} WHERE id = ?", *params, row_id)
 
     put(a["id"], b, -1)  # placeholder seq: (device_id, seq) is unique
     put(b["id"], a, a["seq"])
     put(a["id"], b, b["seq"])
 
 
-def _edit_and_rehash(db: Path, seq: int, /, **values: object) -> None:
+def _edit_and_rehash(ledger: Ledger, seq: int, /, **values: object) -> None:
     """Edit fields and store a correctly recomputed hash, without being able to re-sign."""
-    row = _row(db, seq)
+    row = _row(ledger, seq)
     row.update(values)
     fields = {name: row[name] for name in LedgerEntry.__dataclass_fields__}
-    _update(db, seq, **values, entry_hash=compute_hash(fields))
+    _update(ledger, seq, **values, entry_hash=compute_hash(fields))
 
 
 # ------------------------------------------------------------- both stores, one API
@@ -132,6 +133,7 @@ class Ledger:
     db: Path
     read: Callable[[], list[LedgerEntry]]
     public_key: str
+    table: str  # the entries table in db
 
 
 @pytest.fixture(params=["device", "server"])
@@ -139,14 +141,14 @@ def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
     device = DeviceLedgerStore(tmp_path / "device.db", device_id=DEVICE)
     _fill(device, N)
     if request.param == "device":
-        yield Ledger(device.path, device.entries, device.identity().public_key)
+        yield Ledger(device.path, device.entries, device.identity().public_key, "ledger_entries")
         device.close()
         return
     server = PrivacyStore(f"sqlite:///{tmp_path / 'server.db'}")
     server.register_key(DEVICE, device.identity().public_key)
     assert server.accept(device.entries()) == []
     device.close()
-    yield Ledger(tmp_path / "server.db", lambda: server.entries(DEVICE), server.public_key(DEVICE) or "")
+    yield Ledger(tmp_path / "server.db", lambda: server.entries(DEVICE), server.public_key(DEVICE) or "", ENTRIES_TABLE)
     server.close()
 
 
@@ -349,7 +351,7 @@ def test_clean_ledger_verifies(ledger: Ledger) -> None:
     ],
 )
 def test_editing_one_field_is_reported_as_edited(ledger: Ledger, field: str, value: object) -> None:
-    _update(ledger.db, 2, **{field: value})
+    _update(ledger, 2, **{field: value})
 
     problems = verify_chain(ledger.read(), ledger.public_key, expected_count=N)
 
@@ -359,7 +361,7 @@ def test_editing_one_field_is_reported_as_edited(ledger: Ledger, field: str, val
 
 
 def test_deleting_a_middle_entry_is_reported_with_the_missing_seq(ledger: Ledger) -> None:
-    _delete(ledger.db, 2)
+    _delete(ledger, 2)
 
     problems = verify_chain(ledger.read(), ledger.public_key)
 
@@ -368,8 +370,8 @@ def test_deleting_a_middle_entry_is_reported_with_the_missing_seq(ledger: Ledger
 
 
 def test_deleting_a_range_is_reported_once(ledger: Ledger) -> None:
-    _delete(ledger.db, 1)
-    _delete(ledger.db, 2)
+    _delete(ledger, 1)
+    _delete(ledger, 2)
 
     problems = verify_chain(ledger.read(), ledger.public_key)
 
@@ -378,13 +380,13 @@ def test_deleting_a_range_is_reported_once(ledger: Ledger) -> None:
 
 
 def test_deleting_the_first_entry_is_reported(ledger: Ledger) -> None:
-    _delete(ledger.db, 0)
+    _delete(ledger, 0)
 
     assert _kinds(verify_chain(ledger.read(), ledger.public_key)) == [("deleted", 0, 0)]
 
 
 def test_deleting_the_last_entry_needs_the_expected_count(ledger: Ledger) -> None:
-    _delete(ledger.db, N - 1)
+    _delete(ledger, N - 1)
     entries = ledger.read()
 
     problems = verify_chain(entries, ledger.public_key, expected_count=N)
@@ -395,7 +397,7 @@ def test_deleting_the_last_entry_needs_the_expected_count(ledger: Ledger) -> Non
 
 
 def test_swapping_two_rows_is_reported_as_reordered(ledger: Ledger) -> None:
-    _swap(ledger.db, 1, 3)
+    _swap(ledger, 1, 3)
     entries = ledger.read()
 
     problems = verify_chain(entries, ledger.public_key)
@@ -407,7 +409,7 @@ def test_swapping_two_rows_is_reported_as_reordered(ledger: Ledger) -> None:
 
 
 def test_rehashing_an_edited_entry_is_reported_as_forged(ledger: Ledger) -> None:
-    _edit_and_rehash(ledger.db, 2, epsilon=0.01)
+    _edit_and_rehash(ledger, 2, epsilon=0.01)
 
     problems = verify_chain(ledger.read(), ledger.public_key)
 
@@ -415,20 +417,20 @@ def test_rehashing_an_edited_entry_is_reported_as_forged(ledger: Ledger) -> None
 
 
 def test_rehashing_an_edited_seq_is_reported_as_forged_only(ledger: Ledger) -> None:
-    _edit_and_rehash(ledger.db, 2, seq=42)
+    _edit_and_rehash(ledger, 2, seq=42)
 
     assert _kinds(verify_chain(ledger.read(), ledger.public_key)) == [("forged", 2, 2)]
 
 
 def test_blanking_a_signature_is_reported_as_unsigned(ledger: Ledger) -> None:
-    _update(ledger.db, 2, signature="")
+    _update(ledger, 2, signature="")
 
     assert _kinds(verify_chain(ledger.read(), ledger.public_key)) == [("unsigned", 2, 2)]
 
 
 def test_a_signature_by_another_key_is_reported_as_forged(ledger: Ledger) -> None:
-    row = _row(ledger.db, 2)
-    _update(ledger.db, 2, signature=DeviceIdentity.generate().sign(row["entry_hash"].encode("ascii")))
+    row = _row(ledger, 2)
+    _update(ledger, 2, signature=DeviceIdentity.generate().sign(row["entry_hash"].encode("ascii")))
 
     assert _kinds(verify_chain(ledger.read(), ledger.public_key)) == [("forged", 2, 2)]
 
@@ -594,4 +596,248 @@ def test_privacy_store_shares_a_database_with_the_run_store(tmp_path: Path, devi
     with RunStore(url) as runs, PrivacyStore(url) as privacy:
         assert runs.run_ids() == [run_id]
         assert len(privacy.entries(DEVICE)) == 2
-    assert {"runs", "device_keys", "ledger_entries", "ledger_rejections"} <= names
+    assert {"runs", "device_keys", ENTRIES_TABLE, "ledger_rejections"} <= names
+
+
+# ------------------------------------------------------- files written by an earlier fedrec
+
+# The server's privacy tables as fedrec wrote them before its entries table was renamed.
+_OLD_SERVER_SCHEMA = """
+CREATE TABLE device_keys (
+    device_id INTEGER NOT NULL,
+    public_key VARCHAR(64) NOT NULL,
+    registered_at DATETIME NOT NULL,
+    revoked BOOLEAN NOT NULL,
+    CONSTRAINT pk_device_keys PRIMARY KEY (device_id)
+);
+CREATE TABLE ledger_entries (
+    id INTEGER NOT NULL,
+    device_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    run VARCHAR(255) NOT NULL,
+    version INTEGER NOT NULL,
+    task_id INTEGER NOT NULL,
+    unit VARCHAR(64) NOT NULL,
+    mechanism VARCHAR(64) NOT NULL,
+    noise_multiplier DOUBLE NOT NULL,
+    sample_rate DOUBLE NOT NULL,
+    steps INTEGER NOT NULL,
+    clip_norm DOUBLE NOT NULL,
+    accountant VARCHAR(64) NOT NULL,
+    epsilon DOUBLE NOT NULL,
+    delta DOUBLE NOT NULL,
+    timestamp DOUBLE NOT NULL,
+    prev_hash VARCHAR(64) NOT NULL,
+    entry_hash VARCHAR(64) NOT NULL,
+    signature VARCHAR(128) NOT NULL,
+    CONSTRAINT pk_ledger_entries PRIMARY KEY (id),
+    CONSTRAINT uq_ledger_entries_device_id_seq UNIQUE (device_id, seq),
+    CONSTRAINT fk_ledger_entries_device_id_device_keys FOREIGN KEY(device_id) REFERENCES device_keys (device_id)
+);
+CREATE TABLE ledger_rejections (
+    id INTEGER NOT NULL,
+    device_id INTEGER NOT NULL,
+    task_id INTEGER NOT NULL,
+    seq INTEGER,
+    kind VARCHAR(64) NOT NULL,
+    detail TEXT NOT NULL,
+    at DATETIME NOT NULL,
+    CONSTRAINT pk_ledger_rejections PRIMARY KEY (id)
+);
+CREATE INDEX ix_ledger_rejections_device_id ON ledger_rejections (device_id);
+"""
+
+# A device's ledger file as fedrec wrote it before all stores shared one declarative base
+# (unnamed constraints); the layout itself is unchanged.
+_OLD_DEVICE_SCHEMA = """
+CREATE TABLE meta ("key" VARCHAR(64) NOT NULL, value TEXT NOT NULL, PRIMARY KEY ("key"));
+CREATE TABLE device_identity (
+    id INTEGER NOT NULL,
+    private_key BLOB NOT NULL,
+    public_key VARCHAR(64) NOT NULL,
+    created_at DOUBLE NOT NULL,
+    PRIMARY KEY (id)
+);
+CREATE TABLE ledger_entries (
+    id INTEGER NOT NULL,
+    device_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    run VARCHAR(255) NOT NULL,
+    version INTEGER NOT NULL,
+    task_id INTEGER NOT NULL,
+    unit VARCHAR(64) NOT NULL,
+    mechanism VARCHAR(64) NOT NULL,
+    noise_multiplier DOUBLE NOT NULL,
+    sample_rate DOUBLE NOT NULL,
+    steps INTEGER NOT NULL,
+    clip_norm DOUBLE NOT NULL,
+    accountant VARCHAR(64) NOT NULL,
+    epsilon DOUBLE NOT NULL,
+    delta DOUBLE NOT NULL,
+    timestamp DOUBLE NOT NULL,
+    prev_hash VARCHAR(64) NOT NULL,
+    entry_hash VARCHAR(64) NOT NULL,
+    signature VARCHAR(128) NOT NULL,
+    PRIMARY KEY (id),
+    UNIQUE (seq)
+);
+CREATE TABLE evaluations_answered (
+    id INTEGER NOT NULL,
+    answered_at DOUBLE NOT NULL,
+    run VARCHAR NOT NULL,
+    version INTEGER NOT NULL,
+    split VARCHAR NOT NULL,
+    PRIMARY KEY (id)
+);
+CREATE INDEX ix_evaluations_answered_answered_at ON evaluations_answered (answered_at);
+"""
+
+_ENTRY_COLUMNS = ("id", *LedgerEntry.__dataclass_fields__)
+
+
+def _signed_chain(identity: DeviceIdentity, count: int) -> list[LedgerEntry]:
+    entries: list[LedgerEntry] = []
+    for k in range(count):
+        entries.append(make_entry(identity, entries[-1] if entries else None, device_id=DEVICE, **_release(k)))
+    return entries
+
+
+def _insert_entries(conn: sqlite3.Connection, table: str, entries: list[LedgerEntry], ids: list[int]) -> None:
+    placeholders = ", ".join("?" for _ in _ENTRY_COLUMNS)
+    conn.executemany(
+        f"INSERT INTO {table} ({', '.join(_ENTRY_COLUMNS)}) VALUES ({placeholders})",
+        [(row_id, *(getattr(e, name) for name in _ENTRY_COLUMNS[1:])) for row_id, e in zip(ids, entries, strict=True)],
+    )
+
+
+def _dump(db: Path, table: str) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+def _tables(db: Path) -> set[str]:
+    conn = sqlite3.connect(db)
+    try:
+        return {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        conn.close()
+
+
+def _old_server_database(db: Path, identity: DeviceIdentity, entries: list[LedgerEntry], ids: list[int]) -> None:
+    """Write, with raw sqlite3, a privacy store in the layout of an earlier fedrec."""
+    conn = sqlite3.connect(db)
+    try:
+        conn.executescript(_OLD_SERVER_SCHEMA)
+        with conn:
+            conn.execute(
+                "INSERT INTO device_keys VALUES (?, ?, '2025-01-02 03:04:05.000000', 0)", (DEVICE, identity.public_key)
+            )
+            _insert_entries(conn, "ledger_entries", entries, ids)
+            conn.execute(
+                "INSERT INTO ledger_rejections (device_id, task_id, seq, kind, detail, at) "
+                "VALUES (?, 99, 1, 'forged', 'an earlier refusal', '2025-01-02 03:04:06.000000')",
+                (DEVICE,),
+            )
+    finally:
+        conn.close()
+
+
+def test_an_earlier_server_database_is_upgraded_on_open_keeping_every_entry(tmp_path: Path) -> None:
+    identity = DeviceIdentity.generate()
+    entries = _signed_chain(identity, N)
+    ids = [1, 2, 4, 8, 16]  # gaps: the storage-order ids must survive as they are
+    db = tmp_path / "fedrec.db"
+    _old_server_database(db, identity, entries, ids)
+    before = _dump(db, "ledger_entries")
+
+    with PrivacyStore(f"sqlite:///{db}") as server:
+        assert server.entries(DEVICE) == entries
+        assert server.public_key(DEVICE) == identity.public_key
+        assert [r.detail for r in server.rejections()] == ["an earlier refusal"]
+        assert verify_chain(server.entries(DEVICE), identity.public_key, expected_count=N) == []
+        more = [make_entry(identity, entries[-1], device_id=DEVICE, **_release(N))]
+        assert server.accept(more) == []
+
+    assert ENTRIES_TABLE in _tables(db) and "ledger_entries" not in _tables(db)
+    after = _dump(db, ENTRIES_TABLE)
+    assert after[:N] == before  # every row, id and value exactly as it was
+    assert [row[0] for row in after] == [*ids, 17]
+    with PrivacyStore(f"sqlite:///{db}") as reopened:  # an upgraded file opens as it is
+        assert reopened.entries(DEVICE) == [*entries, *more]
+
+
+def test_an_earlier_server_database_that_cannot_be_taken_over_is_refused_untouched(tmp_path: Path) -> None:
+    identity = DeviceIdentity.generate()
+    entries = _signed_chain(identity, 2)
+    db = tmp_path / "fedrec.db"
+    _old_server_database(db, identity, entries, [1, 2])
+    with PrivacyStore(f"sqlite:///{db}"):
+        pass
+    # An earlier fedrec opened the upgraded file and stored an entry in a new ledger_entries.
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute(_OLD_SERVER_SCHEMA.split(";")[1])
+        _insert_entries(conn, "ledger_entries", entries[:1], [1])
+    conn.close()
+    with pytest.raises(ValueError, match=r"holds 1 ledger entries in table ledger_entries beside"):
+        PrivacyStore(f"sqlite:///{db}")
+    assert len(_dump(db, "ledger_entries")) == 1 and len(_dump(db, ENTRIES_TABLE)) == 2
+
+    # A ledger_entries that is not fedrec's is not renamed.
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.executescript(_OLD_SERVER_SCHEMA.replace("    signature VARCHAR(128) NOT NULL,\n", ""))
+    conn.close()
+    with pytest.raises(ValueError, match="not those of fedrec's ledger entries"):
+        PrivacyStore(f"sqlite:///{other}")
+    assert "ledger_entries" in _tables(other) and ENTRIES_TABLE not in _tables(other)
+
+
+def test_an_earlier_server_database_opened_read_only_asks_for_a_writable_copy(tmp_path: Path) -> None:
+    identity = DeviceIdentity.generate()
+    db = tmp_path / "fedrec.db"
+    _old_server_database(db, identity, _signed_chain(identity, 2), [1, 2])
+    with pytest.raises(ValueError, match="needs write access: open a writable copy"):
+        PrivacyStore(f"sqlite:///file:{db}?mode=ro&uri=true")
+    assert "ledger_entries" in _tables(db)
+
+
+def test_an_earlier_device_ledger_file_opens_unchanged_and_continues(tmp_path: Path) -> None:
+    identity = DeviceIdentity.generate()
+    entries = _signed_chain(identity, N)
+    path = tmp_path / "device.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(_OLD_DEVICE_SCHEMA)
+    with conn:
+        conn.executemany("INSERT INTO meta VALUES (?, ?)", [("device_id", str(DEVICE)), ("created_at", "1.5")])
+        conn.execute(
+            "INSERT INTO device_identity VALUES (1, ?, ?, 1.5)", (identity.private_bytes(), identity.public_key)
+        )
+        _insert_entries(conn, "ledger_entries", entries, list(range(1, N + 1)))
+    conn.close()
+    before = _dump(path, "ledger_entries")
+
+    with DeviceLedgerStore(path) as store:
+        assert store.device_id == DEVICE
+        assert store.identity().public_key == identity.public_key
+        assert store.entries() == entries
+        assert store.history() == [(1.0, 1 / 92, 10)] * N
+        appended = store.append(**_release(N))
+        assert appended.seq == N and appended.prev_hash == entries[-1].entry_hash
+        assert verify_chain(store.entries(), identity.public_key, expected_count=N + 1) == []
+
+    assert _dump(path, "ledger_entries")[:N] == before
+    assert _tables(path) == {"meta", "device_identity", "ledger_entries", "evaluations_answered"}
+
+
+def test_release_fields_are_checked_by_name() -> None:
+    identity = DeviceIdentity.generate()
+    release = _release(0)
+    del release["steps"]
+    with pytest.raises(TypeError, match="missing steps"):
+        make_entry(identity, None, device_id=1, **release)
+    with pytest.raises(TypeError, match="unknown colour"):
+        make_entry(identity, None, device_id=1, **_release(0), colour="blue")

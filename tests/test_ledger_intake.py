@@ -10,10 +10,9 @@ budget below the run's must still sign the ε the server recomputes.
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import build_client_app
@@ -26,13 +25,13 @@ from shared.privacy.accounting import DeviceAccountant
 from shared.privacy.ledger import entry_to_json
 from shared.privacy.ledger_store import DeviceLedgerStore
 from shared.privacy.user_level import RenyiFilter
+from shared.protocol import TRAIN_TASK, TrainTask, TrainUpdate, build_train_task, parse_ledger, parse_train_reply
 from shared.training import opacus_sample_rate
-from shared.typed_fields import get_int
 
 
-def _reply(store: DeviceLedgerStore) -> Any:
-    entries = [entry_to_json(e) for e in store.entries()]
-    return SimpleNamespace(content=RecordDict({"ledger": ConfigRecord({"entries": entries})}))
+def _reply(store: DeviceLedgerStore) -> list[str]:
+    """Every entry of the device's ledger, as a reply carries them (JSON texts)."""
+    return [entry_to_json(e) for e in store.entries()]
 
 
 def _intake(overrides: dict[str, Any], device: DeviceLedgerStore, device_id: int) -> LedgerIntake:
@@ -134,15 +133,21 @@ def test_a_device_capping_its_user_budget_signs_the_epsilon_the_server_recompute
     context = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={})
     intake = _intake(overrides, DeviceLedgerStore(store, device_id=1), 1)
     for task in range(2):
-        conf = ConfigRecord({"version": 0, "task-seed": task, "run": "this-run", "ledger-head": intake.head_seq(1)})
-        msg = Message(
-            RecordDict({"global": ArrayRecord(model.global_state()), "config": conf}),
-            dst_node_id=5,
-            message_type=MessageType.TRAIN,
-        )
+        train = TrainTask(ArrayRecord(model.global_state()), 0, task, run="this-run", ledger_head=intake.head_seq(1))
+        msg = Message(build_train_task(train), dst_node_id=5, message_type=TRAIN_TASK.message_type)
         reply = app(msg, context)
-        assert reply.content.config_records["status"]["status"] == "ok"
-        examples = get_int(reply.content.metric_records["metrics"], "num-examples")
-        result = intake.check(1, task, reply, examples)
+        update = parse_train_reply(reply)
+        assert isinstance(update, TrainUpdate)
+        result = intake.check(1, task, parse_ledger(reply).entries, update.num_examples)
         assert result.accepted, result.problems
         assert [e.unit for e in result.entries] == ["record", "user"]
+
+
+def test_a_ledger_that_cannot_be_read_is_a_recorded_rejection(tmp_path: Path) -> None:
+    device = DeviceLedgerStore(tmp_path / "dev.db", device_id=0)
+    intake = _intake({}, device, 0)
+    garbled = intake.check(0, 3, ["{not json"], 10)
+    missing = intake.unreadable(0, 4, "train-update message, key 'ledger': missing config record")
+    for result in (garbled, missing):
+        assert not result.accepted and result.problems[0].startswith("unreadable ledger: ")
+    assert [r.task_id for r in intake.store.rejections(0)] == [3, 4]

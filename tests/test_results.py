@@ -14,7 +14,7 @@ from sqlalchemy.schema import CreateTable
 from server.plots import plot_accuracy_vs_time, plot_comparison, plot_epsilon_distribution
 from server.run_store import (
     FLUSH_EVERY,
-    Base,
+    TABLES,
     EvalRecord,
     PrivacyRecord,
     RunStore,
@@ -289,7 +289,7 @@ def test_non_json_config_is_rejected(store: RunStore) -> None:
 
 @pytest.mark.parametrize("dialect", [postgresql.dialect(), mysql.dialect()], ids=["postgresql", "mysql"])
 def test_schema_compiles_for_other_backends(dialect: object) -> None:
-    ddl = [str(CreateTable(table).compile(dialect=dialect)) for table in Base.metadata.sorted_tables]  # type: ignore[arg-type]
+    ddl = [str(CreateTable(row.__table__).compile(dialect=dialect)) for row in TABLES]  # type: ignore[arg-type]
 
     assert len(ddl) == 6
     assert any("ck_tasks_status" in statement for statement in ddl)

@@ -9,7 +9,7 @@ import torch
 
 from server.aggregation import constant_staleness, polynomial_staleness
 from server.fleet import Fleet
-from server.scheduler import DeviceStatus, Failure, Refusal, Scheduler, Update
+from server.scheduler import AppliedVersion, DeviceStatus, Failure, Refusal, Scheduler, Update
 from shared.config import AggregationConfig, FleetConfig
 
 PARAMS = {"w": torch.zeros(3)}
@@ -262,3 +262,58 @@ def test_a_secure_cohort_with_a_rejected_contributor_applies_nothing_and_blames_
     assert all(c.applied_version is None for c in log)
     assert s._consecutive_failures[bad] == 1
     assert all(s._consecutive_failures[d] == 0 for d in ids - {bad})
+
+
+def _applied_versions(s: Scheduler) -> list[tuple[AppliedVersion, list[int]]]:
+    """Run ``s``; each new version as the scheduler reports it, with the staleness of the updates
+    accepted since the version before (what that version must have applied)."""
+    out: list[tuple[AppliedVersion, list[int]]] = []
+    since: list[int] = []
+    while not s.finished:
+        s.dispatch()
+        task = s.next_due()
+        if task is None:
+            continue
+        c = s.complete(task, Update({"w": torch.ones(3)}, 10, 0.5))
+        if c.status == "accepted":
+            assert c.staleness is not None
+            since.append(c.staleness)
+        if c.applied_version is not None:
+            assert s.last_applied is not None and s.last_applied.version == c.applied_version
+            out.append((s.last_applied, since))
+            since = []
+    return out
+
+
+def test_a_sync_version_reports_its_whole_cohort_even_when_the_cohort_exceeds_the_buffer_size() -> None:
+    """Sync FedAvg applies one cohort per version, whatever buffer-size says (the sync preset: 100 vs 50)."""
+    s = _scheduler("sync", devices=12, concurrency=8, buffer_size=2, num_versions=3)
+    versions = _applied_versions(s)
+    assert [v.version for v, _ in versions] == [1, 2, 3]
+    for applied, accepted in versions:
+        assert len(applied.staleness) == len(accepted) > s.cfg.buffer_size
+        assert set(applied.staleness) == {0}
+
+
+def test_a_sync_version_smaller_than_the_buffer_reports_only_its_own_updates() -> None:
+    s = _scheduler("sync", devices=12, concurrency=3, buffer_size=50, num_versions=3)
+    for applied, accepted in _applied_versions(s):
+        assert list(applied.staleness) == accepted and len(accepted) <= 3
+
+
+def test_an_async_version_reports_the_staleness_of_its_buffer() -> None:
+    s = _scheduler(concurrency=6, buffer_size=3, num_versions=8)
+    versions = _applied_versions(s)
+    assert len(versions) == 8
+    for applied, accepted in versions:
+        assert list(applied.staleness) == accepted and len(accepted) == 3
+    assert [x for v, _ in versions for x in v.staleness] == s.applied_staleness
+
+
+def test_a_secure_cohort_reports_each_contributor() -> None:
+    s = _scheduler(mode="sync", concurrency=4)
+    tasks = s.dispatch()
+    ids = {t.device_id for t in tasks}
+    s.complete_cohort(tasks, {"w": torch.ones(3)}, ids)
+    assert s.last_applied is not None
+    assert (s.last_applied.version, s.last_applied.staleness) == (1, (0,) * len(ids))

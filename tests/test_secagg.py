@@ -25,6 +25,7 @@ from server.secagg import SecAggError, quantization_error_bound, run_secagg_roun
 from shared.config import FedrecConfig, parse_config
 from shared.data.partition import load_device, prepare_partitions
 from shared.models.factory import build_model
+from shared.protocol import SecAggFitConfig, secagg_round_config, secagg_task_config
 from simulations.local_grid import LocalGrid
 
 NUM_DEVICES = 5
@@ -89,7 +90,7 @@ def _client_app(cfg: FedrecConfig, committed: dict[int, TrainReply], drop: set[i
             raise RuntimeError("device went offline")  # a dropout in the masked-vector stage
         device = _fresh_device(cfg, index)
 
-        def commit(reply: TrainReply, config: Mapping[str, Scalar]) -> None:
+        def commit(reply: TrainReply, config: SecAggFitConfig) -> None:
             committed[index + 1] = reply
 
         return device, commit
@@ -105,7 +106,7 @@ def _client_app(cfg: FedrecConfig, committed: dict[int, TrainReply], drop: set[i
 
 
 def _seeds(nodes: Iterable[int]) -> dict[int, Mapping[str, Scalar]]:
-    return {n: {"task-seed": 1000 + n} for n in nodes}
+    return {n: secagg_task_config(1000 + n) for n in nodes}
 
 
 def _plain(cfg: FedrecConfig, params: dict[str, torch.Tensor], nodes: Iterable[int]) -> list[TrainReply]:
@@ -125,7 +126,7 @@ def _run(cfg: FedrecConfig, drop: set[int], max_weight: float) -> tuple[Any, _Re
         grid,
         list(range(1, NUM_DEVICES + 1)),
         params,
-        {"run": "secagg-test"},
+        secagg_round_config("secagg-test", 0),
         num_shares=NUM_DEVICES,
         reconstruction_threshold=3,
         clipping_range=CLIP,

@@ -18,8 +18,10 @@ from flwr.clientapp import ClientApp
 from flwr.common import Scalar
 
 from client.device import Device, DeviceState, TrainReply
-from client.device_store import ContributionReceipt, DeviceDataStore, create_key_file, key_from_file
+from client.device_store import DeviceDataStore
+from client.receipts import ContributionReceipt
 from client.secagg_client import Commit, is_secagg_message, secagg_train
+from client.store_keys import create_key_file, key_from_file
 from server.secagg import quantization_error_bound, run_secagg_round
 from shared.config import parse_config
 from shared.data.partition import load_device, prepare_partitions

@@ -126,6 +126,27 @@ def test_devices_refuse_at_their_budget_and_are_never_scheduled_again(tmp_path: 
             assert t.dispatched_at < refused_at[t.device_id], "an exhausted device was scheduled again"
 
 
+def test_each_version_records_the_updates_it_applied_when_the_sync_cohort_exceeds_the_buffer(tmp_path: Path) -> None:
+    """A synchronous version applies its whole cohort, however large buffer-size is or is not.
+
+    (The sync preset has a cohort of 100 and a buffer size of 50; the last buffer-size
+    staleness values used to be recorded as each version's updates.)
+    """
+    overrides = _overrides(tmp_path, "cohort", mode="sync", concurrency=6, buffer_size=2, num_versions=2)
+    summary = simulate(overrides, backend="local")
+    with RunStore(f"sqlite:///{tmp_path / 'cohort' / 'fedrec.db'}") as store:
+        (run_id,) = store.run_ids()
+        versions = store.versions(run_id)
+        tasks = store.tasks(run_id)
+    assert [v.version for v in versions] == [1, 2]
+    for v in versions:
+        # In sync mode every accepted update of the cohort dispatched on version v - 1 is in v.
+        cohort = [t for t in tasks if t.base_version == v.version - 1 and t.status == "accepted"]
+        assert v.num_updates == len(cohort) > overrides["buffer-size"]
+        assert (v.mean_staleness, v.max_staleness) == (0.0, 0)
+    assert sum(v.num_updates for v in versions) == summary["aggregation"]["updates-applied"]
+
+
 def test_same_seed_same_numbers_and_a_new_seed_changes_them(tmp_path: Path) -> None:
     a = simulate(_overrides(tmp_path, "a"), backend="local")
     b = simulate(_overrides(tmp_path, "b"), backend="local")
@@ -136,10 +157,12 @@ def test_same_seed_same_numbers_and_a_new_seed_changes_them(tmp_path: Path) -> N
 
 def test_reported_epsilon_is_every_devices_true_spending_even_for_lost_tasks(tmp_path: Path) -> None:
     """Dropped tasks still train on the device; the summary must not under-report their epsilon."""
-    from client.app import _load_state, build_client_app
+    from client.app import build_client_app
+    from client.node_config import store_path
     from server.app import run_federation
     from shared.config import parse_config
     from shared.privacy.accounting import DeviceAccountant
+    from shared.privacy.ledger_store import DeviceLedgerStore
     from simulations.local_grid import LocalGrid
 
     flat = {**_overrides(tmp_path, "lossy", dropout_rate=0.4, num_versions=6), "reproducible-noise": True}
@@ -149,7 +172,9 @@ def test_reported_epsilon_is_every_devices_true_spending_even_for_lost_tasks(tmp
     assert summary["aggregation"]["tasks-dropped"] > 0
     true_eps = {}
     for node, context in grid._contexts.items():
-        history = _load_state(context).accountant_history
+        # What the device really spent: its own signed ledger, from which its accountant is rebuilt.
+        with DeviceLedgerStore(store_path(cfg, context.node_config), device_id=node - 1) as ledger:
+            history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries() if e.unit == "record"]
         true_eps[node - 1] = DeviceAccountant("rdp", cfg.privacy.delta, 1e9, history).epsilon() if history else 0.0
     spent = sorted(e for e in true_eps.values() if e > 0)
     assert summary["privacy"]["epsilon-max"] == pytest.approx(max(spent), rel=1e-12)
@@ -214,11 +239,12 @@ def test_secure_aggregation_withholds_a_sum_whose_contributor_ledger_fails(tmp_p
     cohort it joins is withheld, it is retired after ``max-device-failures`` rejections,
     and the honest contributors' spending is still recorded from their verified entries.
     """
-    from flwr.app import ConfigRecord, MessageType
+    from flwr.app import MessageType
 
     from client.app import build_client_app
     from server.app import run_federation
     from shared.config import parse_config, to_flat
+    from shared.protocol import LEDGER_REPLY, Ledger, ProtocolError, build_identity, parse_identity, parse_ledger
     from simulations.local_grid import LocalGrid
 
     class HidingDeviceGrid(LocalGrid):
@@ -226,8 +252,14 @@ def test_secure_aggregation_withholds_a_sum_whose_contributor_ledger_fails(tmp_p
             replies = list(super().pull_messages(message_ids))
             for reply in replies:
                 hiding = reply.metadata.src_node_id == 1 and reply.metadata.message_type == MessageType.QUERY
-                if hiding and not reply.has_error() and "ledger" in reply.content.config_records:
-                    reply.content.config_records["ledger"] = ConfigRecord({"entries": []})
+                if not hiding or reply.has_error():
+                    continue
+                try:
+                    parse_ledger(reply, kind=LEDGER_REPLY.kind)
+                except ProtocolError:
+                    continue  # a bare identity (discovery), not a ledger reply
+                # The same identity, with no ledger entries at all.
+                reply.content = build_identity(parse_identity(reply, kind=LEDGER_REPLY.kind), Ledger(()))
             return replies
 
     cfg = parse_config(
@@ -304,16 +336,16 @@ def test_default_actors_is_one_more_than_the_cores_as_far_as_memory_allows() -> 
 
 
 def test_a_late_reply_is_verified_and_recorded_even_when_its_lost_task_is_no_longer_known(tmp_path: Path) -> None:
-    """A device with two lost tasks: the second late reply still delivers its signed entry."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+    """A device with two lost tasks: each late reply delivers its signed entry, whatever task it answers."""
+    from flwr.app import ArrayRecord, Message
 
     from client.app import build_client_app
     from server.federation import Federation
     from server.privacy_store import PrivacyStore
-    from server.scheduler import Task
     from shared.config import parse_config, to_flat
     from shared.data.partition import prepare_partitions
     from shared.models.factory import build_model
+    from shared.protocol import TRAIN_TASK, TrainTask, build_train_task
     from simulations.local_grid import LocalGrid
 
     cfg = parse_config(_overrides(tmp_path, "late"))
@@ -326,22 +358,19 @@ def test_a_late_reply_is_verified_and_recorded_even_when_its_lost_task_is_no_lon
     with RunStore(url) as runs, PrivacyStore(url) as privacy:
         fed = Federation(grid, cfg, info.num_devices, info.num_items, initial, runs, privacy_store=privacy)
         fed.driver.discover(info.num_devices, timeout=30.0)
-        fed.intake.register(0, fed.driver.public_keys.get(0))  # type: ignore[union-attr]
+        fed.intake.register(0, fed.driver.public_keys.get(0))
         replies = []
         for task_id in (1, 2):  # both dispatched before the server held any entry of device 0
-            conf = ConfigRecord({"version": 0, "task-seed": task_id, "run": fed.run_label, "ledger-head": -1})
-            msg = Message(
-                RecordDict({"global": ArrayRecord(initial), "config": conf}),
-                dst_node_id=1,
-                message_type=MessageType.TRAIN,
-            )
+            task = TrainTask(ArrayRecord(initial), 0, task_id, run=fed.run_label, ledger_head=-1)
+            msg = Message(build_train_task(task), dst_node_id=1, message_type=TRAIN_TASK.message_type)
             replies.append(grid.send_and_receive([msg], timeout=30.0)[0])  # type: ignore[index]
-        fed._lost[0] = Task(1.0, 0, task_id=1, device_id=0, base_version=0, dispatched_at=0.0, lost="dropped")
-        fed._late_reply(0, replies[0])
-        fed._late_reply(0, replies[1])  # its task is no longer in _lost
+        # The server keeps no lost task to match: a late reply's entries name their own tasks.
+        assert fed.driver.on_late_reply == fed.spending.take_late_reply
+        fed.spending.take_late_reply(0, replies[0])
+        fed.spending.take_late_reply(0, replies[1])
         stored = privacy.entries(0)
         assert [e.task_id for e in stored] == [1, 2]
-        assert fed.device_epsilon[0] == pytest.approx(stored[-1].epsilon)
+        assert fed.spending.device_epsilon[0] == pytest.approx(stored[-1].epsilon)
         spending = [r.task_id for r in runs.privacy_records(fed.run_id, 0) if r.status == "spent"]
     assert spending == [1, 2]
 
@@ -350,7 +379,8 @@ def test_a_reply_lost_to_a_real_timeout_still_gets_its_ledger_to_the_server(tmp_
     """The device trained and signed, but its reply never arrived: the final ledger query fetches it."""
     from flwr.app import MessageType
 
-    from client.app import _store_path, build_client_app
+    from client.app import build_client_app
+    from client.node_config import store_path
     from server.app import run_federation
     from server.privacy_store import PrivacyStore
     from shared.config import parse_config, to_flat
@@ -375,7 +405,7 @@ def test_a_reply_lost_to_a_real_timeout_still_gets_its_ledger_to_the_server(tmp_
     summary = run_federation(grid, cfg)
     assert grid.lost == [1] and summary["aggregation"]["tasks-timed-out"] >= 1
     assert summary["privacy"]["devices-unreconciled"] == 0
-    device = DeviceLedgerStore(_store_path(cfg, grid._contexts[1]), device_id=0)
+    device = DeviceLedgerStore(store_path(cfg, grid._contexts[1].node_config), device_id=0)
     signed = [(e.seq, e.entry_hash) for e in device.entries()]
     with PrivacyStore(f"sqlite:///{tmp_path / 'timeout' / 'fedrec.db'}") as store:
         held = [(e.seq, e.entry_hash) for e in store.entries(0)]

@@ -1,6 +1,8 @@
 """Data for fedrec: loaders, the leave-one-out split and per-device partitions."""
 
-from shared.data.movielens import load_bundled_ml100k, load_grouplens, load_interactions
+from shared.data.bundled import load_bundled_ml100k
+from shared.data.datasets import load_interactions
+from shared.data.formats import load_grouplens
 from shared.data.partition import (
     PartitionInfo,
     item_popularity,

@@ -26,14 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shared.data.movielens import (
-    BUNDLED_FILES,
-    find_grouplens_files,
-    load_interactions,
-    resolve_cache_dir,
-    validate_data_config,
-)
-from shared.data.split import leave_one_out
+from shared.data.bundled import BUNDLED_FILES, resolve_cache_dir
+from shared.data.datasets import load_interactions, validate_data_config
+from shared.data.formats import find_grouplens_files
+from shared.data.split import MIN_INTERACTIONS, leave_one_out
 from shared.data.types import DataError, DeviceData
 
 if TYPE_CHECKING:
@@ -53,7 +49,6 @@ __all__ = [
 
 FORMAT_NAME = "fedrec-partitions"
 FORMAT_VERSION = 1
-MIN_INTERACTIONS = 3  # leave-one-out needs train, valid and test
 _ARRAYS = ("items", "offsets", "device_ids", "valid", "test")
 
 
@@ -341,7 +336,7 @@ def prepare_partitions(cfg: DataConfig, cache_dir: Path | None = None) -> Partit
         devices (ascending dense user id) of the split.
     cache_dir
         Cache root; ``None`` resolves ``cfg.cache_dir`` (see
-        :func:`~shared.data.movielens.resolve_cache_dir`).
+        :func:`~shared.data.bundled.resolve_cache_dir`).
 
     Returns
     -------

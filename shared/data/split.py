@@ -1,4 +1,4 @@
-"""Leave-one-out split by time, the protocol fedrec reports on (see ``DATA.md``)."""
+"""Leave-one-out split by time, the protocol fedrec reports on (see ``docs/data.md``)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import numpy as np
 
 from shared.data.types import DataError, DeviceData, InteractionLog
 
-__all__ = ["leave_one_out"]
+__all__ = ["MIN_INTERACTIONS", "leave_one_out"]
+
+MIN_INTERACTIONS = 3  # leave-one-out needs a training, a validation and a test item
 
 
-def leave_one_out(log: InteractionLog, min_interactions: int = 3) -> list[DeviceData]:
+def leave_one_out(log: InteractionLog, min_interactions: int = MIN_INTERACTIONS) -> list[DeviceData]:
     """Split each user's interactions into train / validation / test by time.
 
     Each user's interactions are ordered by timestamp with a *stable* sort, so
@@ -39,8 +41,8 @@ def leave_one_out(log: InteractionLog, min_interactions: int = 3) -> list[Device
     DataError
         If the log's arrays disagree in length or hold out-of-range user ids.
     """
-    if min_interactions < 3:
-        raise ValueError(f"min_interactions must be at least 3, got {min_interactions}")
+    if min_interactions < MIN_INTERACTIONS:
+        raise ValueError(f"min_interactions must be at least {MIN_INTERACTIONS}, got {min_interactions}")
     users = np.asarray(log.user_ids, dtype=np.int64)
     items = np.asarray(log.item_ids, dtype=np.int64)
     times = np.asarray(log.timestamps, dtype=np.float64)

@@ -1,18 +1,50 @@
-"""The one recommender contract every fedrec model implements.
+"""The one recommender contract every fedrec model implements, and the settings it is built from.
 
 Training code, the device runtime and evaluation only ever call these methods,
 so they never special-case a model (RecBole's contract: loss, score, full sort).
+``docs/models.md`` describes the contract and the two models behind it.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import nn
+
+from shared.models.layers import batch_mean
+
+__all__ = ["ModelSpec", "Recommender", "UserContext"]
+
+
+class ModelSpec(Protocol):
+    """The fields of ``shared.config.ModelConfig`` the models read.
+
+    A structural type, so the models need not import the config module and tests
+    can pass their own small frozen dataclass.
+    """
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def embedding_dim(self) -> int: ...
+    @property
+    def mlp_layers(self) -> tuple[int, ...]: ...
+    @property
+    def num_negatives(self) -> int: ...
+    @property
+    def max_seq_len(self) -> int: ...
+    @property
+    def num_blocks(self) -> int: ...
+    @property
+    def num_heads(self) -> int: ...
+    @property
+    def dropout(self) -> float: ...
+    @property
+    def init(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -29,7 +61,7 @@ class UserContext:
 
 
 class Recommender(nn.Module, abc.ABC):
-    """Base class: a torch module with the three calls of the recommender contract."""
+    """Base class: a torch module with the calls of the recommender contract."""
 
     num_items: int
     # Whether Opacus ghost clipping gives this model's exact clipped gradients faster than
@@ -44,8 +76,8 @@ class Recommender(nn.Module, abc.ABC):
     def loss_per_record(self, batch: tuple[torch.Tensor, ...], negatives: torch.Tensor) -> torch.Tensor:
         """Loss of each record (shape (B,)) with the given negatives.
 
-        ``loss(batch, g)`` must equal the mean of
-        ``loss_per_record(batch, sample_negatives(B, g))`` (0 when B == 0).
+        :meth:`loss` is the mean of ``loss_per_record(batch, sample_negatives(B, g))``
+        (0 when B == 0); a model that overrides :meth:`loss` must keep that.
         """
 
     @abc.abstractmethod
@@ -58,13 +90,42 @@ class Recommender(nn.Module, abc.ABC):
         one record.
         """
 
-    @abc.abstractmethod
+    def loss_with_negatives(self, batch: tuple[torch.Tensor, ...], negatives: torch.Tensor) -> torch.Tensor:
+        """Mean over records of :meth:`loss_per_record` (scalar; a connected 0 when B == 0).
+
+        Parameters
+        ----------
+        batch
+            Records as from :meth:`build_records` (first dim B, possibly 0).
+        negatives
+            The negatives :meth:`loss_per_record` takes, first dim B.
+
+        Returns
+        -------
+        torch.Tensor
+            A scalar (see :func:`~shared.models.layers.batch_mean`).
+        """
+        return batch_mean(self.loss_per_record(batch, negatives))
+
     def loss(self, batch: tuple[torch.Tensor, ...], generator: torch.Generator) -> torch.Tensor:
         """Mean loss over a batch of records (first dim B, possibly 0).
 
         Negative items are drawn inside with ``generator``, uniformly from the
         whole catalogue, so that each record's loss depends on that record only.
+
+        Parameters
+        ----------
+        batch
+            Records as from :meth:`build_records`.
+        generator
+            Source of the negatives (:meth:`sample_negatives`).
+
+        Returns
+        -------
+        torch.Tensor
+            A scalar.
         """
+        return self.loss_with_negatives(batch, self.sample_negatives(batch[0].shape[0], generator))
 
     @abc.abstractmethod
     def score(self, ctx: UserContext, items: torch.Tensor) -> torch.Tensor:

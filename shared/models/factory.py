@@ -2,41 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 from torch import nn
 
-from shared.models.base import Recommender
+from shared.models.base import ModelSpec, Recommender
 from shared.models.ncf import NCF
 from shared.models.sasrec import SASRec
-
-
-class ModelSpec(Protocol):
-    """The fields of ``shared.config.ModelConfig`` the models read.
-
-    A structural type, so the models need not import the config module and tests
-    can pass their own small frozen dataclass.
-    """
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def embedding_dim(self) -> int: ...
-    @property
-    def mlp_layers(self) -> tuple[int, ...]: ...
-    @property
-    def num_negatives(self) -> int: ...
-    @property
-    def max_seq_len(self) -> int: ...
-    @property
-    def num_blocks(self) -> int: ...
-    @property
-    def num_heads(self) -> int: ...
-    @property
-    def dropout(self) -> float: ...
-    @property
-    def init(self) -> str: ...
 
 
 def build_model(cfg: ModelSpec, num_items: int, num_users: int, seed: int) -> Recommender:

@@ -5,7 +5,7 @@ device's own user, index 0) and never leaves the device; a centralized trainer
 builds the same class with one row per user. Everything else (item table, item
 bias, MLP tower, output layer) is global.
 
-Opacus constraints this module is written around (docs: OPACUS.md section 3):
+Opacus constraints this module is written around (``docs/models.md``):
 
 * every parameter is used only inside its own module's ``forward`` (a bare
   ``weight`` in a matmul is silently missing from per-sample gradients);
@@ -19,82 +19,16 @@ Opacus constraints this module is written around (docs: OPACUS.md section 3):
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from shared.models.base import Recommender, UserContext
-
-if TYPE_CHECKING:
-    from shared.models.factory import ModelSpec
-
-# Logit given to a sampled negative that happens to equal the positive ("accidental
-# hit"): it would otherwise push the positive's own score down. Finite rather than
-# -inf so an all-masked row can never produce NaN.
-_MASKED_LOGIT = -1e9
+from shared.models.base import ModelSpec, Recommender, UserContext
+from shared.models.layers import init_embedding, init_linear, sampled_softmax_nll
 
 # Items scored per chunk in ``score_all``: bounds the (chunk x (2D + H)) MLP input
 # so 100k-item catalogues score without a catalogue-sized activation per layer.
 _SCORE_CHUNK = 8192
-
-
-def init_linear(layer: nn.Linear, scheme: str) -> None:
-    """Initialise a linear layer in place: Xavier-uniform or N(0, 0.01) weights, zero bias."""
-    if scheme == "xavier":
-        nn.init.xavier_uniform_(layer.weight)
-    else:
-        nn.init.normal_(layer.weight, std=0.01)
-    if layer.bias is not None:
-        nn.init.zeros_(layer.bias)
-
-
-def init_embedding(table: nn.Embedding, scheme: str) -> None:
-    """Initialise an embedding table in place.
-
-    ``"xavier"`` draws N(0, 1/D): the scale of a Xavier layer with fan-in D, but
-    independent of the number of rows, so a device's one-row user table and a
-    centralized trainer's all-users table are initialised alike. ``"normal"`` is
-    NCF's N(0, 0.01). A ``padding_idx`` row is reset to zero.
-    """
-    std = 1.0 / math.sqrt(table.embedding_dim) if scheme == "xavier" else 0.01
-    nn.init.normal_(table.weight, std=std)
-    if table.padding_idx is not None:
-        with torch.no_grad():
-            table.weight[table.padding_idx].zero_()
-
-
-def sampled_softmax_nll(logits: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of candidate 0 (the positive) against the sampled negatives.
-
-    Parameters
-    ----------
-    logits
-        ``... x (1 + K)`` scores; column 0 is the positive.
-    hits
-        ``... x K`` bool, True where a negative equals the positive (masked out).
-
-    Returns
-    -------
-    torch.Tensor
-        ``...`` negative log-likelihood of the positive.
-    """
-    mask = torch.cat([torch.zeros_like(hits[..., :1]), hits], dim=-1)
-    logits = logits.masked_fill(mask, _MASKED_LOGIT)
-    return -F.log_softmax(logits, dim=-1)[..., 0]
-
-
-def batch_mean(per_record: torch.Tensor) -> torch.Tensor:
-    """Mean of a ``B`` vector of per-record losses, B possibly 0.
-
-    ``sum / max(B, 1)`` equals the mean for B >= 1 and, for an empty Poisson
-    batch, is an exact 0 that is still connected to every parameter, so
-    ``backward`` runs and Opacus takes its noise-only step (``mean()`` would be NaN).
-    """
-    return per_record.sum() / max(per_record.shape[0], 1)
 
 
 class NCF(Recommender):
@@ -116,7 +50,8 @@ class NCF(Recommender):
     num_negatives
         K uniform negatives per positive in the sampled softmax.
     init
-        ``"xavier"`` or ``"normal"`` (see :func:`init_linear`, :func:`init_embedding`).
+        ``"xavier"`` or ``"normal"`` (see :func:`~shared.models.layers.init_linear`,
+        :func:`~shared.models.layers.init_embedding`).
     """
 
     # The item table is called once per forward (positives and negatives together), the
@@ -158,7 +93,7 @@ class NCF(Recommender):
 
     @classmethod
     def from_config(cls, cfg: ModelSpec, num_items: int, num_users: int) -> NCF:
-        """Build from a ``shared.config.ModelConfig`` (or any :class:`~shared.models.factory.ModelSpec`)."""
+        """Build from a ``shared.config.ModelConfig`` (or any :class:`~shared.models.base.ModelSpec`)."""
         return cls(
             num_items=num_items,
             num_users=num_users,
@@ -276,14 +211,6 @@ class NCF(Recommender):
         candidates = torch.cat([pos, negatives], dim=1).contiguous()  # B x (1 + K)
         logits = self._logits(users, candidates)
         return sampled_softmax_nll(logits, negatives == pos)
-
-    def loss_with_negatives(self, batch: tuple[torch.Tensor, ...], negatives: torch.Tensor) -> torch.Tensor:
-        """Mean over records of :meth:`loss_per_record` (scalar; a connected 0 when B == 0)."""
-        return batch_mean(self.loss_per_record(batch, negatives))
-
-    def loss(self, batch: tuple[torch.Tensor, ...], generator: torch.Generator) -> torch.Tensor:
-        """Mean sampled-softmax loss, negatives drawn with ``generator``."""
-        return self.loss_with_negatives(batch, self.sample_negatives(batch[0].shape[0], generator))
 
     # ------------------------------------------------------------------ scoring
 

@@ -4,7 +4,7 @@ Built from ``nn.Linear`` + ``nn.LayerNorm`` + ``F.scaled_dot_product_attention``
 rather than ``nn.MultiheadAttention`` / ``nn.TransformerEncoder``: Opacus's
 validator rejects the former, its ``DPMultiheadAttention`` replacement is wrong
 with ``batch_first=True``, and the encoder's causal-mask fast path trips Opacus
-(OPACUS.md section 3). Every parameter is used only through its module's forward.
+(``docs/models.md``). Every parameter is used only through its module's forward.
 
 Item ids are shifted by +1 inside the model so that 0 is padding. The item table
 is tied between input and output *through the module*: the input sequence, the
@@ -16,18 +16,14 @@ ghost clipping, which rejects a module called twice, also works.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.models.base import Recommender, UserContext
-from shared.models.ncf import batch_mean, init_embedding, init_linear, sampled_softmax_nll
-
-if TYPE_CHECKING:
-    from shared.models.factory import ModelSpec
+from shared.models.base import ModelSpec, Recommender, UserContext
+from shared.models.layers import init_embedding, init_linear, sampled_softmax_nll
 
 
 class CausalSelfAttentionBlock(nn.Module):
@@ -138,7 +134,7 @@ class SASRec(Recommender):
 
     @classmethod
     def from_config(cls, cfg: ModelSpec, num_items: int) -> SASRec:
-        """Build from a ``shared.config.ModelConfig`` (or any :class:`~shared.models.factory.ModelSpec`)."""
+        """Build from a ``shared.config.ModelConfig`` (or any :class:`~shared.models.base.ModelSpec`)."""
         return cls(
             num_items=num_items,
             embedding_dim=cfg.embedding_dim,
@@ -295,14 +291,6 @@ class SASRec(Recommender):
         nll = sampled_softmax_nll(logits, negatives == targets.unsqueeze(-1))  # B x L
         valid = (targets != 0).to(nll.dtype)
         return (nll * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
-
-    def loss_with_negatives(self, batch: tuple[torch.Tensor, ...], negatives: torch.Tensor) -> torch.Tensor:
-        """Mean over records of :meth:`loss_per_record` (scalar; a connected 0 when B == 0)."""
-        return batch_mean(self.loss_per_record(batch, negatives))
-
-    def loss(self, batch: tuple[torch.Tensor, ...], generator: torch.Generator) -> torch.Tensor:
-        """Mean sampled-softmax loss, negatives drawn with ``generator``."""
-        return self.loss_with_negatives(batch, self.sample_negatives(batch[0].shape[0], generator))
 
     # ------------------------------------------------------------------ scoring
 

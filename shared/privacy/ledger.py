@@ -6,7 +6,9 @@ chain per device, and the device signs each entry's hash with its Ed25519 key
 (:mod:`shared.privacy.identity`), so a stored ledger can be checked by anyone holding
 the device's public key: :func:`verify_chain` names every edit, deletion, reordering
 or forgery it finds. This module is pure (no SQL); ``shared.privacy.ledger_store`` and
-``server.privacy_store`` persist entries.
+``server.privacy_store`` persist entries, in tables ``shared.privacy.ledger_table``
+derives from :class:`LedgerEntry`'s fields: adding a field to :class:`LedgerEntry` adds
+it to the hash, the JSON transport, :func:`make_entry`'s release fields and both tables.
 
 Format
 ------
@@ -32,14 +34,16 @@ import json
 import numbers
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Final
+from dataclasses import dataclass, field, fields
+from typing import Final, cast
 
 from shared.privacy.identity import DeviceIdentity, verify_signature
 
 __all__ = [
+    "ENTRY_FIELDS",
     "GENESIS",
     "PROBLEM_KINDS",
+    "RELEASE_FIELDS",
     "UNITS",
     "ChainProblem",
     "LedgerEntry",
@@ -111,25 +115,37 @@ class LedgerEntry:
         The device's Ed25519 signature of ``entry_hash`` (URL-safe base64).
     """
 
-    device_id: int
-    seq: int
-    run: str
-    version: int
-    task_id: int
-    unit: str
-    mechanism: str
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    clip_norm: float
-    accountant: str
-    epsilon: float
-    delta: float
-    timestamp: float
-    prev_hash: str
-    entry_hash: str
-    signature: str
+    # Each field's metadata: "comment", what the field holds in a few words (the column
+    # comment where entries are stored in SQL), and "length", the most characters a
+    # text field holds when more than the default 64.
+    device_id: int = field(metadata={"comment": "releasing device"})
+    seq: int = field(metadata={"comment": "position in the device's ledger, from 0"})
+    run: str = field(metadata={"comment": "run the release belongs to", "length": 255})
+    version: int = field(metadata={"comment": "global model version trained on; -1 if not applicable"})
+    task_id: int = field(metadata={"comment": "training task the release answered"})
+    unit: str = field(metadata={"comment": "privacy unit: record|user"})
+    mechanism: str = field(metadata={"comment": "e.g. subsampled-gaussian"})
+    noise_multiplier: float = field(metadata={"comment": "noise std / clip_norm"})
+    sample_rate: float = field(metadata={"comment": "Poisson sampling probability per step"})
+    steps: int = field(metadata={"comment": "noisy steps in this release"})
+    clip_norm: float = field(metadata={"comment": "L2 clipping bound"})
+    accountant: str = field(metadata={"comment": "accountant of epsilon, e.g. rdp"})
+    epsilon: float = field(metadata={"comment": "device's cumulative epsilon after this release"})
+    delta: float = field(metadata={"comment": "delta the epsilon is stated at"})
+    timestamp: float = field(metadata={"comment": "device's Unix seconds when the entry was made"})
+    prev_hash: str = field(metadata={"comment": "entry_hash of the previous entry"})
+    entry_hash: str = field(metadata={"comment": "SHA-256 hex of the canonical entry"})
+    signature: str = field(metadata={"comment": "device's Ed25519 signature of entry_hash", "length": 128})
 
+
+# Every field, in declaration order: the one list stores and transports map entries through.
+ENTRY_FIELDS: Final = tuple(f.name for f in fields(LedgerEntry))
+
+# The fields a device states about a release (what make_entry takes besides device_id):
+# everything but the device and what chaining, hashing and signing derive.
+RELEASE_FIELDS: Final = tuple(
+    name for name in ENTRY_FIELDS if name not in ("device_id", "seq", "prev_hash", "entry_hash", "signature")
+)
 
 # Type of every hashed field, fixing its canonical encoding.
 _HASHED_FIELDS: Final[dict[str, type]] = {
@@ -246,25 +262,7 @@ def entry_from_json(text: str) -> LedgerEntry:
     return LedgerEntry(**values)  # type: ignore[arg-type]
 
 
-def make_entry(
-    identity: DeviceIdentity,
-    prev: LedgerEntry | None,
-    *,
-    device_id: int,
-    run: str,
-    version: int,
-    task_id: int,
-    unit: str,
-    mechanism: str,
-    noise_multiplier: float,
-    sample_rate: float,
-    steps: int,
-    clip_norm: float,
-    accountant: str,
-    epsilon: float,
-    delta: float,
-    timestamp: float,
-) -> LedgerEntry:
+def make_entry(identity: DeviceIdentity, prev: LedgerEntry | None, *, device_id: int, **release: object) -> LedgerEntry:
     """Build the entry after ``prev``, hash it and sign it with ``identity``.
 
     Parameters
@@ -273,9 +271,11 @@ def make_entry(
         The device's signing key.
     prev
         The device's current last entry, or None for its first entry.
-    device_id, run, version, task_id, unit, mechanism, noise_multiplier, sample_rate, steps, clip_norm, accountant, \
-epsilon, delta, timestamp
-        The release, as described on :class:`LedgerEntry`.
+    device_id
+        The releasing device.
+    **release
+        Every field of :data:`RELEASE_FIELDS` (the release's parameters, its run,
+        task, cumulative epsilon and time), as described on :class:`LedgerEntry`.
 
     Returns
     -------
@@ -289,45 +289,39 @@ epsilon, delta, timestamp
         If ``prev`` belongs to another device, ``unit`` is unknown, or a number is out of
         range (negative or non-finite parameters, ``delta`` outside [0, 1)).
     TypeError
-        If a field has the wrong type.
+        If a release field is missing or unknown, or a field has the wrong type.
     """
+    missing = [name for name in RELEASE_FIELDS if name not in release]
+    unknown = sorted(set(release) - set(RELEASE_FIELDS))
+    if missing or unknown:
+        raise TypeError(
+            "make_entry() takes exactly the release fields: "
+            + "; ".join(
+                f"{what} {', '.join(names)}" for what, names in (("missing", missing), ("unknown", unknown)) if names
+            )
+        )
     if prev is not None and prev.device_id != device_id:
         raise ValueError(f"cannot chain an entry of device {device_id} after an entry of device {prev.device_id}")
+    unit = release["unit"]
     if unit not in UNITS:
         raise ValueError(f"unit must be one of {', '.join(UNITS)}; got {unit!r}")
-    for name, value in (
-        ("noise_multiplier", noise_multiplier),
-        ("sample_rate", sample_rate),
-        ("clip_norm", clip_norm),
-        ("epsilon", epsilon),
-        ("steps", steps),
-    ):
+    for name in ("noise_multiplier", "sample_rate", "clip_norm", "epsilon", "steps"):
+        value = cast(float, release[name])
         # NaN fails this comparison too; a signed NaN epsilon would be meaningless.
         if not 0 <= value < float("inf"):
             raise ValueError(f"{name} must be finite and non-negative; got {value!r}")
+    delta = cast(float, release["delta"])
     if not 0 <= delta < 1:
         raise ValueError(f"delta must be in [0, 1); got {delta!r}")
     values: dict[str, object] = {
+        **release,
         "device_id": device_id,
         "seq": 0 if prev is None else prev.seq + 1,
-        "run": run,
-        "version": version,
-        "task_id": task_id,
-        "unit": unit,
-        "mechanism": mechanism,
-        "noise_multiplier": noise_multiplier,
-        "sample_rate": sample_rate,
-        "steps": steps,
-        "clip_norm": clip_norm,
-        "accountant": accountant,
-        "epsilon": epsilon,
-        "delta": delta,
-        "timestamp": timestamp,
         "prev_hash": GENESIS if prev is None else prev.entry_hash,
     }
     # Normalise types (numpy scalars, ints given for floats) so the entry holds exactly
     # what was hashed; _canonical_value also rejects wrong types.
-    typed = {name: _HASHED_FIELDS[name](_check(name, value)) for name, value in values.items()}
+    typed = {name: _HASHED_FIELDS[name](_check(name, values[name])) for name in _HASHED_FIELDS}
     entry_hash = compute_hash(typed)
     return LedgerEntry(**typed, entry_hash=entry_hash, signature=identity.sign(entry_hash.encode("ascii")))  # type: ignore[arg-type]
 

@@ -15,7 +15,12 @@ Schema
     without the key, its public key.
 ``ledger_entries``
     The device's signed ledger (:class:`shared.privacy.ledger.LedgerEntry`), one row
-    per release, ``id`` in append order; ``seq`` unique.
+    per release, ``id`` in append order; ``seq`` unique (:mod:`shared.privacy.ledger_table`).
+    The server's copy of accepted entries is a table of another name
+    (``server/privacy_store.py`` says why that one, not this one, was renamed).
+``evaluations_answered``
+    One row per evaluation request the device answered: ``answered_at`` (Unix
+    seconds), ``run``, ``version`` and ``split``.
 
 The accountant's history is not stored separately: it is exactly the
 ``(noise_multiplier, sample_rate, steps)`` of the ledger's releases, so deriving it
@@ -30,13 +35,26 @@ import time
 from pathlib import Path
 from typing import Final
 
-from sqlalchemy import Double, Engine, Integer, LargeBinary, String, Text, create_engine, func, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy import (
+    Double,
+    Engine,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    func,
+    insert,
+    select,
+)
+from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from shared.privacy.identity import DeviceIdentity
 from shared.privacy.ledger import LedgerEntry, make_entry
-from shared.sql_store import SqlStore
+from shared.privacy.ledger_table import entry_from_row, entry_row, ledger_entry_table
+from shared.sql_store import Base, SqlStore, create_tables
 
 __all__ = ["DeviceLedgerStore"]
 
@@ -44,20 +62,14 @@ __all__ = ["DeviceLedgerStore"]
 FILE_MODE: Final = 0o600
 
 
-class _Base(DeclarativeBase):
-    """Declarative base of the device store (separate from any server-side schema)."""
-
-    type_annotation_map = {float: Double(), str: String(64)}  # noqa: RUF012 - read by SQLAlchemy
-
-
-class _Meta(_Base):
+class _Meta(Base):
     __tablename__ = "meta"
 
     key: Mapped[str] = mapped_column(primary_key=True)
     value: Mapped[str] = mapped_column(Text)
 
 
-class _IdentityRow(_Base):
+class _IdentityRow(Base):
     __tablename__ = "device_identity"
 
     # A single row: a device has exactly one identity.
@@ -67,32 +79,11 @@ class _IdentityRow(_Base):
     created_at: Mapped[float] = mapped_column(comment="Unix seconds")
 
 
-class _EntryRow(_Base):
-    __tablename__ = "ledger_entries"
-
-    # Append order: verification reads entries in this order to detect reordering.
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    device_id: Mapped[int] = mapped_column()
-    seq: Mapped[int] = mapped_column(unique=True)
-    run: Mapped[str] = mapped_column(String(255))
-    version: Mapped[int] = mapped_column()
-    task_id: Mapped[int] = mapped_column()
-    unit: Mapped[str] = mapped_column()
-    mechanism: Mapped[str] = mapped_column()
-    noise_multiplier: Mapped[float] = mapped_column()
-    sample_rate: Mapped[float] = mapped_column()
-    steps: Mapped[int] = mapped_column()
-    clip_norm: Mapped[float] = mapped_column()
-    accountant: Mapped[str] = mapped_column()
-    epsilon: Mapped[float] = mapped_column()
-    delta: Mapped[float] = mapped_column()
-    timestamp: Mapped[float] = mapped_column()
-    prev_hash: Mapped[str] = mapped_column()
-    entry_hash: Mapped[str] = mapped_column()
-    signature: Mapped[str] = mapped_column(String(128))
+# Append order (the row id) is what verification reads, to detect reordering.
+_ENTRIES = ledger_entry_table("ledger_entries", UniqueConstraint("seq"))
 
 
-class _EvaluationRow(_Base):
+class _EvaluationRow(Base):
     """An evaluation the device answered (metrics are not DP: the policy rate-limits them)."""
 
     __tablename__ = "evaluations_answered"
@@ -101,9 +92,6 @@ class _EvaluationRow(_Base):
     run: Mapped[str] = mapped_column(String)
     version: Mapped[int] = mapped_column(Integer)
     split: Mapped[str] = mapped_column(String)
-
-
-_ENTRY_FIELDS: Final = tuple(LedgerEntry.__dataclass_fields__)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -116,10 +104,6 @@ def _engine_for(path: str) -> Engine:
     no file open and sees the file as it is on disk.
     """
     return create_engine(f"sqlite:///{path}", poolclass=NullPool)
-
-
-def _to_entry(row: _EntryRow) -> LedgerEntry:
-    return LedgerEntry(**{name: getattr(row, name) for name in _ENTRY_FIELDS})
 
 
 def _create_private_file(path: Path) -> None:
@@ -165,7 +149,7 @@ class DeviceLedgerStore(SqlStore):
         self._identity: DeviceIdentity | None = None
         self._closed = False
         try:
-            _Base.metadata.create_all(self._engine)
+            create_tables(self._engine, _Meta, _IdentityRow, _ENTRIES, _EvaluationRow)
             self.device_id = self._claim(device_id)
         except BaseException:
             self._engine.dispose()
@@ -229,27 +213,16 @@ class DeviceLedgerStore(SqlStore):
 
     # --------------------------------------------------------------------- ledger
 
-    def append(
-        self,
-        *,
-        run: str,
-        version: int,
-        task_id: int,
-        unit: str,
-        mechanism: str,
-        noise_multiplier: float,
-        sample_rate: float,
-        steps: int,
-        clip_norm: float,
-        accountant: str,
-        epsilon: float,
-        delta: float,
-        timestamp: float | None = None,
-    ) -> LedgerEntry:
+    def append(self, *, timestamp: float | None = None, **release: object) -> LedgerEntry:
         """Sign one release, chained to the current head, and store it (one transaction).
 
-        Parameters are the release's fields as described on
-        :class:`shared.privacy.ledger.LedgerEntry`; ``timestamp`` defaults to now.
+        Parameters
+        ----------
+        timestamp
+            When the entry is made, in Unix seconds; default now.
+        **release
+            The release's other fields (:data:`shared.privacy.ledger.RELEASE_FIELDS`), as
+            described on :class:`shared.privacy.ledger.LedgerEntry`.
 
         Returns
         -------
@@ -259,7 +232,7 @@ class DeviceLedgerStore(SqlStore):
         Raises
         ------
         ValueError, TypeError
-            If a field is invalid (see :func:`shared.privacy.ledger.make_entry`).
+            If a field is missing, unknown or invalid (see :func:`shared.privacy.ledger.make_entry`).
         sqlalchemy.exc.IntegrityError
             If another writer appended the same seq concurrently (nothing is stored).
         """
@@ -270,27 +243,16 @@ class DeviceLedgerStore(SqlStore):
                 identity,
                 prev,
                 device_id=self.device_id,
-                run=run,
-                version=version,
-                task_id=task_id,
-                unit=unit,
-                mechanism=mechanism,
-                noise_multiplier=noise_multiplier,
-                sample_rate=sample_rate,
-                steps=steps,
-                clip_norm=clip_norm,
-                accountant=accountant,
-                epsilon=epsilon,
-                delta=delta,
                 timestamp=time.time() if timestamp is None else timestamp,
+                **release,
             )
-            session.add(_EntryRow(**{name: getattr(entry, name) for name in _ENTRY_FIELDS}))
+            session.execute(insert(_ENTRIES), [entry_row(entry)])
         return entry
 
     @staticmethod
     def _head(session: Session) -> LedgerEntry | None:
-        row = session.scalars(select(_EntryRow).order_by(_EntryRow.seq.desc()).limit(1)).first()
-        return None if row is None else _to_entry(row)
+        row = session.execute(select(_ENTRIES).order_by(_ENTRIES.c.seq.desc()).limit(1)).mappings().first()
+        return None if row is None else entry_from_row(row)
 
     def head(self) -> LedgerEntry | None:
         """Return the entry with the highest seq, or None if the ledger is empty."""
@@ -303,9 +265,9 @@ class DeviceLedgerStore(SqlStore):
         Storage order, not seq order, so that :func:`shared.privacy.ledger.verify_chain`
         can detect rows that were reordered.
         """
-        query = select(_EntryRow).where(_EntryRow.seq > after_seq).order_by(_EntryRow.id)
+        query = select(_ENTRIES).where(_ENTRIES.c.seq > after_seq).order_by(_ENTRIES.c.id)
         with self._session() as session:
-            return [_to_entry(row) for row in session.scalars(query)]
+            return [entry_from_row(row) for row in session.execute(query).mappings()]
 
     # ---------------------------------------------------------------- evaluations
 
@@ -334,9 +296,9 @@ class DeviceLedgerStore(SqlStore):
         resume a :class:`shared.privacy.accounting.DeviceAccountant`.
         """
         query = (
-            select(_EntryRow.noise_multiplier, _EntryRow.sample_rate, _EntryRow.steps)
-            .where(_EntryRow.unit == unit)
-            .order_by(_EntryRow.id)
+            select(_ENTRIES.c.noise_multiplier, _ENTRIES.c.sample_rate, _ENTRIES.c.steps)
+            .where(_ENTRIES.c.unit == unit)
+            .order_by(_ENTRIES.c.id)
         )
         with self._session() as session:
             return [(float(s), float(q), int(n)) for s, q, n in session.execute(query)]

@@ -1,9 +1,15 @@
-"""MovieLens loaders: the bundled ML-100K and the official GroupLens files.
+"""Parsers of the MovieLens file formats: files on disk in, an interaction log out.
 
-Every loader returns an :class:`~shared.data.types.InteractionLog` with dense ids:
+Two families are read: the official GroupLens files users bring (ML-100K
+``u.data``/``u.item``, ML-1M ``ratings.dat``/``movies.dat``, ML-20M / ML-25M /
+ml-latest ``ratings.csv``/``movies.csv``) and RecBole's atomic ``.inter``/``.item``
+files, the format MovieLens-100K is shipped in (see :mod:`shared.data.bundled`).
+``docs/data.md`` describes every format.
+
+Every reader returns an :class:`~shared.data.types.InteractionLog` with dense ids:
 original user and item ids are mapped to ``0..n-1`` in ascending numeric order of
 the original id, and rows keep the file's order (it breaks timestamp ties in the
-leave-one-out split, see ``DATA.md``).
+leave-one-out split, see ``docs/data.md``).
 
 Ratings files are parsed with :func:`numpy.loadtxt` (C speed, needed for the 25M
 rows of ML-25M); when a chunk of lines does not parse, it is re-read line by line
@@ -14,95 +20,29 @@ number, what was expected and what was found.
 from __future__ import annotations
 
 import csv
-import hashlib
-import importlib.metadata
 import itertools
-import os
 import re
-import subprocess
-import sys
-import tempfile
 import warnings
-import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 import numpy as np
 
-from shared.data.synthetic import MIN_INTERACTIONS, generate_synthetic
 from shared.data.types import DataError, InteractionLog
 
-if TYPE_CHECKING:
-    from shared.config import DataConfig
-
 __all__ = [
-    "BUNDLED_FILES",
     "GroupLensFiles",
     "find_grouplens_files",
-    "load_bundled_ml100k",
     "load_grouplens",
-    "load_interactions",
     "read_recbole_atomic",
-    "resolve_cache_dir",
-    "validate_data_config",
 ]
-
-RECBOLE_VERSION = "1.2.1"
-_WHEEL_DIR = "recbole/dataset_example/ml-100k"
-# SHA-256 of the two files inside the recbole 1.2.1 wheel. Checking them makes a
-# stale or hand-edited cache detectable, so reported figures always come from the
-# same data.
-BUNDLED_FILES: dict[str, str] = {
-    "ml-100k.inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
-    "ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
-}
 
 _CHUNK_LINES = 1 << 20  # lines parsed per numpy.loadtxt call: bounds peak memory
 _INT_RE = re.compile(r"[+-]?\d+")
 _FLOAT_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 _INT64_MAX = np.iinfo(np.int64).max
-_DATASETS = ("ml-100k", "grouplens", "synthetic")
-
-
-# --------------------------------------------------------------------------- cache
-
-
-def resolve_cache_dir(cache_dir: str) -> Path:
-    """Return the cache directory fedrec uses.
-
-    Parameters
-    ----------
-    cache_dir
-        The configured value; ``""`` means the environment variable
-        ``FEDREC_CACHE_DIR`` when set and non-empty, else ``~/.cache/fedrec``.
-
-    Returns
-    -------
-    Path
-        The directory (not created here).
-    """
-    chosen = cache_dir or os.environ.get("FEDREC_CACHE_DIR", "") or "~/.cache/fedrec"
-    return Path(chosen).expanduser()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is ordinary shared data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # ------------------------------------------------------------------ table parsing
@@ -398,98 +338,6 @@ def read_recbole_atomic(inter_path: Path, item_path: Path | None = None, *, labe
     return _dense_log(users, items, times, titles, label or f"RecBole atomic file {inter_path}")
 
 
-# ------------------------------------------------------------------ bundled ML-100K
-
-
-def _bundled_from_installed() -> dict[str, bytes] | None:
-    """The two files from an installed recbole distribution of the pinned version."""
-    try:
-        dist = importlib.metadata.distribution("recbole")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    if dist.version != RECBOLE_VERSION:
-        return None  # other versions may ship other data; keep figures comparable
-    found: dict[str, bytes] = {}
-    for name in BUNDLED_FILES:
-        path = Path(str(dist.locate_file(f"{_WHEEL_DIR}/{name}")))
-        if not path.is_file():
-            return None
-        found[name] = path.read_bytes()
-    return found
-
-
-def _bundled_from_pip() -> dict[str, bytes]:
-    """Download the recbole wheel alone (never its dependencies) and read the files."""
-    with tempfile.TemporaryDirectory(prefix="fedrec-recbole-") as tmp:
-        command = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            f"recbole=={RECBOLE_VERSION}", "-d", tmp,
-        ]  # fmt: skip
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=900)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise DataError(f"could not run pip to fetch recbole=={RECBOLE_VERSION}: {exc}") from exc
-        wheels = sorted(Path(tmp).glob("recbole-*.whl"))
-        if done.returncode != 0 or not wheels:
-            tail = (done.stderr or done.stdout).strip()[-1500:]
-            raise DataError(
-                f"could not obtain MovieLens-100K: `{' '.join(command[2:])}` failed "
-                f"(exit {done.returncode}); install the wheel with "
-                f"`pip install --no-deps recbole=={RECBOLE_VERSION}` or use "
-                f"dataset = 'grouplens' with data-path. pip said:\n{tail}"
-            )
-        try:
-            with zipfile.ZipFile(wheels[0]) as wheel:
-                return {name: wheel.read(f"{_WHEEL_DIR}/{name}") for name in BUNDLED_FILES}
-        except (KeyError, zipfile.BadZipFile) as exc:
-            raise DataError(f"{wheels[0].name}: does not contain ML-100K ({exc})") from exc
-
-
-def load_bundled_ml100k(cache_dir: Path) -> InteractionLog:
-    """Load MovieLens-100K as shipped in the ``recbole==1.2.1`` wheel.
-
-    Lookup order: (a) files already extracted to ``cache_dir/ml-100k/``; (b) an
-    installed ``recbole`` 1.2.1 distribution (its data files only, recbole's code
-    is never imported); (c) ``pip download --no-deps`` of the wheel into a
-    temporary directory. Files obtained by (b) or (c) are written to the cache
-    atomically. Each file's SHA-256 is checked, so a damaged cache is replaced.
-
-    Parameters
-    ----------
-    cache_dir
-        fedrec's cache directory (see :func:`resolve_cache_dir`).
-
-    Returns
-    -------
-    InteractionLog
-        100,000 interactions, 943 users, 1,682 items, with titles.
-
-    Raises
-    ------
-    DataError
-        When the data cannot be obtained or does not match the expected files.
-    """
-    target = Path(cache_dir) / "ml-100k"
-    paths = {name: target / name for name in BUNDLED_FILES}
-    cached_ok = all(
-        path.is_file() and _sha256(path.read_bytes()) == BUNDLED_FILES[name] for name, path in paths.items()
-    )
-    if not cached_ok:
-        files = _bundled_from_installed() or _bundled_from_pip()
-        for name, data in files.items():
-            if _sha256(data) != BUNDLED_FILES[name]:
-                raise DataError(
-                    f"{name} from recbole=={RECBOLE_VERSION} has an unexpected SHA-256 "
-                    f"{_sha256(data)}; expected {BUNDLED_FILES[name]}"
-                )
-            try:
-                _write_atomic(paths[name], data)
-            except OSError as exc:
-                raise DataError(f"cannot write the ML-100K cache {paths[name]}: {exc}") from exc
-    label = f"MovieLens-100K from recbole=={RECBOLE_VERSION} (cached in {target})"
-    return read_recbole_atomic(paths["ml-100k.inter"], paths["ml-100k.item"], label=label)
-
-
 # ------------------------------------------------------------------------ GroupLens
 
 
@@ -603,73 +451,3 @@ def load_grouplens(path: Path) -> InteractionLog:
     titles = _read_titles(files.titles, files.kind) if files.titles is not None else None
     label = {"ml-100k": "ML-100K", "ml-1m": "ML-1M", "csv": "MovieLens CSV"}[files.kind]
     return _dense_log(users, items, times, titles, f"GroupLens {label} {files.ratings}")
-
-
-# ------------------------------------------------------------------------ dispatch
-
-
-def validate_data_config(cfg: DataConfig) -> None:
-    """Check the combination of data settings before any data is read.
-
-    Parameters
-    ----------
-    cfg
-        Uses ``dataset``, ``data_path`` and the ``synthetic_*`` fields.
-
-    Raises
-    ------
-    DataError
-        Naming the configuration key: an unknown ``dataset``, a ``data-path``
-        missing for ``grouplens`` or given to another data set, or synthetic
-        parameters out of range.
-    """
-    if cfg.dataset not in _DATASETS:
-        raise DataError(f"dataset: unknown value {cfg.dataset!r}; expected one of {', '.join(_DATASETS)}")
-    if cfg.dataset == "grouplens" and not cfg.data_path:
-        raise DataError(
-            "data-path: required when dataset = 'grouplens' (a directory with u.data, "
-            "ratings.dat or ratings.csv, or the ratings file itself)"
-        )
-    if cfg.dataset != "grouplens" and cfg.data_path:
-        raise DataError(
-            f"data-path: only used with dataset = 'grouplens', but dataset = {cfg.dataset!r} "
-            f"and data-path = {cfg.data_path!r}"
-        )
-    if cfg.dataset != "synthetic":
-        return
-    if cfg.synthetic_users < 1:
-        raise DataError(f"synthetic-users: must be at least 1, got {cfg.synthetic_users}")
-    if cfg.synthetic_items < MIN_INTERACTIONS:
-        raise DataError(f"synthetic-items: must be at least {MIN_INTERACTIONS}, got {cfg.synthetic_items}")
-    if not MIN_INTERACTIONS <= cfg.synthetic_interactions <= cfg.synthetic_items:
-        raise DataError(
-            f"synthetic-interactions: the mean per user must lie between {MIN_INTERACTIONS} "
-            f"and synthetic-items ({cfg.synthetic_items}), got {cfg.synthetic_interactions}"
-        )
-
-
-def load_interactions(cfg: DataConfig) -> InteractionLog:
-    """Load the interactions a :class:`DataConfig` names.
-
-    Parameters
-    ----------
-    cfg
-        Uses ``dataset``, ``data_path``, ``cache_dir`` and the ``synthetic_*`` fields.
-
-    Returns
-    -------
-    InteractionLog
-        The full log (``max_devices`` is applied after splitting, not here).
-
-    Raises
-    ------
-    DataError
-        For an invalid configuration (see :func:`validate_data_config`) and any
-        loading error.
-    """
-    validate_data_config(cfg)
-    if cfg.dataset == "grouplens":
-        return load_grouplens(Path(cfg.data_path))
-    if cfg.dataset == "ml-100k":
-        return load_bundled_ml100k(resolve_cache_dir(cfg.cache_dir))
-    return generate_synthetic(cfg.synthetic_users, cfg.synthetic_items, cfg.synthetic_interactions, cfg.synthetic_seed)
