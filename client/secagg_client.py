@@ -20,7 +20,7 @@ the reconstruction threshold still holds.
 A deployed device (one with its own encrypted store) keeps a *contribution
 receipt* of every update it feeds into the masking: the run, version and task,
 its ``num_examples``, the plain delta and the protocol's clipping and
-quantization settings (:class:`client.device_store.ContributionReceipt`). The
+quantization settings (:class:`client.receipts.ContributionReceipt`). The
 server only ever learns the cohort's sum, so this local record is the only way
 for the device's owner to see what the device contributed; it is written before
 the masked vector leaves the device, stays encrypted on it and is never sent.
