@@ -7,7 +7,6 @@ public catalogue size, run :class:`server.federation.Federation`, write outputs.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
 from server.federation import Federation
+from server.output_dir import claim_output_dir
 from server.privacy_store import PrivacyStore
 from server.reporting import (
     export_top_k,
@@ -35,11 +35,15 @@ from shared.models.factory import build_model, count_parameters
 log = logging.getLogger("fedrec.server")
 
 
-def run_federation(grid: Grid, cfg: FedrecConfig) -> dict[str, Any]:
+def run_federation(grid: Grid, cfg: FedrecConfig, *, output_claimed: bool = False) -> dict[str, Any]:
     """Train, evaluate on every device, and write the run's output directory.
 
-    Returns the summary that was written to ``summary.json``.
+    ``output_claimed``: the caller has already run :func:`server.output_dir.claim_output_dir`
+    (a simulation does, before its devices start). Returns the summary written to ``summary.json``.
     """
+    out = Path(cfg.output_dir)
+    if not output_claimed:
+        claim_output_dir(out, overwrite=cfg.overwrite)
     # The server reads only the public catalogue size and device count; each
     # device's interactions are read by that device alone (client/app.py).
     if cfg.data.deploy_devices:
@@ -51,15 +55,7 @@ def run_federation(grid: Grid, cfg: FedrecConfig) -> dict[str, Any]:
         num_devices, num_items, source = info.num_devices, info.num_items, info.source
     model = build_model(cfg.model, num_items, 1, seed=cfg.seed)
     initial = {k: v.detach().clone() for k, v in model.global_state().items()}
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     db_path = out / "fedrec.db"
-    if db_path.exists():
-        db_path.unlink()  # one database per run directory: stale rows would mix runs
-    shutil.rmtree(out / "plots", ignore_errors=True)
-    if not cfg.privacy.device_store_dir:
-        # Simulated devices keep their stores under the run directory; a new run is a new fleet.
-        shutil.rmtree(out / "devices", ignore_errors=True)
     store = RunStore(f"sqlite:///{db_path}")
     privacy_store = PrivacyStore(f"sqlite:///{db_path}")
     try:

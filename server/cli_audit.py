@@ -91,6 +91,11 @@ def register(sub: Any, empirical: Callable[[argparse.Namespace], int]) -> None:
         action="store_true",
         help="run the canary experiment (one-run audit) and report the empirical lower bound",
     )
+    aud.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="with --empirical: replace the fedrec run in --output, removing only fedrec's own files",
+    )
     aud.add_argument("--no-dp", action="store_true", help="with --empirical: train without DP (the attack's baseline)")
     aud.add_argument("--set", action="append", metavar="KEY=VALUE", help="with --empirical: config overrides")
 

@@ -256,6 +256,8 @@ class FedrecConfig:
 
     seed: int = 42
     output_dir: str = "runs/default"
+    # A run refuses a non-empty output directory; overwrite removes only fedrec's own files there.
+    overwrite: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -265,6 +267,8 @@ class FedrecConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        if not self.output_dir.strip():
+            raise ConfigError("output-dir: must name a directory (an empty value would write into the current one)")
         if self.aggregation.secure_aggregation and self.privacy.user_dp:
             raise ConfigError(
                 "secure-aggregation: not with user-dp (user-level DP clips each update on the server, "
@@ -285,7 +289,7 @@ _SECTIONS: tuple[tuple[str, type], ...] = (
     ("fleet", FleetConfig),
     ("eval", EvalConfig),
 )
-_TOP_LEVEL = ("seed", "output-dir")
+_TOP_LEVEL = ("seed", "output-dir", "overwrite")
 
 
 def _flat_key(section: str, name: str) -> str:
@@ -306,7 +310,11 @@ def default_flat_config() -> dict[str, bool | int | float | str]:
 
 def to_flat(cfg: FedrecConfig) -> dict[str, bool | int | float | str]:
     """The resolved configuration as flat kebab-case keys (for summaries and messages)."""
-    flat: dict[str, bool | int | float | str] = {"seed": cfg.seed, "output-dir": cfg.output_dir}
+    flat: dict[str, bool | int | float | str] = {
+        "seed": cfg.seed,
+        "output-dir": cfg.output_dir,
+        "overwrite": cfg.overwrite,
+    }
     for section, _cls in _SECTIONS:
         obj = getattr(cfg, section)
         for f in fields(obj):

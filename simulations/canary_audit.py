@@ -55,6 +55,7 @@ from flwr.clientapp import ClientApp
 from scipy import stats
 
 from server.audit.empirical import AuditResult, best_lower_bound
+from server.output_dir import claim_output_dir
 from shared.config import FedrecConfig, parse_config, parse_set_pairs, to_flat
 from shared.data.datasets import load_interactions
 from shared.data.formats import load_grouplens
@@ -333,6 +334,7 @@ def run_canary_audit(overrides: Mapping[str, Any], audit_seed: int = 0, confiden
     if base_cfg.privacy.dp and base_cfg.privacy.reproducible_noise:
         raise ValueError("reproducible-noise = true lets the server regenerate the DP noise; audit with false")
     out = Path(base_cfg.output_dir)
+    claim_output_dir(out, overwrite=base_cfg.overwrite)
     data_dir = out / "canary-data"
     base = load_interactions(base_cfg.data)
     plan = plan_canaries(base, audit_seed, base_cfg.data.max_devices)
@@ -355,7 +357,7 @@ def run_canary_audit(overrides: Mapping[str, Any], audit_seed: int = 0, confiden
     if cfg.train.optimizer != "sgd" or cfg.train.momentum:
         log.warning("the attack's weight-decay correction assumes plain SGD; scores will be noisier")
     grid = AuditingGrid(build_client_app(to_flat(cfg)), info.num_devices, attacker)
-    summary = run_federation(grid, cfg)
+    summary = run_federation(grid, cfg, output_claimed=True)
 
     # Only now, after the run, are the bits compared with the attacker's scores.
     scores = attacker.scores()

@@ -17,6 +17,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides.update(parse_set_pairs(args.set))
     if args.output:
         overrides["output-dir"] = args.output
+    if getattr(args, "overwrite", False):
+        overrides["overwrite"] = True
     return overrides
 
 
@@ -70,6 +72,8 @@ def cmd_empirical_audit(args: argparse.Namespace) -> int:
         overrides["dp"] = False
     if args.output:
         overrides["output-dir"] = args.output
+    if getattr(args, "overwrite", False):
+        overrides["overwrite"] = True
     result = run_canary_audit(overrides)
     print(json.dumps(result, indent=2, default=str))
     bound, accounted = result.get("epsilon-lower-bound"), result.get("epsilon-accounted")
@@ -82,7 +86,12 @@ def cmd_empirical_audit(args: argparse.Namespace) -> int:
 def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default", help="named preset (see `fedrec presets`)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--output", help="output directory (config key output-dir)")
+    p.add_argument("--output", help="output directory (config key output-dir); refused if it holds files")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the fedrec run in the output directory, removing only fedrec's own files (config key overwrite)",
+    )
 
 
 def register(sub: Any) -> None:

@@ -12,8 +12,10 @@ import math
 import os
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from server.output_dir import claim_output_dir
 from shared.config import FedrecConfig, parse_config, to_flat
 from shared.data.partition import prepare_partitions
 
@@ -84,6 +86,8 @@ def simulate(overrides: Mapping[str, Any], num_actors: int | None = None, backen
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Refuse a directory holding files before anything starts (and before any device writes there).
+    claim_output_dir(Path(cfg.output_dir), overwrite=cfg.overwrite)
     info = prepare_partitions(cfg.data)  # before any device starts, so none races to build it
 
     from flwr.app import Context
@@ -96,14 +100,14 @@ def simulate(overrides: Mapping[str, Any], num_actors: int | None = None, backen
     if backend == "local":
         from simulations.local_grid import LocalGrid
 
-        return run_federation(LocalGrid(build_client_app(flat), info.num_devices), cfg)
+        return run_federation(LocalGrid(build_client_app(flat), info.num_devices), cfg, output_claimed=True)
 
     result: dict[str, Any] = {}
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        result.update(run_federation(grid, cfg))
+        result.update(run_federation(grid, cfg, output_claimed=True))
 
     cpus = max(1, os.cpu_count() or 1)
     if num_actors is None:
