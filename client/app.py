@@ -30,11 +30,14 @@ from client.task_lock import exclusive_task
 from client.wire_log import wire_log_mods
 from shared.config import FedrecConfig, parse_config
 from shared.data.partition import load_device, prepare_partitions
+from shared.privacy.evaluation import EVALUATION_MECHANISM, EVALUATION_TASK_ID, num_tiers, sensitivity
 from shared.privacy.ledger import entry_to_json
 from shared.privacy.ledger_store import DeviceLedgerStore
 from shared.protocol import (
     EvaluateDeclined,
+    EvaluatePrivate,
     EvaluateResult,
+    EvaluateTask,
     Identity,
     Ledger,
     LedgerQuery,
@@ -43,6 +46,7 @@ from shared.protocol import (
     TrainTask,
     TrainUpdate,
     build_evaluate_declined,
+    build_evaluate_private,
     build_evaluate_result,
     build_identity,
     build_train_refusal,
@@ -51,6 +55,7 @@ from shared.protocol import (
     parse_query,
     parse_train_task,
 )
+from shared.seeding import device_seed
 from shared.typed_fields import get_int
 
 _STATE_KEY = "fedrec-device"
@@ -232,11 +237,9 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         _save_state(context, device.state)
         update = TrainUpdate(
             delta=ArrayRecord(reply.delta),
-            num_examples=reply.num_examples,
             steps=reply.steps,
             epsilon=reply.epsilon,
             dp_delta=cfg.privacy.delta if cfg.privacy.dp else 0.0,
-            sample_rate=reply.sample_rate,
             # The mean training loss is a function of the records that DP-SGD does not
             # privatise; with DP on it stays on the device.
             loss=None if cfg.privacy.dp else reply.loss,
@@ -259,12 +262,19 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
                             f"(max-evaluations-per-day = {policy.max_evaluations_per_day})"
                         )
                         return Message(build_evaluate_declined(EvaluateDeclined(reason)), reply_to=msg)
+                if cfg.eval.evaluation == "exact" and policy is not None:
+                    # Exact per-device metrics name the held-out item's rank: simulation only.
+                    reason = "device: exact evaluation is for simulation only; this device answers only private ones"
+                    return Message(build_evaluate_declined(EvaluateDeclined(reason)), reply_to=msg)
+                if policy is not None:
                     store.record_evaluation(run=task.run, version=task.version, split=task.split)
                 device = _device(cfg, context, store)  # its ledger gives the epsilon it reports
+                if cfg.eval.evaluation == "private":
+                    return _evaluate_privately(cfg, msg, store, device, task)
             finally:
                 store.close()
         result: EvalReply = device.evaluate(dict(task.model.to_torch_state_dict()), task.split, cfg.eval.top_k)
-        send_top_k = task.export_top_k and (policy is None or policy.allow_top_k_export)
+        send_top_k = task.export_top_k  # only a simulated device gets here (a deployed one declined)
         answer = EvaluateResult(
             hit=result.full.hit,
             ndcg=result.full.ndcg,
@@ -272,8 +282,40 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             sampled_ndcg=result.sampled.ndcg,
             epsilon=device.epsilon(),
             top_k=tuple(int(i) for i in result.top_items) if send_top_k else None,
+            tier=result.tier,
         )
         return Message(build_evaluate_result(answer), reply_to=msg)
+
+    def _evaluate_privately(
+        cfg: FedrecConfig, msg: Message, store: DeviceLedgerStore, device: Device, task: EvaluateTask
+    ) -> Message:
+        """Release the noisy metric vector, its cost signed into the ledger before anything is sent."""
+        noise_seed = None
+        if cfg.privacy.reproducible_noise:
+            # Simulation's nominal mode (the run is labelled so): the server could redo this noise.
+            noise_seed = device_seed(cfg.seed, device.data.device_id, f"eval-{task.version}-{task.split}")
+        reply = device.evaluate_privately(dict(task.model.to_torch_state_dict()), task.split, noise_seed)
+        if isinstance(reply, RefusalReply):
+            return Message(build_evaluate_declined(EvaluateDeclined(reply.reason)), reply_to=msg)
+        store.append(
+            run=task.run,
+            version=task.version,
+            task_id=EVALUATION_TASK_ID,
+            unit="record",
+            mechanism=EVALUATION_MECHANISM,
+            noise_multiplier=cfg.eval.eval_noise_multiplier,
+            sample_rate=1.0,
+            steps=1,
+            clip_norm=sensitivity(num_tiers(cfg.eval.activity_tiers)),
+            accountant=cfg.privacy.accountant,
+            epsilon=reply.epsilon,
+            delta=cfg.privacy.delta,
+            timestamp=time.time(),
+        )
+        answer = EvaluatePrivate(
+            values=tuple(float(v) for v in reply.values), epsilon=reply.epsilon, dp_delta=cfg.privacy.delta
+        )
+        return Message(build_evaluate_private(answer, _ledger(store, task.ledger_head)), reply_to=msg)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

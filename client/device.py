@@ -20,6 +20,7 @@ from shared.metrics import RankResult, full_ranking, sampled_ranking, top_k
 from shared.models.base import Recommender, UserContext
 from shared.models.factory import build_model
 from shared.privacy.accounting import BudgetExhausted, DeviceAccountant
+from shared.privacy.evaluation import MetricVector, activity_tier, evaluation_release, num_tiers, privatize
 from shared.privacy.user_level import RenyiFilter, choose_order, clip_update
 from shared.seeding import EVAL_SAMPLING, MODEL_INIT, device_seed
 from shared.training import plan_release, train_locally
@@ -40,7 +41,6 @@ class TrainReply:
     """A successful training task's reply: the global-parameter delta and metrics."""
 
     delta: dict[str, torch.Tensor]
-    num_examples: int
     loss: float
     steps: int
     epsilon: float
@@ -64,6 +64,15 @@ class EvalReply:
     full: RankResult
     sampled: RankResult
     top_items: np.ndarray
+    tier: int  # activity tier under the public bounds (never the record count itself)
+
+
+@dataclass(frozen=True)
+class PrivateEvalReply:
+    """A private evaluation: the noisy metric vector and the cumulative epsilon after it."""
+
+    values: np.ndarray
+    epsilon: float
 
 
 class Device:
@@ -144,10 +153,9 @@ class Device:
         """Train on the device's own records; refuse if the budget would be exceeded."""
         model = self._model(global_params)
         records = model.build_records(self.data.train_items, 0)
-        num_records = int(records[0].shape[0])
         accountant = self._accountant() if self.cfg.privacy.dp else None
         if accountant is not None:
-            release = plan_release(num_records, self.cfg.train, self.cfg.privacy)
+            release = plan_release(self.cfg.train, self.cfg.privacy)
             try:
                 accountant.check(release)
             except BudgetExhausted as exc:
@@ -180,7 +188,6 @@ class Device:
         self.state.tasks_done += 1
         return TrainReply(
             delta=delta,
-            num_examples=result.num_records,
             loss=result.mean_loss,
             steps=result.steps,
             epsilon=result.epsilon,
@@ -238,4 +245,29 @@ class Device:
         rng = np.random.default_rng(device_seed(self.cfg.seed, self.data.device_id, EVAL_SAMPLING))
         full = full_ranking(scores, target, history, k=k)
         sampled = sampled_ranking(scores, target, history, rng, num_negatives=self.cfg.eval.sampled_negatives, k=k)
-        return EvalReply(full, sampled, top_k(scores, history, top_k_size))
+        tier = activity_tier(len(self.data.train_items), self.cfg.eval.activity_tiers)
+        return EvalReply(full, sampled, top_k(scores, history, top_k_size), tier)
+
+    def evaluate_privately(
+        self, global_params: dict[str, torch.Tensor], split: str, noise_seed: int | None = None
+    ) -> PrivateEvalReply | RefusalReply:
+        """Evaluate, then release only the noisy metric vector (``shared/privacy/evaluation.py``).
+
+        The release is charged to the device's record-level accountant like a DP-SGD task,
+        and refused, spending nothing, if it would pass the budget. ``noise_seed`` None (a
+        real device) draws the noise from the OS CSPRNG.
+        """
+        e = self.cfg.eval
+        release = evaluation_release(e.eval_noise_multiplier)
+        accountant = self._accountant()
+        try:
+            accountant.check(release)
+        except BudgetExhausted as exc:
+            return RefusalReply(exc.spent, exc.would_reach, str(exc))
+        result = self.evaluate(global_params, split, 0)
+        metrics = MetricVector(result.full.hit, result.full.ndcg, result.sampled.hit, result.sampled.ndcg, result.tier)
+        seed = secrets.randbits(128) if noise_seed is None else noise_seed
+        values = privatize(metrics, num_tiers(e.activity_tiers), e.eval_noise_multiplier, np.random.default_rng(seed))
+        accountant.spend(release)
+        self.state.accountant_history = accountant.history
+        return PrivateEvalReply(values, accountant.epsilon())

@@ -14,12 +14,12 @@ Node-config keys (all optional; the defaults are the safe ones):
 * ``min-noise-multiplier`` (0.5): the least noise it accepts;
 * ``max-user-epsilon`` (8.0): the lifetime user-level budget;
 * ``allow-no-dp`` (false): whether it may train without DP at all;
-* ``allow-top-k-export`` (false): whether evaluation may send its top-k list (an active
-  server can learn which items a user has from repeated lists; see docs/privacy.md).
 * ``max-evaluations-per-day`` (24): how many evaluation requests the device answers in any
-  24 hours; later ones are declined. Evaluation metrics are not differentially private: an active
-  server can craft models and read a user's rank metrics to narrow down which items the user has,
-  a few bits per answer. The limit bounds how fast that can go, not whether (docs/privacy.md).
+  24 hours; later ones are declined. Each answer is a private release charged to the device's
+  budget (docs/privacy.md), so the limit keeps a server from draining it with evaluations.
+
+A device with a policy answers only private evaluations: it declines exact ones, and never
+sends a top-k list (client/app.py).
 
 Simulated devices (no ``store`` in the node config) have no policy: the run config is
 the experiment.
@@ -59,7 +59,6 @@ class DevicePolicy:
     min_noise_multiplier: float = 0.5
     max_user_epsilon: float = 8.0
     allow_no_dp: bool = False
-    allow_top_k_export: bool = False
     max_evaluations_per_day: int = 24
 
     def __post_init__(self) -> None:
@@ -80,7 +79,6 @@ class DevicePolicy:
                 min_noise_multiplier=float(node_config.get("min-noise-multiplier", cls.min_noise_multiplier)),
                 max_user_epsilon=float(node_config.get("max-user-epsilon", cls.max_user_epsilon)),
                 allow_no_dp=_flag(node_config.get("allow-no-dp", False)),
-                allow_top_k_export=_flag(node_config.get("allow-top-k-export", False)),
                 max_evaluations_per_day=_count(node_config.get("max-evaluations-per-day", cls.max_evaluations_per_day)),
             )
         except (TypeError, ValueError) as exc:

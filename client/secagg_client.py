@@ -42,7 +42,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.device import Device, RefusalReply, TrainReply
 from client.node_config import open_node_store
-from shared.protocol import SecAggFitConfig, parse_secagg_fit_config
+from shared.protocol import PUBLIC_WEIGHT, SecAggFitConfig, parse_secagg_fit_config
 from shared.typed_fields import get_float
 
 log = logging.getLogger("fedrec.secagg")
@@ -71,7 +71,7 @@ def is_secagg_message(msg: Message) -> bool:
 
 
 class _SecAggNumPyClient(NumPyClient):
-    """Legacy client: global parameters in, fedrec delta and num_examples out."""
+    """Legacy client: global parameters in, fedrec delta and the public unit weight out."""
 
     def __init__(self, context: Context, device_factory: DeviceFactory) -> None:
         self._context = context
@@ -93,10 +93,11 @@ class _SecAggNumPyClient(NumPyClient):
             raise DeviceRefused(reply.reason)
         commit(reply, fit)
         delta = [reply.delta[k].detach().cpu().numpy() for k in keys]
-        clipped = self._warn_if_clipped(delta, reply.num_examples)
+        clipped = self._warn_if_clipped(delta, PUBLIC_WEIGHT)
         self._keep_receipt(reply, keys, fit, clipped)
-        # No metrics: unlike the masked vector, they would reach the server in plaintext.
-        return delta, int(reply.num_examples), {}
+        # No metrics, and the legacy FitRes's num_examples (plaintext to the server) is the
+        # same public weight for every device, never its record count.
+        return delta, PUBLIC_WEIGHT, {}
 
     def _protocol_settings(self) -> dict[str, float]:
         """The SecAgg+ settings the setup stage gave this device (kept by the mod in ``context.state``)."""
@@ -143,7 +144,7 @@ class _SecAggNumPyClient(NumPyClient):
                 run=fit.run,
                 version=fit.version if fit.version is not None else -1,
                 task_id=fit.task_seed if fit.task_seed is not None else -1,
-                num_examples=int(reply.num_examples),
+                num_examples=PUBLIC_WEIGHT,
                 delta={k: reply.delta[k] for k in keys},
                 clipping_range=settings.get("clipping_range"),
                 quantization_range=int(settings["target_range"]) if "target_range" in settings else None,

@@ -104,6 +104,7 @@ def run_federation(grid: Grid, cfg: FedrecConfig, *, output_claimed: bool = Fals
             fed.scheduler,
             fed.spending,
             fed.status_counts,
+            contributors=len(fed.contributors),
             num_devices=num_devices,
             wall_seconds=fed.wall(),
             extra={

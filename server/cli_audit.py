@@ -96,6 +96,19 @@ def register(sub: Any, empirical: Callable[[argparse.Namespace], int]) -> None:
         action="store_true",
         help="with --empirical: replace the fedrec run in --output, removing only fedrec's own files",
     )
+    aud.add_argument(
+        "--canaries-per-device",
+        type=int,
+        default=None,
+        help="with --empirical: canary records per device (default 8)",
+    )
+    aud.add_argument(
+        "--broken-noise-factor",
+        type=float,
+        default=None,
+        metavar="F",
+        help="with --empirical: train with noise F x sigma while accounting sigma, to show the audit catches it",
+    )
     aud.add_argument("--no-dp", action="store_true", help="with --empirical: train without DP (the attack's baseline)")
     aud.add_argument("--set", action="append", metavar="KEY=VALUE", help="with --empirical: config overrides")
 

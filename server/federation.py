@@ -7,6 +7,7 @@ versions in virtual-time order, and every event is written to the run database.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import secrets
@@ -28,10 +29,13 @@ from server.run_store import EvalRecord, RunStore, TaskRecord, VersionRecord
 from server.scheduler import AppliedVersion, Completion, Failure, Outcome, Refusal, Scheduler, Task, Update
 from server.spending import SpendingBook
 from shared.config import FedrecConfig, to_flat
+from shared.privacy.evaluation import SLOT_SIZE, MetricVector, num_tiers, tier_estimates
 from shared.protocol import (
     EVALUATE_TASK,
+    PUBLIC_WEIGHT,
     TRAIN_TASK,
     EvaluateDeclined,
+    EvaluatePrivate,
     EvaluateTask,
     ProtocolError,
     TrainRefusal,
@@ -61,7 +65,7 @@ def validate_update(update: TrainUpdate, reference: StateDict) -> Update | Failu
 
     The protocol has checked the reply's form (``shared/protocol.py``); this checks the
     delta against the global model: the same parameter names and shapes, finite
-    values, and a positive number of examples.
+    values.
     """
     try:
         delta = dict(update.delta.to_torch_state_dict())
@@ -76,11 +80,9 @@ def validate_update(update: TrainUpdate, reference: StateDict) -> Update | Failu
             return Failure("failed", f"corrupt update: {key} has shape {tuple(value.shape)}")
         if value.is_floating_point() and not torch.isfinite(value).all():
             return Failure("failed", f"corrupt update: {key} has non-finite values")
-    if update.num_examples <= 0:
-        return Failure("failed", f"corrupt update: num-examples = {update.num_examples}")
     # Under DP the device does not report its training loss (it is computed from its
     # records and is not covered by the DP guarantee).
-    return Update(delta, update.num_examples, update.loss)
+    return Update(delta, update.loss)
 
 
 class Federation:
@@ -146,6 +148,7 @@ class Federation:
         # A reply to a task already resolved as lost: the device still trained and spent.
         self.driver.on_late_reply = self.spending.take_late_reply
         self.status_counts: dict[str, int] = {}
+        self.contributors: set[int] = set()  # devices with at least one accepted update
         self.evaluations: list[EvalRecord] = []
         self._t0 = time.monotonic()
         self._model_rec: ArrayRecord | None = None
@@ -273,7 +276,7 @@ class Federation:
                         clipping_range=agg.secagg_clipping_range,
                         quantization_range=2**22,
                         timeout=agg.wall_timeout,
-                        max_weight=agg.secagg_max_weight,
+                        max_weight=float(PUBLIC_WEIGHT),
                         per_node_config={n: secagg_task_config(t.task_id) for n, t in live.items()},
                         server_round=sched.version + 1,
                     )
@@ -303,6 +306,8 @@ class Federation:
 
     def _record(self, c: Completion) -> None:
         self.status_counts[c.status] = self.status_counts.get(c.status, 0) + 1
+        if c.status == "accepted":
+            self.contributors.add(c.task.device_id)
         t = c.task
         self.store.add_task(
             self.run_id,
@@ -315,7 +320,6 @@ class Federation:
                 c.status,
                 c.staleness,
                 c.applied_version,
-                c.num_examples,
                 c.loss,
             ),
         )
@@ -347,15 +351,23 @@ class Federation:
 
     # -- evaluation ------------------------------------------------------------------
     def evaluate(self, devices: list[int], split: str, export: bool) -> EvalOutcome:
-        """On-device evaluation of the current global model on ``devices``."""
-        task = EvaluateTask(
-            model=self._model_record(),
-            split=split,
-            version=self.scheduler.version,
-            export_top_k=export,
-            run=self.run_label,
-        )
-        sums = np.zeros(4)  # hit, NDCG, sampled hit, sampled NDCG
+        """On-device evaluation of the current global model on ``devices``.
+
+        Under ``evaluation = "private"`` each device sends only its noisy metric vector
+        (``shared/privacy/evaluation.py``) and the server learns noisy sums; under
+        ``"exact"`` (simulation only) per-device metrics, each device's activity tier and,
+        when exporting, its top-k list.
+        """
+        e = self.cfg.eval
+        private = e.evaluation == "private"
+        tiers = num_tiers(e.activity_tiers)
+        model = self._model_record()
+
+        def task_for(device: int) -> EvaluateTask:
+            head = self.spending.ledger_head(device) if private else -1
+            return EvaluateTask(model, split, self.scheduler.version, export, self.run_label, head)
+
+        total = np.zeros(tiers * SLOT_SIZE)
         users = 0
         tops: dict[int, list[int]] = {}
         replies: list[tuple[int, Message | None]] = []
@@ -364,7 +376,8 @@ class Federation:
         for start in range(0, len(devices), wave):
             handles = {}
             for device in devices[start : start + wave]:
-                handles[device] = self.driver.send(device, build_evaluate_task(task), EVALUATE_TASK.message_type)
+                content = build_evaluate_task(task_for(device))
+                handles[device] = self.driver.send(device, content, EVALUATE_TASK.message_type)
             replies.extend((device, self.driver.wait(handle)) for device, handle in handles.items())
         declined = 0
         for device, reply in replies:
@@ -376,21 +389,42 @@ class Federation:
                 log.warning("device %d: malformed evaluation reply: %s", device, exc)
                 continue
             if isinstance(parsed, EvaluateDeclined):
-                # A deployed device's policy rate-limits evaluations (client/policy.py); the
-                # device is fine and stays scheduled for training.
+                # A deployed device's policy rate-limits evaluations (client/policy.py), or its
+                # budget has no room; the device is fine and stays scheduled for training.
                 declined += 1
                 continue
-            self.spending.take_evaluation(device, parsed)
-            sums += (parsed.hit, parsed.ndcg, parsed.sampled_hit, parsed.sampled_ndcg)
+            if isinstance(parsed, EvaluatePrivate):
+                if not private or len(parsed.values) != len(total):
+                    log.warning("device %d: evaluation reply of the wrong kind or length; ignored", device)
+                    continue
+                if not self.spending.take_private_evaluation(device, reply, parsed).accepted:
+                    continue  # its release is unverified: the intake recorded why
+                total += np.asarray(parsed.values)
+            else:
+                if private:
+                    log.warning("device %d: exact metrics in a private evaluation; ignored", device)
+                    continue
+                self.spending.take_evaluation(device, parsed)
+                tier = parsed.tier if parsed.tier is not None and 0 <= parsed.tier < tiers else 0
+                metrics = MetricVector(parsed.hit, parsed.ndcg, parsed.sampled_hit, parsed.sampled_ndcg, tier)
+                try:
+                    total += metrics.to_array(tiers)
+                except ValueError as exc:
+                    log.warning("device %d: evaluation reply out of range (%s); ignored", device, exc)
+                    continue
+                if export and parsed.top_k is not None:
+                    tops[device] = list(parsed.top_k)
             users += 1
-            if export and parsed.top_k is not None:
-                tops[device] = list(parsed.top_k)
         if declined:
             log.info(
-                "evaluation of version %d: %d devices declined (their evaluation limit)",
+                "evaluation of version %d: %d devices declined (their evaluation limit or budget)",
                 self.scheduler.version,
                 declined,
             )
+        # Fleet means divide by the number of replies (public); per tier, by the tier's
+        # (noisy, under private evaluation) user count.
+        per_tier = tier_estimates(total, tiers)
+        sums = total.reshape(tiers, SLOT_SIZE).sum(axis=0)[:4]
         hr, ndcg, sampled_hr, sampled_ndcg = (float(v / users) if users else math.nan for v in sums)
         coverage = None
         if tops:
@@ -408,6 +442,8 @@ class Federation:
             sampled_ndcg=sampled_ndcg,
             coverage=coverage,
             k=self.cfg.eval.top_k,
+            mode=e.evaluation,
+            tiers=json.dumps([t.to_json() for t in per_tier]),
         )
         self.store.add_evaluation(self.run_id, rec)
         self.evaluations.append(rec)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from server.privacy_store import PrivacyStore
 from shared.config import FedrecConfig
 from shared.privacy.accounting import rdp_epsilon
+from shared.privacy.evaluation import EVALUATION_MECHANISM, num_tiers, sensitivity
 from shared.privacy.ledger import ChainProblem, LedgerEntry, entry_from_json
 from shared.privacy.user_level import RenyiFilter
 from shared.training import opacus_sample_rate
@@ -79,7 +80,7 @@ class LedgerIntake:
         head = self.store.head(device_id)
         return -1 if head is None else head.seq
 
-    def _expected(self, entry: LedgerEntry, num_examples: int | None) -> list[str]:
+    def _expected(self, entry: LedgerEntry) -> list[str]:
         """Problems with an entry's mechanism parameters or claim (empty: as asked)."""
         p, problems = self.cfg.privacy, []
 
@@ -95,16 +96,24 @@ class LedgerIntake:
                 problems.append(f"entry {entry.seq}: {name} is {claimed!r}, the server asked for {expected!r}")
 
         want(delta=p.delta)
-        if entry.unit == "record":
+        if entry.unit == "record" and entry.mechanism == EVALUATION_MECHANISM:
+            want(
+                noise_multiplier=self.cfg.eval.eval_noise_multiplier,
+                clip_norm=sensitivity(num_tiers(self.cfg.eval.activity_tiers)),
+                accountant=p.accountant,
+                sample_rate=1.0,
+                steps=1,
+            )
+        elif entry.unit == "record":
             want(
                 mechanism="subsampled-gaussian",
                 noise_multiplier=p.noise_multiplier,
                 clip_norm=p.clip_norm,
                 accountant=p.accountant,
                 steps=self.cfg.train.local_steps,
+                # Public: the same for every device (a rate of batch / N would reveal N).
+                sample_rate=opacus_sample_rate(self.cfg.train),
             )
-            if num_examples is not None:
-                want(sample_rate=opacus_sample_rate(num_examples, self.cfg.train.batch_size))
         elif entry.unit == "user":
             want(
                 mechanism="gaussian-server-noise",
@@ -147,14 +156,11 @@ class LedgerIntake:
                 problems.append(f"entry {e.seq}: claims epsilon {e.epsilon!r}, its mechanism gives {truth!r}")
         return problems
 
-    def check(
-        self, device_id: int, task_id: int | None, texts: Sequence[str], num_examples: int | None
-    ) -> IntakeResult:
+    def check(self, device_id: int, task_id: int | None, texts: Sequence[str]) -> IntakeResult:
         """Verify a reply's new entries (JSON texts); store them if and only if they all pass.
 
         ``task_id`` None (a late reply, a ledger query) skips the check that this task's
-        release is present; ``num_examples`` (the reply's record count) fixes the
-        sampling rate this task's entry must state.
+        release is present.
         """
         if not self.enabled:
             return IntakeResult(True, (), ())
@@ -162,7 +168,9 @@ class LedgerIntake:
             entries = [entry_from_json(text) for text in texts]
         except (ValueError, KeyError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
             return self.unreadable(device_id, task_id, str(exc))
-        # Entries the server already holds (a reply racing a lost task's) are dropped if identical.
+        # Entries the server already holds (a reply racing a lost task's, or an evaluation reply that
+        # brought this task's entry first) are dropped if identical; they still show the task's release.
+        carried = entries
         stored = self.store.entries(device_id)  # read once: duplicates and claims both need it
         if stored:
             known = {e.seq: e.entry_hash for e in stored}
@@ -176,13 +184,13 @@ class LedgerIntake:
             entries = fresh
         problems = [f"entry {e.seq}: reported for device {e.device_id}" for e in entries if e.device_id != device_id]
         if task_id is not None:
-            units = {e.unit for e in entries if e.task_id == task_id and e.run == self.run_label}
+            units = {e.unit for e in carried if e.task_id == task_id and e.run == self.run_label}
             wanted = ({"record"} if self.cfg.privacy.dp else set()) | ({"user"} if self.cfg.privacy.user_dp else set())
             if not wanted <= units:
                 problems.append(f"no ledger entry for task {task_id} (units {sorted(wanted - units)} missing)")
         for e in entries:
             if e.run == self.run_label:
-                problems.extend(self._expected(e, num_examples if e.task_id == task_id else None))
+                problems.extend(self._expected(e))
         if not problems:
             problems.extend(self._claims(stored, entries))
         if problems:

@@ -30,19 +30,52 @@ def print_progress(rec: EvalRecord, cfg: FedrecConfig, accepted: int, epsilon_ma
     print(
         f"[fedrec] v{rec.version:>4}/{cfg.aggregation.num_versions}  sim {rec.sim_time:8.0f}s  "
         f"wall {rec.wall_time:6.0f}s  updates {accepted:>5}  "
-        f"valid NDCG@{rec.k} {rec.ndcg:.4f}  HR@{rec.k} {rec.hr:.4f}  eps max {epsilon_max:.2f}",
+        f"valid NDCG@{rec.k} {rec.ndcg:.4f}  HR@{rec.k} {rec.hr:.4f} ({rec.mode})  eps max {epsilon_max:.2f}",
         file=sys.stderr,
         flush=True,
     )
 
 
+EXACT_LABEL = "exact (simulation only, not private)"
+NOMINAL_LABEL = "nominal epsilon: noise reproducible from the config"
+
+
+def evaluation_label(cfg: FedrecConfig) -> str:
+    """How the run's metrics were obtained, as the summary, the console and the audit say it."""
+    if cfg.eval.evaluation == "exact":
+        return EXACT_LABEL
+    return f"private (noisy sums, eval-noise-multiplier {cfg.eval.eval_noise_multiplier:g}, charged to each ledger)"
+
+
+def guarantee_label(cfg: FedrecConfig) -> str:
+    """Whether the run's epsilon is a guarantee, nominal, or absent."""
+    if not cfg.privacy.dp:
+        return "none: DP off"
+    if cfg.privacy.reproducible_noise:
+        return NOMINAL_LABEL
+    return "formal: noise from the OS CSPRNG"
+
+
 def print_done(summary: Mapping[str, Any], out_dir: Path) -> None:
-    """The run's last line on stdout: test accuracy and the worst device epsilon."""
+    """The run's last lines on stdout: test accuracy, how it was measured, and the worst device epsilon."""
     f, p = summary["final"], summary["privacy"]
+    tiers = f.get("by-activity", {}).get("tiers", [])
+    gap = ""
+    if len(tiers) > 1:
+        low, high = tiers[0].get("ndcg@k"), tiers[-1].get("ndcg@k")
+        if low is not None and high is not None:
+            gap = f"  NDCG@10 bottom tier {low:.4f} / top tier {high:.4f}"
     print(
         f"[fedrec] done: test HR@10 {f['hr@10']:.4f}  NDCG@10 {f['ndcg@10']:.4f}  "
-        f"(sampled-100: HR@10 {f['sampled-hr@10']:.4f}  NDCG@10 {f['sampled-ndcg@10']:.4f})  "
-        f"max device epsilon {p['epsilon-max']:.3f} at delta {p['delta']:g}  -> {out_dir}/summary.json",
+        f"(sampled-100: HR@10 {f['sampled-hr@10']:.4f}  NDCG@10 {f['sampled-ndcg@10']:.4f}){gap}  "
+        f"[{f['evaluation']}]",
+        flush=True,
+    )
+    part = summary.get("participation", {})
+    print(
+        f"[fedrec] max device epsilon {p['epsilon-max']:.3f} at delta {p['delta']:g} [{p['guarantee']}]; "
+        f"{part.get('devices-contributing', 0)} of {summary['devices']} devices contributed an update  "
+        f"-> {out_dir}/summary.json",
         flush=True,
     )
 
@@ -91,6 +124,7 @@ def run_summary(
     spending: SpendingBook,
     status_counts: Mapping[str, int],
     *,
+    contributors: int,
     num_devices: int,
     wall_seconds: float,
     extra: Mapping[str, Any] | None = None,
@@ -109,10 +143,22 @@ def run_summary(
             "sampled-hr@10": final.sampled_hr,
             "sampled-ndcg@10": final.sampled_ndcg,
             "coverage@10": final.coverage,
+            "evaluation": evaluation_label(cfg),
+            "by-activity": {
+                "bounds": list(cfg.eval.activity_tiers),
+                "basis": "training interactions on the device; tier i holds devices reaching i of the bounds",
+                "tiers": json.loads(final.tiers),
+            },
+        },
+        "participation": {
+            "devices-contributing": contributors,
+            "share": contributors / num_devices if num_devices else 0.0,
         },
         "privacy": {
             "dp": cfg.privacy.dp,
             "unit": "record (one interaction / training record on a device)",
+            "adjacency": "add or remove one training record of one device (docs/privacy.md)",
+            "guarantee": guarantee_label(cfg),
             "epsilon-max": eps[-1] if eps else 0.0,
             "epsilon-median": statistics.median(eps) if eps else 0.0,
             "delta": cfg.privacy.delta,

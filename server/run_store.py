@@ -17,8 +17,8 @@ Schema
     which global model version (``base_version``), when it was dispatched and finished
     (``dispatched_at`` / ``finished_at``, simulated seconds), its ``status``
     (accepted, rejected-stale, failed, timeout, dropped, refused), the ``staleness`` it
-    was applied with, the global ``applied_version`` its aggregation produced, the
-    ``num_examples`` it trained on and its mean training ``loss``.
+    was applied with, the global ``applied_version`` its aggregation produced, and its mean training
+    ``loss`` (DP off only). No record count: it is the device's private data.
 ``versions``
     One row per global model version: when it was produced (``sim_time``, simulated
     seconds; ``wall_time``, real seconds since the run started), how many client
@@ -64,6 +64,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Text,
     UniqueConstraint,
     event,
     func,
@@ -75,6 +76,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 from shared.sql_store import Base, SqlStore, create_store_engine, create_tables
 
 __all__ = [
+    "EVAL_MODES",
     "EVAL_SPLITS",
     "FLUSH_EVERY",
     "PRIVACY_STATUSES",
@@ -100,6 +102,7 @@ TASK_STATUSES: Final = (
     "withheld",
 )
 EVAL_SPLITS: Final = ("valid", "test")
+EVAL_MODES: Final = ("exact", "private")
 PRIVACY_STATUSES: Final = ("spent", "refused")
 
 # Rows buffered (all tables together) before an automatic batch commit: large enough
@@ -128,7 +131,6 @@ class TaskRecord:
     status: str
     staleness: int | None
     applied_version: int | None
-    num_examples: int | None
     loss: float | None
 
     def __post_init__(self) -> None:
@@ -162,9 +164,14 @@ class EvalRecord:
     sampled_ndcg: float
     coverage: float | None
     k: int
+    # "exact": per-device metrics (simulation only, not private); "private": noisy sums.
+    mode: str = "exact"
+    # Per activity tier (JSON list of {"users", "hr", "ndcg", "sampled-hr", "sampled-ndcg"}).
+    tiers: str = "[]"
 
     def __post_init__(self) -> None:
         _check_choice("EvalRecord.split", self.split, EVAL_SPLITS)
+        _check_choice("EvalRecord.mode", self.mode, EVAL_MODES)
 
 
 @dataclass(frozen=True)
@@ -269,7 +276,6 @@ class TaskRow(Base):
     status: Mapped[str] = mapped_column(comment="accepted|rejected-stale|failed|timeout|dropped|refused")
     staleness: Mapped[int | None] = mapped_column(comment="versions behind when applied")
     applied_version: Mapped[int | None] = mapped_column(comment="global version this task's aggregation produced")
-    num_examples: Mapped[int | None] = mapped_column(comment="training examples used")
     loss: Mapped[float | None] = mapped_column(comment="mean local training loss")
 
 
@@ -311,6 +317,8 @@ class EvaluationRow(Base):
     sampled_ndcg: Mapped[float] = mapped_column(comment="NDCG at k, sampled negatives")
     coverage: Mapped[float | None] = mapped_column(comment="catalogue coverage of top-k lists")
     k: Mapped[int] = mapped_column(comment="ranking cut-off")
+    mode: Mapped[str] = mapped_column(String(16), default="exact", comment="exact (simulation only) | private")
+    tiers: Mapped[str] = mapped_column(Text, default="[]", comment="JSON: the metrics per activity tier")
 
 
 class PrivacyRow(Base):

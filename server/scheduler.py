@@ -68,7 +68,6 @@ class Update:
     """A device's reply with a model delta (global parameters only)."""
 
     delta: Mapping[str, torch.Tensor]
-    num_examples: int
     loss: float | None  # None under DP: the device does not report it
 
 
@@ -112,7 +111,6 @@ class Completion:
     status: str  # accepted | rejected-stale | rejected-ledger | failed | dropped | timeout | refused | withheld
     staleness: int | None
     applied_version: int | None  # the version this completion produced, if it applied the buffer
-    num_examples: int | None
     loss: float | None
 
 
@@ -259,7 +257,6 @@ class Scheduler:
         staleness = self.version - task.base_version
         self.status[task.device_id] = DeviceStatus.IDLE
         applied: int | None = None
-        num_examples: int | None = None
         loss: float | None = None
         if task.lost:
             status = task.lost
@@ -277,14 +274,16 @@ class Scheduler:
                 self.status[task.device_id] = DeviceStatus.RETIRED
         else:
             self._consecutive_failures[task.device_id] = 0
-            num_examples, loss = outcome.num_examples, outcome.loss
+            loss = outcome.loss
             delta = outcome.delta
             if self.user_level is not None:
                 # Sensitivity needs every update clipped and weighted by at most 1.
                 delta = self.user_level.clip_update(dict(delta))
                 weight = 1.0
             else:
-                weight = float(outcome.num_examples) if self.cfg.example_weighting else 1.0
+                # Public weights: a device's record count is private (docs/privacy.md). Under DP its
+                # update already grows with its data, the noisy sum being divided by a public constant.
+                weight = 1.0
             accepted = self.buffer.add(task.device_id, delta, weight, staleness)
             status = "accepted" if accepted else "rejected-stale"
             if accepted and self.user_level is not None:
@@ -295,19 +294,18 @@ class Scheduler:
                 applied = self._apply()
         elif len(self.buffer) >= self.cfg.buffer_size:
             applied = self._apply()
-        return Completion(task, status, staleness, applied, num_examples, loss)
+        return Completion(task, status, staleness, applied, loss)
 
     def complete_cohort(
         self,
         tasks: list[Task],
         mean_delta: StateDict | None,
         contributed: set[int],
-        num_examples: dict[int, int] | None = None,
         rejected: set[int] | frozenset[int] = frozenset(),
     ) -> list[Completion]:
         """Sync mode with secure aggregation: complete a whole cohort from its aggregate alone.
 
-        The server never sees individual updates, only the cohort's example-weighted mean
+        The server never sees individual updates, only the cohort's mean
         delta (``mean_delta``; None when the round failed or was withheld). ``contributed``
         are the devices whose updates are in it; the others failed or dropped out.
         ``rejected`` are contributors whose ledger failed verification: one bad update
@@ -353,8 +351,7 @@ class Scheduler:
                 self._consecutive_failures[t.device_id] += 1
                 if self._consecutive_failures[t.device_id] >= self.cfg.max_device_failures:
                     self.status[t.device_id] = DeviceStatus.RETIRED
-            examples = (num_examples or {}).get(t.device_id) if status == "accepted" else None
-            completions.append(Completion(t, status, 0, applied if status == "accepted" else None, examples, None))
+            completions.append(Completion(t, status, 0, applied if status == "accepted" else None, None))
         return completions
 
     def _apply(self) -> int:

@@ -4,13 +4,15 @@ In Flower 1.42 SecAgg+ exists only on the legacy API (``LegacyContext``, a
 ``flwr.server.strategy.Strategy``, ``FitIns``/``FitRes``), so every use of that
 API on the server is kept in this module. :func:`run_secagg_round` runs exactly
 one ``SecAggPlusWorkflow`` fit round over exactly the cohort it is given and
-returns the example-weighted mean delta; the device side is
+returns the mean delta; the device side is
 ``client/secagg_client.py``.
 
 How the aggregate is formed
 ---------------------------
 The server sends the *global parameters*; each device replies (inside the
-protocol) with its *delta* and ``num_examples``. Flower's client mod scales the
+protocol) with its *delta* and ``num_examples``, which fedrec sets to the same public
+weight for every device (``shared.protocol.PUBLIC_WEIGHT``; a record count would be
+private). Flower's client mod scales the
 delta by ``rho_i = round(n_i / max_weight * Q) / Q`` (``Q`` =
 ``quantization_range``), clips every coordinate to ``[-clipping_range,
 clipping_range]``, quantizes it stochastically to an integer in ``[0, Q]``,
@@ -35,9 +37,8 @@ What it does not protect
   noise; any DP guarantee still comes from the devices' DP-SGD (record level)
   or from noise on the aggregate (user level). With a cohort of two, the sum and
   one's own update give away the other's.
-* Metadata: each device's ``num_examples`` (the legacy ``FitRes`` carries it in
-  plaintext next to the masked vector), any metrics, and who took part, when,
-  and who dropped out.
+* Metadata: who took part, when, and who dropped out (the legacy ``FitRes``'s
+  ``num_examples`` is the public weight, the same for every device, and no metrics are sent).
 * A malicious server: it chooses the cohort and may add clients it controls or
   claim that honest clients dropped out (asking for their pairwise-mask key
   shares in the unmask stage), which can expose individual updates. Flower's

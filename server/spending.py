@@ -36,9 +36,11 @@ from server.scheduler import AppliedVersion, Task
 from server.user_level import UserLevelMechanism
 from shared.config import FedrecConfig
 from shared.protocol import (
+    EVALUATE_PRIVATE,
     LEDGER_QUERY,
     LEDGER_REPLY,
     TRAIN_UPDATE,
+    EvaluatePrivate,
     EvaluateResult,
     LedgerQuery,
     ProtocolError,
@@ -106,7 +108,7 @@ class SpendingBook:
         A rejected ledger is unverified, but the device did spend: its claim still counts
         towards the reported maximum.
         """
-        result = self._take_ledger(task.device_id, task.task_id, reply, update.num_examples, TRAIN_UPDATE.kind)
+        result = self._take_ledger(task.device_id, task.task_id, reply, TRAIN_UPDATE.kind)
         self._note(task.device_id, update.epsilon)
         return result
 
@@ -151,11 +153,20 @@ class SpendingBook:
         if isinstance(parsed, TrainRefusal):
             return  # a late refusal spent nothing
         self._note(device_id, parsed.epsilon)
-        self._take_ledger(device_id, None, reply, parsed.num_examples, TRAIN_UPDATE.kind)
+        self._take_ledger(device_id, None, reply, TRAIN_UPDATE.kind)
 
     def take_evaluation(self, device_id: int, result: EvaluateResult) -> None:
         """An evaluation reply states the device's cumulative epsilon too."""
         self._note(device_id, result.epsilon)
+
+    def take_private_evaluation(self, device_id: int, reply: Message, result: EvaluatePrivate) -> IntakeResult:
+        """A private evaluation is a release: its signed ledger entry is verified like a training task's.
+
+        The caller uses the noisy vector only if the result is accepted; the device spent either way.
+        """
+        intake = self._take_ledger(device_id, None, reply, EVALUATE_PRIVATE.kind)
+        self._note(device_id, result.epsilon)
+        return intake
 
     def take_user_releases(self, applied: AppliedVersion, mech: UserLevelMechanism) -> None:
         """The user-level releases the server charged when it applied a version."""
@@ -175,9 +186,7 @@ class SpendingBook:
                 ),
             )
 
-    def _take_ledger(
-        self, device_id: int, task_id: int | None, reply: Message, num_examples: int | None, kind: str
-    ) -> IntakeResult:
+    def _take_ledger(self, device_id: int, task_id: int | None, reply: Message, kind: str) -> IntakeResult:
         """Verify a reply's ledger entries; every verified record-level entry becomes a spending row.
 
         The one path a verified entry takes, whatever message brought it (a used update,
@@ -192,7 +201,7 @@ class SpendingBook:
             ledger = parse_ledger(reply, kind=kind)
         except ProtocolError as exc:
             return self.intake.unreadable(device_id, task_id, str(exc))
-        result = self.intake.check(device_id, task_id, ledger.entries, num_examples)
+        result = self.intake.check(device_id, task_id, ledger.entries)
         for e in result.entries if result.accepted else ():
             if e.unit != "record":
                 continue
@@ -244,7 +253,7 @@ class SpendingBook:
                 rejected.add(device)
                 self.unsettled.add(device)
                 continue
-            result = self._take_ledger(device, contributors[device], reply, None, LEDGER_REPLY.kind)
+            result = self._take_ledger(device, contributors[device], reply, LEDGER_REPLY.kind)
             if not result.accepted:
                 log.warning("device %d: ledger rejected: %s", device, "; ".join(result.problems))
                 rejected.add(device)
@@ -268,5 +277,5 @@ class SpendingBook:
                 log.warning("device %d did not answer the final ledger query", device)
                 self.unreconciled.add(device)
                 continue
-            self._take_ledger(device, None, reply, None, LEDGER_REPLY.kind)
+            self._take_ledger(device, None, reply, LEDGER_REPLY.kind)
         self.unsettled.clear()

@@ -94,7 +94,12 @@ class TrainConfig:
     """Local training on a device."""
 
     local_steps: int = 10
+    # With DP: the public divisor of each step's noisy gradient sum (Opacus's expected batch
+    # size), never a count of the device's records. Without DP: the minibatch size.
     batch_size: int = 8
+    # Poisson sampling rate of DP-SGD: the same public value on every device, so neither the
+    # rate nor the epsilon a device reports depends on how many records it holds.
+    sample_rate: float = 0.125
     optimizer: str = "sgd"
     learning_rate: float = 0.1
     momentum: float = 0.0
@@ -104,6 +109,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _at_least("local-steps", self.local_steps, 1)
         _at_least("batch-size", self.batch_size, 1)
+        _in_range("sample-rate", self.sample_rate, 0.0, 1.0, lo_open=True)
+        batches = 1.0 / self.sample_rate
+        if abs(batches - round(batches)) > 1e-9 * batches:
+            # Opacus draws int(1 / rate) Poisson batches per pass and charges 1 / that count.
+            raise ConfigError(
+                f"sample-rate: 1 / sample-rate must be a whole number (e.g. 0.125 = 1/8), got {self.sample_rate}"
+            )
         _choice("optimizer", self.optimizer, ("sgd", "adam"))
         _positive("learning-rate", self.learning_rate)
         _in_range("momentum", self.momentum, 0.0, 1.0, hi_open=True)
@@ -167,7 +179,6 @@ class AggregationConfig:
     buffer_size: int = 50
     staleness_exponent: float = 0.5
     max_staleness: int = 40
-    example_weighting: bool = True
     server_optimizer: str = "sgd"
     server_learning_rate: float = 1.0
     server_momentum: float = 0.0
@@ -181,7 +192,6 @@ class AggregationConfig:
     # Synchronous mode only: aggregate each cohort with Flower's SecAgg+ (server/secagg.py).
     secure_aggregation: bool = False
     secagg_clipping_range: float = 8.0
-    secagg_max_weight: float = 1000.0
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, ("async", "sync"))
@@ -190,7 +200,6 @@ class AggregationConfig:
                 "secure-aggregation: SecAgg+ needs a fixed cohort per aggregate, so it runs only with mode = 'sync'"
             )
         _positive("secagg-clipping-range", self.secagg_clipping_range)
-        _positive("secagg-max-weight", self.secagg_max_weight)
         _at_least("concurrency", self.concurrency, 1)
         _at_least("buffer-size", self.buffer_size, 1)
         if self.mode == "async" and self.buffer_size > self.concurrency:
@@ -236,7 +245,14 @@ class EvalConfig:
     eval_devices: int = 200
     top_k: int = 10
     sampled_negatives: int = 100
-    export_top_k: str = "csv"
+    # private: each device releases only a noisy metric vector (Gaussian, charged to its ledger);
+    # exact: per-device metrics (simulation research only; deployed devices refuse it).
+    evaluation: str = "private"
+    eval_noise_multiplier: float = 5.0
+    # Public bounds (training records) between activity tiers: metrics are reported per tier,
+    # so the gap between light and heavy users shows. Empty: one tier.
+    activity_tiers: tuple[int, ...] = ()
+    export_top_k: str = "none"
     personalize_steps: int = 0
     personalize_learning_rate: float = 0.05
 
@@ -245,7 +261,16 @@ class EvalConfig:
         _at_least("eval-devices", self.eval_devices, 0)
         _at_least("top-k", self.top_k, 1)
         _at_least("sampled-negatives", self.sampled_negatives, 1)
+        _choice("evaluation", self.evaluation, ("private", "exact"))
+        _positive("eval-noise-multiplier", self.eval_noise_multiplier)
+        if any(b < 1 for b in self.activity_tiers) or list(self.activity_tiers) != sorted(set(self.activity_tiers)):
+            raise ConfigError(f"activity-tiers: must be increasing positive integers, got {self.activity_tiers}")
         _choice("export-top-k", self.export_top_k, ("csv", "parquet", "none"))
+        if self.evaluation == "private" and self.export_top_k != "none":
+            raise ConfigError(
+                f"export-top-k: {self.export_top_k!r} needs evaluation = 'exact' (a private evaluation "
+                "sends no item list); set export-top-k = 'none'"
+            )
         _at_least("personalize-steps", self.personalize_steps, 0)
         _positive("personalize-learning-rate", self.personalize_learning_rate)
 
@@ -267,6 +292,10 @@ class FedrecConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        if self.eval.evaluation == "private" and not self.privacy.dp:
+            raise ConfigError(
+                "evaluation: 'private' needs dp = true (with DP off no reply is private); use evaluation = 'exact'"
+            )
         if not self.output_dir.strip():
             raise ConfigError("output-dir: must name a directory (an empty value would write into the current one)")
         if self.aggregation.secure_aggregation and self.privacy.user_dp:
@@ -277,6 +306,12 @@ class FedrecConfig:
         if self.privacy.clipping_mode == "ghost" and self.model.name == "sasrec":
             raise ConfigError("clipping-mode: 'ghost' is not supported for model 'sasrec'; use 'hooks' or 'auto'")
 
+
+# Keys an earlier release had, with why they went (a config naming one gets this reason).
+REMOVED_KEYS: dict[str, str] = {
+    "example-weighting": "a device's record count is private; every update now has the same public weight",
+    "secagg-max-weight": "SecAgg+ weights are public and equal (1 per device)",
+}
 
 # Keys whose dataclass field name differs from the flat key.
 _RENAMED = {("model", "name"): "model"}
@@ -377,6 +412,9 @@ def parse_config(overrides: Mapping[str, Any] | None = None) -> FedrecConfig:
         For an unknown key (with the closest known key suggested) or an invalid value.
     """
     overrides = dict(overrides or {})
+    for key, why in REMOVED_KEYS.items():
+        if key in overrides:
+            raise ConfigError(f"{key}: no longer a configuration key ({why})")
     defaults = FedrecConfig()
     known = set(default_flat_config())
     unknown = sorted(set(overrides) - known)
@@ -407,6 +445,22 @@ def parse_config(overrides: Mapping[str, Any] | None = None) -> FedrecConfig:
                 kwargs[f.name] = _coerce(key, overrides[key], getattr(base, f.name))
         sections[section] = dataclasses.replace(base, **kwargs) if kwargs else base
     return FedrecConfig(**top, **sections)
+
+
+def parse_stored_config(flat: Mapping[str, Any]) -> FedrecConfig:
+    """The config a run database or summary recorded, possibly by an earlier release.
+
+    Keys that release had and this one removed are dropped (:data:`REMOVED_KEYS`), and a
+    config from before ``evaluation`` existed ran exact evaluation, which is what it meant.
+
+    Raises
+    ------
+    ConfigError
+        As :func:`parse_config`, for what remains.
+    """
+    kept = {k: v for k, v in flat.items() if k not in REMOVED_KEYS}
+    kept.setdefault("evaluation", "exact")
+    return parse_config(kept)
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -40,6 +40,7 @@ from flwr.common import Scalar
 __all__ = [
     "DISCOVERY",
     "EVALUATE_DECLINED",
+    "EVALUATE_PRIVATE",
     "EVALUATE_RESULT",
     "EVALUATE_TASK",
     "IDENTITY",
@@ -54,10 +55,12 @@ __all__ = [
     "Direction",
     "Discovery",
     "EvaluateDeclined",
+    "EvaluatePrivate",
     "EvaluateResult",
     "EvaluateTask",
     "Identity",
     "Key",
+    "PUBLIC_WEIGHT",
     "Ledger",
     "LedgerQuery",
     "MessageSpec",
@@ -71,6 +74,7 @@ __all__ = [
     "TrainUpdate",
     "build_discovery",
     "build_evaluate_declined",
+    "build_evaluate_private",
     "build_evaluate_result",
     "build_evaluate_task",
     "build_identity",
@@ -136,7 +140,7 @@ RECORDS: Final = RecordNames()
 
 # ---------------------------------------------------------------------------- the registry
 
-ValueType = Literal["int", "float", "str", "bool", "int-list", "str-list", "json-str-list"]
+ValueType = Literal["int", "float", "str", "bool", "int-list", "float-list", "str-list", "json-str-list"]
 RecordType = Literal["array", "config", "metric", "legacy-config"]
 
 
@@ -245,11 +249,9 @@ class TrainUpdate:
     """
 
     delta: ArrayRecord
-    num_examples: int
     steps: int
     epsilon: float
     dp_delta: float
-    sample_rate: float
     loss: float | None = None
 
 
@@ -284,11 +286,16 @@ class EvaluateTask:
     version: int
     export_top_k: bool = False
     run: str = ""
+    ledger_head: int = -1
 
 
 @dataclass(frozen=True)
 class EvaluateResult:
-    """``evaluate-result``: hit and NDCG under both protocols, epsilon spent, maybe the top-k."""
+    """``evaluate-result``: exact hit and NDCG under both protocols, epsilon spent, maybe the top-k.
+
+    Exact and per device: simulation only (``evaluation = "exact"``); a deployed device
+    never sends one. ``tier`` is the device's activity tier under the public bounds.
+    """
 
     hit: float
     ndcg: float
@@ -296,6 +303,20 @@ class EvaluateResult:
     sampled_ndcg: float
     epsilon: float
     top_k: tuple[int, ...] | None = None
+    tier: int | None = None
+
+
+@dataclass(frozen=True)
+class EvaluatePrivate:
+    """``evaluate-private``: the device's noisy metric vector (``shared/privacy/evaluation.py``).
+
+    ``values`` holds one slot per activity tier, each the device's metrics plus Gaussian
+    noise; the release is on the device's ledger (carried beside it, like a train update's).
+    """
+
+    values: tuple[float, ...]
+    epsilon: float
+    dp_delta: float
 
 
 @dataclass(frozen=True)
@@ -352,6 +373,10 @@ class SecAggFitConfig:
         return self.version, self.task_seed
 
 
+# The weight every update carries (the legacy SecAgg+ FitRes's num_examples included): the
+# same public value for each device, since a record count would tell neighbouring data apart.
+PUBLIC_WEIGHT: Final = 1
+
 _MODEL = RecordSpec("model", "array", attr="model")
 
 _TRAIN_TASK_PART = PartSpec(
@@ -378,11 +403,9 @@ _TRAIN_UPDATE_PART = PartSpec(
             "metrics",
             "metric",
             (
-                Key("num-examples", "num_examples", "int"),
                 Key("steps", "steps", "int"),
                 Key("epsilon", "epsilon", "float"),
                 Key("delta", "dp_delta", "float"),
-                Key("sample-rate", "sample_rate", "float"),
                 Key("loss", "loss", "float", optional=True),
             ),
         ),
@@ -417,6 +440,7 @@ _EVALUATE_TASK_PART = PartSpec(
                 Key("version", "version", "int"),
                 Key("export-top-k", "export_top_k", "bool", optional=True),
                 Key("run", "run", "str", optional=True),
+                Key("ledger-head", "ledger_head", "int", optional=True),
             ),
         ),
     ),
@@ -433,9 +457,25 @@ _EVALUATE_RESULT_PART = PartSpec(
                 Key("sampled-hit", "sampled_hit", "float"),
                 Key("sampled-ndcg", "sampled_ndcg", "float"),
                 Key("epsilon", "epsilon", "float"),
+                Key("tier", "tier", "int", optional=True),
             ),
         ),
         RecordSpec("top_k", "config", (Key("items", "top_k", "int-list"),), optional=True),
+    ),
+)
+_EVALUATE_PRIVATE_PART = PartSpec(
+    EvaluatePrivate,
+    (
+        RecordSpec("status", "config", (Key("status", "", "str", fixed="private"),)),
+        RecordSpec(
+            "metrics",
+            "metric",
+            (
+                Key("noisy-sums", "values", "float-list"),
+                Key("epsilon", "epsilon", "float"),
+                Key("delta", "dp_delta", "float"),
+            ),
+        ),
     ),
 )
 _EVALUATE_DECLINED_PART = PartSpec(
@@ -482,6 +522,7 @@ TRAIN_REFUSAL: Final = MessageSpec("train-refusal", _TRAIN, _UP, (_TRAIN_REFUSAL
 EVALUATE_TASK: Final = MessageSpec("evaluate-task", _EVALUATE, _DOWN, (_EVALUATE_TASK_PART,))
 EVALUATE_RESULT: Final = MessageSpec("evaluate-result", _EVALUATE, _UP, (_EVALUATE_RESULT_PART,))
 EVALUATE_DECLINED: Final = MessageSpec("evaluate-declined", _EVALUATE, _UP, (_EVALUATE_DECLINED_PART,))
+EVALUATE_PRIVATE: Final = MessageSpec("evaluate-private", _EVALUATE, _UP, (_EVALUATE_PRIVATE_PART, _LEDGER_PART))
 DISCOVERY: Final = MessageSpec("discovery", _QUERY, _DOWN, (_DISCOVERY_PART,))
 IDENTITY: Final = MessageSpec("identity", _QUERY, _UP, (_IDENTITY_PART,))
 LEDGER_QUERY: Final = MessageSpec("ledger-query", _QUERY, _DOWN, (_LEDGER_QUERY_PART,))
@@ -497,6 +538,7 @@ MESSAGES: Final[tuple[MessageSpec, ...]] = (
     EVALUATE_TASK,
     EVALUATE_RESULT,
     EVALUATE_DECLINED,
+    EVALUATE_PRIVATE,
     DISCOVERY,
     IDENTITY,
     LEDGER_QUERY,
@@ -549,6 +591,11 @@ def _encode(kind: str, key: Key, value: Any) -> Any:
             return value
         if key.type == "int-list":
             return [int(v) for v in value]
+        if key.type == "float-list":
+            out = [float(v) for v in value]
+            if not all(math.isfinite(v) for v in out):
+                raise ValueError("non-finite value")
+            return out
         if key.type == "str-list":
             return [str(v) for v in value]
         return json.dumps([str(v) for v in value])
@@ -584,6 +631,12 @@ def _decode(kind: str, key: Key, value: object) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise bad("a list of integers")
         return tuple(int(v) for v in value)
+    if key.type == "float-list":
+        if not isinstance(value, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
+        ):
+            raise bad("a list of finite numbers")
+        return tuple(float(v) for v in value)
     if key.type == "str-list":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise bad("a list of text")
@@ -814,20 +867,30 @@ def build_evaluate_declined(declined: EvaluateDeclined, *, names: RecordNames = 
     return _build(EVALUATE_DECLINED, (declined,), names)
 
 
+def build_evaluate_private(result: EvaluatePrivate, ledger: Ledger, *, names: RecordNames = RECORDS) -> RecordDict:
+    """The content of an ``evaluate-private`` reply: the noisy vector and the device's new ledger entries."""
+    return _build(EVALUATE_PRIVATE, (result, ledger), names)
+
+
 def parse_evaluate_reply(
     source: Message | RecordDict, *, names: RecordNames = RECORDS
-) -> EvaluateResult | EvaluateDeclined:
-    """Read a reply to an ``evaluate-task``: a result, or a refusal to answer (by its status).
+) -> EvaluateResult | EvaluatePrivate | EvaluateDeclined:
+    """Read a reply to an ``evaluate-task``: an exact or private result, or a refusal (by its status).
+
+    The ledger entries a private result carries are read by :func:`parse_ledger`.
 
     Raises
     ------
     ProtocolError
         If the reply is an error, has an unknown status, or lacks a key.
     """
-    label = f"{EVALUATE_RESULT.kind}/{EVALUATE_DECLINED.kind}"
+    label = f"{EVALUATE_RESULT.kind}/{EVALUATE_PRIVATE.kind}/{EVALUATE_DECLINED.kind}"
     content = _content(source, label)
-    if _variant(content, (EVALUATE_DECLINED,), label, names) is None:
+    spec = _variant(content, (EVALUATE_DECLINED, EVALUATE_PRIVATE), label, names)
+    if spec is None:
         return _parse_part(_EVALUATE_RESULT_PART, EvaluateResult, content, EVALUATE_RESULT.kind, names)
+    if spec is EVALUATE_PRIVATE:
+        return _parse_part(_EVALUATE_PRIVATE_PART, EvaluatePrivate, content, spec.kind, names)
     return _parse_part(_EVALUATE_DECLINED_PART, EvaluateDeclined, content, EVALUATE_DECLINED.kind, names)
 
 

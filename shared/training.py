@@ -8,12 +8,12 @@ non-private results come from the same code.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -55,22 +55,26 @@ def apply_l1_proximal(params: list[torch.nn.Parameter], lr: float, l1: float) ->
             p.copy_(torch.sign(p) * torch.clamp(p.abs() - lr * l1, min=0.0))
 
 
-def opacus_sample_rate(num_records: int, batch_size: int) -> float:
-    """The Poisson rate Opacus's accountant will record for ``num_records`` at ``batch_size``.
+def opacus_sample_rate(train: TrainConfig) -> float:
+    """The Poisson rate Opacus's accountant will record for the public ``sample-rate``.
 
-    ``make_private`` takes ``1 / len(loader)`` = ``1 / ceil(N / B)`` to build the
-    DPDataLoader, whose length is ``int(1 / rate)``, and then charges
-    ``1 / len(dp_loader)``. Floating-point rounding makes the two differ for some N
-    (N = 737, B = 8: 1/93 becomes 1/92), so the budget check must mirror the
-    whole chain, not the formula.
+    :func:`train_locally` hands Opacus a loader of ``round(1 / sample-rate)`` Poisson
+    batches; ``make_private`` takes ``1 / len(loader)`` and charges ``1 / len`` of the loader
+    it rebuilds, whose length is ``int(1 / rate)``. Floating-point rounding can make the two
+    differ, so the budget check mirrors the whole chain, not the formula. The rate depends on
+    public configuration only: never on the device's record count.
     """
-    batches = max(1, math.ceil(num_records / batch_size))
+    batches = round(1.0 / train.sample_rate)
     return 1.0 / int(1.0 / (1.0 / batches))
 
 
-def plan_release(num_records: int, train: TrainConfig, privacy: PrivacyConfig) -> Release:
-    """The DP-SGD release a task will make (exactly the rate and steps Opacus will charge)."""
-    return Release(privacy.noise_multiplier, opacus_sample_rate(num_records, train.batch_size), train.local_steps)
+def plan_release(train: TrainConfig, privacy: PrivacyConfig) -> Release:
+    """The DP-SGD release a task will make (exactly the rate and steps Opacus will charge).
+
+    A function of public configuration alone, so every device's release, and the epsilon it
+    reports or refuses at, is the same whatever its number of records.
+    """
+    return Release(privacy.noise_multiplier, opacus_sample_rate(train), train.local_steps)
 
 
 # Expected batch x catalogue size above which ghost clipping is faster for NCF on CPU:
@@ -157,7 +161,13 @@ def train_locally(
     sampler_gen = torch.Generator().manual_seed(seed)
     negative_gen = torch.Generator().manual_seed(seed + 1)
     noise_gen = torch.Generator().manual_seed(seed + 2)
-    loader = DataLoader(TensorDataset(*records), batch_size=train.batch_size, shuffle=True, generator=sampler_gen)
+    dataset = TensorDataset(*records)
+    loader: DataLoader[tuple[torch.Tensor, ...]]
+    if privacy.dp:
+        # Poisson sampling at the public rate (not batch-size / N, which would reveal N).
+        loader = DPDataLoader(dataset, sample_rate=1.0 / round(1.0 / train.sample_rate), generator=sampler_gen)
+    else:
+        loader = DataLoader(dataset, batch_size=train.batch_size, shuffle=True, generator=sampler_gen)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, train)
     model.train()
@@ -186,7 +196,12 @@ def train_locally(
             # Ghost mode also returns a criterion wrapper; fedrec's models compute their own
             # per-record losses, which :func:`_ghost_step` wraps the same way.
             private_model, optimizer, loader = (made[0], made[1], made[3]) if ghost else made
+        # Opacus divides each noisy sum by int(N * rate), a function of N; the public
+        # batch-size takes its place, so the update's scale reveals nothing beyond the DP output.
+        optimizer.expected_batch_size = train.batch_size  # type: ignore[attr-defined]
         sample_rate = 1.0 / len(loader)
+        if sample_rate != opacus_sample_rate(train):
+            raise RuntimeError(f"Opacus charges rate {sample_rate}, the plan says {opacus_sample_rate(train)}")
         net: torch.nn.Module = private_model
     else:
         sample_rate = min(1.0, train.batch_size / num_records)

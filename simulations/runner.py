@@ -12,12 +12,15 @@ import math
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from server.output_dir import claim_output_dir
 from shared.config import FedrecConfig, parse_config, to_flat
-from shared.data.partition import prepare_partitions
+from shared.data.partition import history_lengths, prepare_partitions
 
 log = logging.getLogger("fedrec.simulate")
 
@@ -62,6 +65,19 @@ def default_actors(cpus: int | None = None, memory_gib: float | None = None) -> 
     return max(1, actors)
 
 
+# What a simulation runs under unless told otherwise (the Flower app defaults suit deployment).
+SIMULATION_DEFAULTS: Mapping[str, Any] = {"reproducible-noise": True, "evaluation": "exact"}
+
+
+def quartile_bounds(lengths: np.ndarray) -> tuple[int, ...]:
+    """Activity-tier bounds at the 25th and 75th percentiles of history length (fewer if they coincide)."""
+    if len(lengths) == 0:
+        return ()
+    bounds = sorted({max(1, int(np.ceil(np.quantile(lengths, q)))) for q in (0.25, 0.75)})
+    # A bound at or below the shortest history would leave the bottom tier empty.
+    return tuple(b for b in bounds if b > int(lengths.min()))
+
+
 def simulate(overrides: Mapping[str, Any], num_actors: int | None = None, backend: str = "ray") -> dict[str, Any]:
     """Run one simulation and return its summary (also written to ``output-dir``).
 
@@ -78,10 +94,14 @@ def simulate(overrides: Mapping[str, Any], num_actors: int | None = None, backen
     """
     if backend not in ("ray", "local"):
         raise ValueError(f"backend must be 'ray' or 'local', got {backend!r}")
-    # A simulation is reproducible unless asked otherwise: same seed, same numbers.
-    # (Deployed devices keep the default, noise from OS entropy.)
-    cfg: FedrecConfig = parse_config({"reproducible-noise": True, **overrides})
-    flat = to_flat(cfg)
+    # A simulation is reproducible unless asked otherwise: same seed, same numbers (the run is
+    # labelled nominal). Its evaluation is exact, per device, with the top-10 export, for
+    # research (labelled "simulation only, not private"). Deployed devices keep the defaults:
+    # noise from OS entropy, private evaluation.
+    merged = {**SIMULATION_DEFAULTS, **overrides}
+    if merged["evaluation"] == "exact":
+        merged.setdefault("export-top-k", "csv")
+    cfg: FedrecConfig = parse_config(merged)
     # Quiet Flower's telemetry and update check before it is imported.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -89,6 +109,10 @@ def simulate(overrides: Mapping[str, Any], num_actors: int | None = None, backen
     # Refuse a directory holding files before anything starts (and before any device writes there).
     claim_output_dir(Path(cfg.output_dir), overwrite=cfg.overwrite)
     info = prepare_partitions(cfg.data)  # before any device starts, so none races to build it
+    if "activity-tiers" not in overrides:
+        # Tier bounds at the data's quartiles, so metrics show the bottom and top quartiles.
+        cfg = replace(cfg, eval=replace(cfg.eval, activity_tiers=quartile_bounds(history_lengths(info))))
+    flat = to_flat(cfg)
 
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp

@@ -19,7 +19,15 @@ def test_pyproject_app_config_equals_the_dataclass_defaults() -> None:
 
 def test_overrides_are_typed_from_strings() -> None:
     cfg = parse_config(
-        {"mode": "sync", "buffer-size": "20", "dp": "false", "delta": "1e-6", "mlp-layers": "128,64", "concurrency": 30}
+        {
+            "mode": "sync",
+            "buffer-size": "20",
+            "dp": "false",
+            "evaluation": "exact",
+            "delta": "1e-6",
+            "mlp-layers": "128,64",
+            "concurrency": 30,
+        }
     )
     assert cfg.aggregation.mode == "sync"
     assert cfg.aggregation.buffer_size == 20

@@ -103,7 +103,6 @@ SECAGG_CONFIG: dict[str, Any] = {
     "server-learning-rate": 1.0,
     "server-momentum": 0.0,
     "secagg-clipping-range": 8.0,
-    "secagg-max-weight": 1000.0,
 }
 RUN_TIMEOUT = 600.0  # seconds for one `flwr run`
 
@@ -589,6 +588,9 @@ def test_messages_carry_no_personal_data(fleet: Fleet, async_run: RunResult) -> 
     from client.device_store import DeviceDataStore
     from client.store_keys import key_from_file
     from client.wire_log import read_wire_log
+    from shared.config import parse_config
+    from shared.privacy.ledger import entry_from_json
+    from shared.training import opacus_sample_rate
 
     for device in fleet.devices:
         replies = read_wire_log(device.wire_log)
@@ -601,10 +603,21 @@ def test_messages_carry_no_personal_data(fleet: Fleet, async_run: RunResult) -> 
         assert all(np.abs(v).sum() > 0 for v in secrets), "the personal embedding never trained"
         history = set(int(i) for i in device.history)
         pairs = [device.history[j : j + 2] for j in range(len(device.history) - 1)]
+        public_rate = opacus_sample_rate(parse_config(ASYNC_CONFIG).train)
         for reply in replies:
             content = reply.content
             assert content is not None, reply.error
             raw = reply.raw
+            # Private mode: no record count, no rate derived from it, no exact metric, no item list.
+            for record in content.metric_records.values():
+                assert not {"num-examples", "sample-rate", "hit", "ndcg", "sampled-hit", "sampled-ndcg"} & set(record)
+            assert "top-k" not in content.config_records
+            if reply.message_type.startswith("evaluate"):
+                assert content.config_records["status"]["status"] in ("private", "declined"), reply.message_type
+            if "ledger" in content.config_records:
+                for text in content.config_records["ledger"]["entries"]:
+                    entry = entry_from_json(str(text))
+                    assert entry.sample_rate in (public_rate, 1.0), entry
             # No personal parameters by name, and no run of the embedding's values in any encoding.
             for record in content.array_records.values():
                 for name in record:
@@ -721,6 +734,7 @@ def _check_secagg_aggregate(fleet: Fleet, result: RunResult) -> None:
     from server.secagg import quantization_error_bound
     from shared.config import parse_config
     from shared.models.factory import build_model
+    from shared.protocol import PUBLIC_WEIGHT
 
     out = result.output_dir
     saved = torch.load(out / "global_model.pt", map_location="cpu", weights_only=True)
@@ -739,7 +753,7 @@ def _check_secagg_aggregate(fleet: Fleet, result: RunResult) -> None:
         mine = [r for r in kept if r.task_id == task.task_id and r.run.startswith(f"{out.name}#")]
         assert len(mine) == 1, f"device {device.index}: receipts {[(r.run, r.task_id) for r in kept]}"
         receipt = mine[0]
-        assert receipt.version == 0 and receipt.num_examples > 0
+        assert receipt.version == 0 and receipt.num_examples == PUBLIC_WEIGHT  # never the record count
         # The receipt names this run: the device's signed ledger has the same run and task.
         assert any(e.run == receipt.run and e.task_id == task.task_id for e in _ledger(device))
         receipts.append(receipt)
@@ -747,7 +761,7 @@ def _check_secagg_aggregate(fleet: Fleet, result: RunResult) -> None:
     settings = {(r.clipping_range, r.quantization_range, r.modulus_range, r.max_weight) for r in receipts}
     assert len(settings) == 1, settings
     ((clip, qrange, modulus, max_weight),) = settings
-    assert clip == SECAGG_CONFIG["secagg-clipping-range"] and max_weight == SECAGG_CONFIG["secagg-max-weight"]
+    assert clip == SECAGG_CONFIG["secagg-clipping-range"] and max_weight == float(PUBLIC_WEIGHT)
     assert clip is not None and qrange is not None and modulus is not None and max_weight is not None
     assert len(receipts) * qrange < modulus
 

@@ -1,7 +1,9 @@
-"""The one-run empirical privacy audit: its statistics, and a small real federation with canaries."""
+"""The one-run empirical privacy audit: its statistics, its ceiling, and a small real federation
+with canaries, run honestly and with a mechanism broken on purpose."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -13,6 +15,7 @@ from scipy import special
 
 from server.audit.empirical import (
     AuditResult,
+    audit_ceiling,
     best_lower_bound,
     guesses_from_scores,
     one_run_lower_bound,
@@ -117,43 +120,162 @@ def test_scores_independent_of_truth_rarely_give_a_positive_bound() -> None:
     assert np.mean(np.array(bounds) > 0) <= 0.10
 
 
+# ----------------------------------------------------------------------- ceiling
+
+
+def test_ceiling_of_one_canary_per_device_is_below_the_default_epsilon() -> None:
+    # The old design: 943 canaries at δ = 1e-5 could never certify the accounted ~7.9.
+    assert audit_ceiling(943, 1e-5) == pytest.approx(4.256, abs=0.01)
+
+
+def test_ceiling_grows_with_canaries_then_the_delta_term_caps_it() -> None:
+    ceilings = [audit_ceiling(m, 1e-5) for m in (240, 943, 1920, 7544)]
+    assert all(a < b for a, b in zip(ceilings, ceilings[1:], strict=False))
+    # 2 m δ grows as fast as the guesses: with the default grid the ceiling stays near 5.
+    assert audit_ceiling(40_000, 1e-5) < math.log(0.05 / 2e-5) < 7.9
+    assert audit_ceiling(1920, 1e-5, num_scored=0) == 0.0
+    assert audit_ceiling(1920, 1e-5, num_scored=960) < audit_ceiling(1920, 1e-5)
+    with pytest.raises(ValueError):
+        audit_ceiling(10, 1e-5, num_scored=11)
+
+
+def test_ceiling_is_what_a_perfect_attacker_gets() -> None:
+    truth = np.arange(1000) % 2 == 0
+    perfect = best_lower_bound(truth.astype(float), truth, 1e-5).epsilon_lower_bound
+    assert perfect == pytest.approx(audit_ceiling(1000, 1e-5), abs=1e-9)
+
+
+def test_verdicts_and_exit_codes() -> None:
+    from simulations.canary_audit import audit_exit_code, audit_verdict
+
+    assert audit_verdict(3.0, 2.0, 5.0) == "fail"
+    assert audit_verdict(1.0, 2.0, 5.0) == "pass"
+    # Below a ceiling that is itself below the accounted ε: the audit could not have failed.
+    assert audit_verdict(1.0, 7.9, 4.26) == "inconclusive"
+    assert audit_verdict(4.26, 7.9, 4.26) == "inconclusive"
+    assert audit_verdict(3.0, None, 5.0) == "no-guarantee"
+    codes = {v: audit_exit_code({"verdict": v}) for v in ("pass", "fail", "inconclusive", "no-guarantee")}
+    assert codes == {"pass": 0, "fail": 1, "inconclusive": 3, "no-guarantee": 0}
+
+
+# ------------------------------------------------------------ broken on purpose
+
+
+def test_broken_noise_trains_with_less_noise_but_accounts_sigma() -> None:
+    import client.device
+    from shared.config import parse_config
+    from shared.models.factory import build_model
+    from shared.privacy.accounting import DeviceAccountant
+    from shared.training import train_locally
+    from simulations.canary_audit import _broken_noise
+
+    cfg = parse_config({"embedding-dim": 4, "mlp-layers": "", "num-negatives": 2, "weight-decay": 0.0})
+    p = cfg.privacy
+
+    def bias_change(trainer: Any) -> tuple[float, DeviceAccountant, float]:
+        model = build_model(cfg.model, 400, 1, seed=0)
+        records = model.build_records(np.arange(5), 0)
+        accountant = DeviceAccountant(p.accountant, p.delta, p.epsilon_budget)
+        result = trainer(model, records, cfg.train, p, accountant, seed=3)
+        # Rows no record or negative touched carry only noise (bias starts at 0).
+        return float(model.item_bias.weight.detach()[200:].std()), accountant, result.epsilon
+
+    honest_std, honest_acc, honest_eps = bias_change(train_locally)
+    with _broken_noise(0.1):
+        assert client.device.train_locally is not train_locally
+        broken_std, broken_acc, broken_eps = bias_change(client.device.train_locally)
+    assert client.device.train_locally is train_locally  # restored: no other run can see it
+    assert broken_std < 0.2 * honest_std
+    assert broken_acc.history == honest_acc.history  # charged at σ: the same steps and rate
+    assert all(sigma == p.noise_multiplier for sigma, _, _ in broken_acc.history)
+    assert broken_eps == pytest.approx(honest_eps)
+    for factor in (0.0, 1.0, 2.0):
+        with pytest.raises(ValueError), _broken_noise(factor):
+            pass
+
+
 # ---------------------------------------------------------------- real federation
 
-
-def _small(tmp: Path, name: str, dp: bool) -> dict[str, Any]:
-    # 60 MovieLens-100K users; ~1.3 tasks per device.
-    return {
-        "max-devices": 60, "num-versions": 8, "concurrency": 20, "buffer-size": 10,
-        "dp": dp, "output-dir": str(tmp / name),
-    }  # fmt: skip
+# 60 MovieLens-100K users x 32 canaries = 1,920 canaries (ceiling 4.88 at δ = 1e-5) under
+# the audit's defaults (σ 3, sample rate 1/2, 10 steps, one task per device: accounted ε
+# about 2.75 with the private final evaluation). Each run takes about 30 s on one core.
+_SMALL = [
+    "--set", "max-devices=60", "--set", "concurrency=20", "--set", "buffer-size=10",
+    "--canaries-per-device", "32", "--audit-seed", "5",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def audits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    from simulations.canary_audit import run_canary_audit
+def audits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, dict[str, Any]]]:
+    """Both runs through the command line: (exit status, report) for ``broken`` and ``honest``."""
+    from simulations.canary_audit import main
 
     tmp = tmp_path_factory.mktemp("audit")
-    return {
-        "off": run_canary_audit(_small(tmp, "off", dp=False), audit_seed=5),
-        "on": run_canary_audit(_small(tmp, "on", dp=True), audit_seed=5),
-    }
+    runs = {"broken": ["--broken-noise-factor", "0.1"], "honest": []}
+    out: dict[str, tuple[int, dict[str, Any]]] = {}
+    for name, extra in runs.items():
+        code = main([*_SMALL, "--output", str(tmp / name), *extra])
+        out[name] = (code, json.loads((tmp / name / "empirical_audit.json").read_text()))
+    return out
 
 
-def test_attack_finds_canaries_without_dp(audits: dict[str, dict[str, Any]]) -> None:
-    off = audits["off"]
-    assert off["num-canaries"] == 60 and off["canaries-observed"] >= 40
-    assert off["precision"] >= 0.9 and off["num-guesses"] >= 10
-    assert off["auc"] > 0.75
-    assert off["epsilon-lower-bound"] > 0.5
-    written = json.loads((Path(off["config"]["output-dir"]) / "empirical_audit.json").read_text())
-    assert written["epsilon-lower-bound"] == off["epsilon-lower-bound"]
+def test_broken_mechanism_is_caught(audits: dict[str, tuple[int, dict[str, Any]]]) -> None:
+    code, broken = audits["broken"]
+    assert broken["broken-on-purpose"] and "BROKEN ON PURPOSE" in broken["label"]
+    assert broken["noise-multiplier-trained"] == pytest.approx(0.1 * broken["noise-multiplier"])
+    assert 1.0 < broken["epsilon-accounted"] < 3.5
+    assert broken["epsilon-ceiling-observed"] > broken["epsilon-accounted"]  # the audit could fail
+    assert broken["epsilon-lower-bound"] > broken["epsilon-accounted"]
+    assert broken["verdict"] == "fail" and code == 1
+    assert broken["num-canaries"] == 1920 and broken["canaries-observed"] >= 1500
 
 
-def test_lower_bound_never_exceeds_accounted_epsilon_with_dp(audits: dict[str, dict[str, Any]]) -> None:
-    on = audits["on"]
-    assert on["dp"] and 0.0 < on["epsilon-accounted"] <= 8.0
-    assert on["epsilon-lower-bound"] <= on["epsilon-accounted"]
-    assert math.isfinite(on["epsilon-lower-bound"])
+def test_broken_mechanism_still_accounts_and_logs_sigma(audits: dict[str, tuple[int, dict[str, Any]]]) -> None:
+    from shared.privacy.ledger_store import DeviceLedgerStore
+
+    (_, broken), (_, honest) = audits["broken"], audits["honest"]
+    # The run's summary and every signed ledger say σ: only the audit can tell.
+    assert broken["epsilon-accounted"] == pytest.approx(honest["epsilon-accounted"])
+    sigma = broken["noise-multiplier"]
+    devices = Path(broken["config"]["output-dir"]) / "devices"
+    records = []
+    for path in sorted(devices.glob("device-*.db"))[:5]:
+        store = DeviceLedgerStore(path)
+        try:
+            records += [e for e in store.entries() if e.mechanism == "subsampled-gaussian"]  # DP-SGD tasks
+        finally:
+            store.close()
+    assert records and all(e.noise_multiplier == sigma for e in records)
+
+
+def test_honest_mechanism_passes(audits: dict[str, tuple[int, dict[str, Any]]]) -> None:
+    code, honest = audits["honest"]
+    assert not honest["broken-on-purpose"] and honest["noise-multiplier-trained"] == honest["noise-multiplier"]
+    assert 1.0 < honest["epsilon-accounted"] < 3.5
+    assert honest["epsilon-ceiling-observed"] > honest["epsilon-accounted"]
+    assert honest["epsilon-lower-bound"] <= honest["epsilon-accounted"]
+    assert honest["verdict"] == "pass" and code == 0
+    assert math.isfinite(honest["auc"])
+
+
+def test_fedrec_audit_empirical_exit_status(
+    audits: dict[str, tuple[int, dict[str, Any]]], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import simulations.canary_audit
+    from simulations.cli import cmd_empirical_audit
+
+    args = argparse.Namespace(
+        set=None, no_dp=False, output=None, overwrite=False, canaries_per_device=None, broken_noise_factor=None
+    )
+    for name, expected in (("broken", 1), ("honest", 0)):
+        report = audits[name][1]
+        monkeypatch.setattr(simulations.canary_audit, "run_canary_audit", lambda _o, r=report, **_kw: r)
+        assert cmd_empirical_audit(args) == expected
+    # A report whose ceiling could not reach the accounted epsilon is neither a pass nor a failure.
+    inconclusive = {**audits["honest"][1], "verdict": "inconclusive"}
+    monkeypatch.setattr(simulations.canary_audit, "run_canary_audit", lambda _o, **_kw: inconclusive)
+    assert cmd_empirical_audit(args) == 3
+    assert "privacy bug" in capsys.readouterr().err
 
 
 def test_canary_data_keeps_ids_and_puts_canaries_in_training(tmp_path: Path) -> None:
@@ -161,11 +283,14 @@ def test_canary_data_keeps_ids_and_puts_canaries_in_training(tmp_path: Path) -> 
     from shared.data.synthetic import generate_synthetic
     from simulations.canary_audit import _check_canary_data, plan_canaries, write_canary_data
 
-    base = generate_synthetic(30, 60, 20, 0)
-    plan = plan_canaries(base, audit_seed=1)
+    base = generate_synthetic(30, 80, 20, 0)
+    plan = plan_canaries(base, audit_seed=1, per_device=4)
+    assert plan.num_canaries == 4 * plan.num_devices
     assert 0 < plan.included.sum() < plan.num_canaries
-    for device, item in zip(plan.device_ids, plan.canary_items, strict=True):
-        assert item not in base.item_ids[base.user_ids == device]  # never interacted with
+    for device in np.unique(plan.device_ids):
+        mine = plan.canary_items[plan.device_ids == device]
+        assert len(set(mine.tolist())) == 4  # distinct
+        assert not set(mine.tolist()) & set(base.item_ids[base.user_ids == device].tolist())  # never interacted with
     path = write_canary_data(base, plan, tmp_path / "u.data")
     _check_canary_data(base, path, plan)  # raises if ids, split or canary placement differ
     devices = {d.device_id: d for d in leave_one_out(base)}

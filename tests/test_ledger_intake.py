@@ -44,7 +44,7 @@ def _intake(overrides: dict[str, Any], device: DeviceLedgerStore, device_id: int
 def test_an_earlier_prv_entry_is_not_repriced_with_this_runs_rdp(tmp_path: Path) -> None:
     cfg = parse_config({})
     p = cfg.privacy
-    q = opacus_sample_rate(100, cfg.train.batch_size)
+    q = opacus_sample_rate(cfg.train)
     accountant = DeviceAccountant("prv", p.delta, 8.0, [(p.noise_multiplier, q, cfg.train.local_steps)])
     device = DeviceLedgerStore(tmp_path / "dev.db", device_id=0)
     device.append(
@@ -61,7 +61,7 @@ def test_an_earlier_prv_entry_is_not_repriced_with_this_runs_rdp(tmp_path: Path)
         epsilon=accountant.epsilon(),
         delta=p.delta,
     )
-    result = _intake({}, device, 0).check(0, None, _reply(device), None)
+    result = _intake({}, device, 0).check(0, None, _reply(device))
     assert result.accepted, result.problems
     # A wrong RDP claim is still caught: the entry's own accountant decides what is checked.
     bad = DeviceLedgerStore(tmp_path / "bad.db", device_id=0)
@@ -79,7 +79,7 @@ def test_an_earlier_prv_entry_is_not_repriced_with_this_runs_rdp(tmp_path: Path)
         epsilon=accountant.epsilon(),
         delta=p.delta,
     )
-    rejected = _intake({}, bad, 0).check(0, None, _reply(bad), None)
+    rejected = _intake({}, bad, 0).check(0, None, _reply(bad))
     assert not rejected.accepted and "claims epsilon" in "; ".join(rejected.problems)
 
 
@@ -101,7 +101,7 @@ def test_an_earlier_runs_user_entry_is_not_priced_with_this_runs_filter(tmp_path
         epsilon=old.epsilon(0),
         delta=1e-5,
     )
-    result = _intake({}, device, 2).check(2, None, _reply(device), None)  # a record-level-only run
+    result = _intake({}, device, 2).check(2, None, _reply(device))  # a record-level-only run
     assert result.accepted, result.problems
 
 
@@ -138,7 +138,7 @@ def test_a_device_capping_its_user_budget_signs_the_epsilon_the_server_recompute
         reply = app(msg, context)
         update = parse_train_reply(reply)
         assert isinstance(update, TrainUpdate)
-        result = intake.check(1, task, parse_ledger(reply).entries, update.num_examples)
+        result = intake.check(1, task, parse_ledger(reply).entries)
         assert result.accepted, result.problems
         assert [e.unit for e in result.entries] == ["record", "user"]
 
@@ -146,7 +146,7 @@ def test_a_device_capping_its_user_budget_signs_the_epsilon_the_server_recompute
 def test_a_ledger_that_cannot_be_read_is_a_recorded_rejection(tmp_path: Path) -> None:
     device = DeviceLedgerStore(tmp_path / "dev.db", device_id=0)
     intake = _intake({}, device, 0)
-    garbled = intake.check(0, 3, ["{not json"], 10)
+    garbled = intake.check(0, 3, ["{not json"])
     missing = intake.unreadable(0, 4, "train-update message, key 'ledger': missing config record")
     for result in (garbled, missing):
         assert not result.accepted and result.problems[0].startswith("unreadable ledger: ")

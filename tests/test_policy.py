@@ -52,7 +52,7 @@ def _train(overrides: dict[str, object], node: dict[str, object]) -> Message:
 @pytest.mark.parametrize(
     ("asked", "why"),
     [
-        ({"dp": False}, "dp = false"),
+        ({"dp": False, "evaluation": "exact"}, "dp = false"),
         ({"reproducible-noise": True}, "reproducible-noise"),
         ({"noise-multiplier": 0.1}, "noise-multiplier"),
         ({"delta": 1e-3}, "delta"),
@@ -80,14 +80,23 @@ def test_the_devices_budget_caps_the_run_budget() -> None:
         DevicePolicy.from_node_config({"store": "x", "max-epsilon": "lots"})
 
 
-def test_a_deployed_device_does_not_export_its_top_k_unless_allowed(
+def test_a_deployed_device_declines_exact_evaluation_and_never_sends_a_top_k_list(
     overrides: dict[str, object], tmp_path: Path
 ) -> None:
     conf = {"split": "valid", "export-top-k": True, "version": 0}
     node = {"store": str(tmp_path / "dev.db"), "partition-id": 1}
-    assert "top-k" not in _send(overrides, node, MessageType.EVALUATE, conf).content.config_records
-    allowed = {**node, "allow-top-k-export": "true"}
-    assert "top-k" in _send(overrides, allowed, MessageType.EVALUATE, conf).content.config_records
+    exact = {**overrides, "evaluation": "exact", "export-top-k": "csv"}
+    declined = _send(exact, node, MessageType.EVALUATE, conf).content
+    assert declined.config_records["status"]["status"] == "declined"
+    assert "simulation only" in str(declined.config_records["status"]["reason"])
+    assert "top-k" not in declined.config_records and "metrics" not in declined.metric_records
+    # A private evaluation answers with the noisy vector only, whatever the task asks.
+    private = _send(overrides, node, MessageType.EVALUATE, conf).content
+    assert private.config_records["status"]["status"] == "private" and "top-k" not in private.config_records
+    assert set(private.metric_records["metrics"]) == {"noisy-sums", "epsilon", "delta"}
+    # The same exact request is the experiment's business on a simulated device.
+    simulated = _send(exact, {"partition-id": 1}, MessageType.EVALUATE, conf).content
+    assert "top-k" in simulated.config_records and "ndcg" in simulated.metric_records["metrics"]
 
 
 def test_a_deployed_device_answers_at_most_its_evaluations_per_day_and_declines_the_rest(
@@ -101,7 +110,7 @@ def test_a_deployed_device_answers_at_most_its_evaluations_per_day_and_declines_
     node = {"store": str(tmp_path / "dev.db"), "partition-id": 1, "max-evaluations-per-day": "2"}
     for _ in range(2):
         answered = _send(overrides, node, MessageType.EVALUATE, conf).content
-        assert "ndcg" in answered.metric_records["metrics"]
+        assert "noisy-sums" in answered.metric_records["metrics"]
     declined = _send(overrides, node, MessageType.EVALUATE, conf).content
     assert "metrics" not in declined.metric_records  # no metric leaves the device
     status = declined.config_records["status"]

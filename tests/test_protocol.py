@@ -35,8 +35,8 @@ EXAMPLES: dict[str, tuple[list[object], Build, Parse]] = {
         lambda c, n: [p.parse_train_task(c, names=n)],
     ),
     "train-update": (
-        [p.TrainUpdate(DELTA, 12, 3, 1.25, 1e-5, 0.25, loss=0.69), LEDGER],
-        lambda n: p.build_train_update(p.TrainUpdate(DELTA, 12, 3, 1.25, 1e-5, 0.25, loss=0.69), LEDGER, names=n),
+        [p.TrainUpdate(DELTA, 3, 1.25, 1e-5, loss=0.69), LEDGER],
+        lambda n: p.build_train_update(p.TrainUpdate(DELTA, 3, 1.25, 1e-5, loss=0.69), LEDGER, names=n),
         lambda c, n: [p.parse_train_reply(c, names=n), p.parse_ledger(c, names=n)],
     ),
     "train-refusal": (
@@ -45,14 +45,19 @@ EXAMPLES: dict[str, tuple[list[object], Build, Parse]] = {
         lambda c, n: [p.parse_train_reply(c, names=n)],
     ),
     "evaluate-task": (
-        [p.EvaluateTask(MODEL, "test", 9, export_top_k=True, run="run#1-ab")],
-        lambda n: p.build_evaluate_task(p.EvaluateTask(MODEL, "test", 9, True, "run#1-ab"), names=n),
+        [p.EvaluateTask(MODEL, "test", 9, export_top_k=True, run="run#1-ab", ledger_head=4)],
+        lambda n: p.build_evaluate_task(p.EvaluateTask(MODEL, "test", 9, True, "run#1-ab", 4), names=n),
         lambda c, n: [p.parse_evaluate_task(c, names=n)],
     ),
     "evaluate-result": (
-        [p.EvaluateResult(1.0, 0.5, 1.0, 0.63, 2.5, top_k=(4, 8, 15))],
-        lambda n: p.build_evaluate_result(p.EvaluateResult(1.0, 0.5, 1.0, 0.63, 2.5, (4, 8, 15)), names=n),
+        [p.EvaluateResult(1.0, 0.5, 1.0, 0.63, 2.5, top_k=(4, 8, 15), tier=2)],
+        lambda n: p.build_evaluate_result(p.EvaluateResult(1.0, 0.5, 1.0, 0.63, 2.5, (4, 8, 15), 2), names=n),
         lambda c, n: [p.parse_evaluate_reply(c, names=n)],
+    ),
+    "evaluate-private": (
+        [p.EvaluatePrivate((0.3, -1.2, 4.0, 0.0, 1.5), 2.5, 1e-5), LEDGER],
+        lambda n: p.build_evaluate_private(p.EvaluatePrivate((0.3, -1.2, 4.0, 0.0, 1.5), 2.5, 1e-5), LEDGER, names=n),
+        lambda c, n: [p.parse_evaluate_reply(c, names=n), p.parse_ledger(c, kind="evaluate-private", names=n)],
     ),
     "evaluate-declined": (
         [p.EvaluateDeclined("max-evaluations-per-day = 2")],
@@ -117,9 +122,9 @@ def test_every_message_kind_round_trips_with_exactly_its_registered_keys(spec: p
 
 
 def test_optional_keys_and_records_stay_off_the_wire_when_unset() -> None:
-    update = p.build_train_update(p.TrainUpdate(DELTA, 12, 3, 1.25, 1e-5, 0.25), LEDGER)
+    update = p.build_train_update(p.TrainUpdate(DELTA, 3, 1.25, 1e-5), LEDGER)
     assert "loss" not in update.metric_records["metrics"]
-    assert p.parse_train_reply(update) == p.TrainUpdate(DELTA, 12, 3, 1.25, 1e-5, 0.25, loss=None)
+    assert p.parse_train_reply(update) == p.TrainUpdate(DELTA, 3, 1.25, 1e-5, loss=None)
     result = p.build_evaluate_result(p.EvaluateResult(1.0, 0.5, 1.0, 0.63, 2.5))
     assert set(result) == {"metrics"}
     assert p.parse_evaluate_reply(result) == p.EvaluateResult(1.0, 0.5, 1.0, 0.63, 2.5, top_k=None)
@@ -176,7 +181,10 @@ def _cases() -> list[tuple[str, p.RecordSpec, p.Key | None]]:
 
 
 # Without its status record an evaluation reply reads as a result, which then lacks its metrics.
-_READS_AS = {("evaluate-declined", "status", "record"): ("evaluate-result", "metrics")}
+_READS_AS = {
+    ("evaluate-declined", "status", "record"): ("evaluate-result", "metrics"),
+    ("evaluate-private", "status", "record"): ("evaluate-result", "hit"),
+}
 
 
 def _reparse(kind: str, content: RecordDict) -> None:
@@ -217,7 +225,8 @@ def test_a_mistyped_value_raises_one_error_naming_kind_and_key(kind: str, record
     wrong: dict[str, Any] = {"int": 1.5, "float": "1.0", "str": 3, "bool": 1, "int-list": ["4"], "str-list": [1]}
     target = content[record.name()]
     if isinstance(target, MetricRecord):
-        target[key.name] = [1.0, 2.0]  # a metric record holds numbers or lists of them
+        # A metric record holds numbers or lists of them: the other of the two is the wrong type.
+        target[key.name] = 1.0 if key.type == "float-list" else [1.0, 2.0]
     else:
         target[key.name] = wrong[key.type]
     with pytest.raises(p.ProtocolError) as caught:
@@ -239,7 +248,7 @@ def test_a_query_without_a_ledger_head_is_a_discovery() -> None:
 
 
 def test_replies_are_told_apart_by_their_status_and_an_unknown_one_is_refused() -> None:
-    update = p.build_train_update(p.TrainUpdate(DELTA, 12, 3, 1.25, 1e-5, 0.25), LEDGER)
+    update = p.build_train_update(p.TrainUpdate(DELTA, 3, 1.25, 1e-5), LEDGER)
     update.config_records["status"] = ConfigRecord({"status": "maybe"})
     with pytest.raises(p.ProtocolError, match="train-update/train-refusal message, key 'status': unknown"):
         p.parse_train_reply(update)
@@ -295,8 +304,12 @@ ELSEWHERE: dict[str, frozenset[str]] = {
     "client/receipts.py": frozenset({"delta", "run", "version"}),
     "client/cli_device.py": frozenset({"version"}),
     "server/reporting.py": frozenset({"config", "delta", "split", "top-k", "version"}),
-    "server/audit/report.py": frozenset({"delta"}),
+    "server/audit/report.py": frozenset({"delta", "run"}),  # a finding's device column: "run" for the whole run
+    # The ledger entry fields a spending row copies; the summary's config section.
+    "server/audit/checks.py": frozenset({"delta", "epsilon", "steps"}),
+    "server/audit/source.py": frozenset({"config"}),
     "simulations/cli.py": frozenset({"config", "delta"}),  # the `fedrec simulate config` command; summary field
+    "simulations/runner.py": frozenset({"export-top-k"}),  # the run-config key, set for simulations
     # Database columns of the run store.
     "server/run_store.py": frozenset({"config", "split", "status", "version"}),
     # The `flwr supernode list` JSON field, and a table header naming it.

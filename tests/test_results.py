@@ -52,7 +52,6 @@ def _task(task_id: int, device_id: int = 0, status: str = "accepted") -> TaskRec
         status=status,
         staleness=1 if accepted else None,
         applied_version=task_id // 2 + 1 if accepted else None,
-        num_examples=32 if accepted else None,
         loss=0.125 * task_id if accepted else None,
     )
 

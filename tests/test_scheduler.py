@@ -29,7 +29,7 @@ def _scheduler(mode: str = "async", devices: int = 20, **kw: object) -> Schedule
     return Scheduler(cfg, fleet, local_steps=5, initial=PARAMS, staleness_fn=fn, seed=3, user_level=user_level)  # type: ignore[arg-type]
 
 
-def _run(s: Scheduler, outcome=lambda task: Update({"w": torch.ones(3)}, 10, 0.5), limit: int = 10_000):
+def _run(s: Scheduler, outcome=lambda task: Update({"w": torch.ones(3)}, 0.5), limit: int = 10_000):
     log = []
     while not s.finished and limit:
         limit -= 1
@@ -85,7 +85,7 @@ def test_refusing_device_is_never_scheduled_again() -> None:
     def outcome(task):
         if task.device_id == 4:
             return Refusal("budget")
-        return Update({"w": torch.ones(3)}, 10, 0.5)
+        return Update({"w": torch.ones(3)}, 0.5)
 
     log = _run(s, outcome)
     for c in log:
@@ -103,7 +103,7 @@ def test_failures_never_hang_and_do_not_count_as_updates() -> None:
 
     def outcome(task):
         flip["n"] += 1
-        return Failure("failed", "boom") if flip["n"] % 2 else Update({"w": torch.ones(3)}, 1, 0.1)
+        return Failure("failed", "boom") if flip["n"] % 2 else Update({"w": torch.ones(3)}, 0.1)
 
     log = _run(s, outcome)
     assert s.version == 5
@@ -150,7 +150,7 @@ def test_a_device_failing_repeatedly_is_retired() -> None:
     def outcome(task):
         if task.device_id in broken:
             return Failure("failed", "device error")
-        return Update({"w": torch.ones(3)}, 10, None)
+        return Update({"w": torch.ones(3)}, None)
 
     s = _scheduler(devices=6, concurrency=3, num_versions=10_000, max_device_failures=2)
     log = _run(s, outcome, limit=5_000)
@@ -175,7 +175,7 @@ def test_success_resets_the_failure_count() -> None:
         seen[task.device_id] = seen.get(task.device_id, 0) + 1
         if seen[task.device_id] % 2:
             return Failure("failed", "flaky")
-        return Update({"w": torch.ones(3)}, 10, None)
+        return Update({"w": torch.ones(3)}, None)
 
     s = _scheduler(devices=6, concurrency=3, num_versions=5, max_device_failures=2)
     _run(s, outcome)
@@ -189,7 +189,7 @@ def test_an_unresponsive_device_is_retired_at_once() -> None:
     def outcome(task):
         if task.device_id == 0:
             return Failure("timeout", "no reply within wall-timeout")
-        return Update({"w": torch.ones(3)}, 10, None)
+        return Update({"w": torch.ones(3)}, None)
 
     s = _scheduler(devices=4, concurrency=2, num_versions=20, max_device_failures=5)
     log = _run(s, outcome)
@@ -229,7 +229,7 @@ def test_user_level_aggregation_clips_and_adds_the_configured_noise() -> None:
     )
     big = {"w": torch.full((3,), 100.0)}
     s = _scheduler("sync", devices=4, concurrency=4, num_versions=1, user_level=UserLevelMechanism(privacy, seed=1))
-    log = _run(s, lambda task: Update(big, 10, None))
+    log = _run(s, lambda task: Update(big, None))
     k = sum(c.status == "accepted" for c in log)  # the cohort (devices online at dispatch)
     assert k >= 2
     # Each update clipped to norm 0.5 along (1,1,1); the sum of k gets N(0, (2 * 0.5)^2) per
@@ -274,7 +274,7 @@ def _applied_versions(s: Scheduler) -> list[tuple[AppliedVersion, list[int]]]:
         task = s.next_due()
         if task is None:
             continue
-        c = s.complete(task, Update({"w": torch.ones(3)}, 10, 0.5))
+        c = s.complete(task, Update({"w": torch.ones(3)}, 0.5))
         if c.status == "accepted":
             assert c.staleness is not None
             since.append(c.staleness)

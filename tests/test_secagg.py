@@ -25,7 +25,7 @@ from server.secagg import SecAggError, quantization_error_bound, run_secagg_roun
 from shared.config import FedrecConfig, parse_config
 from shared.data.partition import load_device, prepare_partitions
 from shared.models.factory import build_model
-from shared.protocol import SecAggFitConfig, secagg_round_config, secagg_task_config
+from shared.protocol import PUBLIC_WEIGHT, SecAggFitConfig, secagg_round_config, secagg_task_config
 from simulations.local_grid import LocalGrid
 
 NUM_DEVICES = 5
@@ -140,12 +140,12 @@ def _run(cfg: FedrecConfig, drop: set[int], max_weight: float) -> tuple[Any, _Re
 
 def _check_against_plain(cfg: FedrecConfig, result: Any, nodes: list[int], max_weight: float) -> float:
     plain = _plain(cfg, _global(cfg), nodes)
-    counts = [r.num_examples for r in plain]
+    counts = [PUBLIC_WEIGHT for _ in plain]  # every device sends the same public weight
     assert result.num_examples == sum(counts)
     assert result.contributors == tuple(nodes)
     keys = list(plain[0].delta)
     total = sum(counts)
-    expected = {k: torch.stack([r.num_examples * r.delta[k].double() for r in plain]).sum(0) / total for k in keys}
+    expected = {k: torch.stack([PUBLIC_WEIGHT * r.delta[k].double() for r in plain]).sum(0) / total for k in keys}
     peak = max(float(r.delta[k].abs().max()) for r in plain for k in keys)
     # No clipping happened: every scaled coordinate n_i/W * |delta_i| stays inside the range.
     assert max(counts) / max_weight * peak <= CLIP
@@ -170,8 +170,7 @@ def _check_against_plain(cfg: FedrecConfig, result: Any, nodes: list[int], max_w
 
 
 def test_secagg_round_equals_plain_weighted_mean_and_server_sees_only_masked(cfg: FedrecConfig) -> None:
-    counts = [r.num_examples for r in _plain(cfg, _global(cfg), [1])]
-    max_weight = float(2 * counts[0])  # about the largest num_examples, with room
+    max_weight = float(PUBLIC_WEIGHT)  # every weight is the public 1: no device's record count is sent
     result, grid, committed = _run(cfg, drop=set(), max_weight=max_weight)
     nodes = list(range(1, NUM_DEVICES + 1))
     assert result.num_contributors == NUM_DEVICES and result.failures == 0
@@ -192,7 +191,7 @@ def test_secagg_round_equals_plain_weighted_mean_and_server_sees_only_masked(cfg
         reply = committed[m.metadata.src_node_id]
         sent = cast(list[bytes], m.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS])
         vec = [bytes_to_ndarray(b) for b in sent]
-        q_ratio = round(reply.num_examples / max_weight * QRANGE)
+        q_ratio = round(PUBLIC_WEIGHT / max_weight * QRANGE)
         for k, arr in zip(keys, vec[1:], strict=True):
             scaled = reply.delta[k].double().numpy() * (q_ratio / QRANGE)
             unmasked = np.floor((np.clip(scaled, -CLIP, CLIP) + CLIP) * QRANGE / (2 * CLIP))
@@ -202,7 +201,7 @@ def test_secagg_round_equals_plain_weighted_mean_and_server_sees_only_masked(cfg
 
 
 def test_secagg_round_survives_a_dropout_and_fails_beyond_the_threshold(cfg: FedrecConfig) -> None:
-    max_weight = 1000.0
+    max_weight = float(PUBLIC_WEIGHT)
     result, _grid, _ = _run(cfg, drop={5}, max_weight=max_weight)
     assert result.num_contributors == NUM_DEVICES - 1 and result.failures >= 1
     _check_against_plain(cfg, result, [1, 2, 3, 4], max_weight)

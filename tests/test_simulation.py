@@ -201,6 +201,7 @@ def test_secure_aggregation_gives_the_plain_fedavg_model_within_quantization(tmp
     assert secure["aggregation"]["updates-applied"] == plain["aggregation"]["updates-applied"]
     from server.run_store import RunStore
     from server.secagg import quantization_error_bound
+    from shared.protocol import PUBLIC_WEIGHT
 
     a = torch.load(tmp_path / "plain" / "global_model.pt")["params"]
     b = torch.load(tmp_path / "secure" / "global_model.pt")["params"]
@@ -210,11 +211,11 @@ def test_secure_aggregation_gives_the_plain_fedavg_model_within_quantization(tmp
     # SGD with learning rate 1 adds the two versions' mean deltas), with |delta| <= 1 here.
     atol = sum(
         quantization_error_bound(
-            [t.num_examples for t in tasks if t.base_version == v - 1],
+            [PUBLIC_WEIGHT for t in tasks if t.base_version == v - 1],
             1.0,
             clipping_range=8.0,
             quantization_range=2**22,
-            max_weight=1000.0,
+            max_weight=float(PUBLIC_WEIGHT),
         )
         for v in (1, 2)
     )
@@ -263,7 +264,10 @@ def test_secure_aggregation_withholds_a_sum_whose_contributor_ledger_fails(tmp_p
             return replies
 
     cfg = parse_config(
-        _overrides(tmp_path, "hiding", mode="sync", concurrency=8, num_versions=2, secure_aggregation=True)
+        # Exact evaluation: a private one would bring the hidden entries in its own reply.
+        _overrides(
+            tmp_path, "hiding", mode="sync", concurrency=8, num_versions=2, secure_aggregation=True, evaluation="exact"
+        )
     )
     grid = HidingDeviceGrid(build_client_app(to_flat(cfg)), 8)
     summary = run_federation(grid, cfg)

@@ -15,7 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.app import build_client_app
 from client.task_lock import DeviceBusy, exclusive_task, lock_path
 from shared.config import parse_config
-from shared.data.partition import load_device, prepare_partitions
+from shared.data.partition import prepare_partitions
 from shared.models.factory import build_model
 from shared.privacy.accounting import DeviceAccountant, Release
 from shared.privacy.ledger_store import DeviceLedgerStore
@@ -92,8 +92,7 @@ def test_two_concurrent_tasks_cannot_both_spend_the_last_of_the_budget(tmp_path:
     }
     cfg = parse_config(overrides)
     info = prepare_partitions(cfg.data)
-    records = len(load_device(info.path, 1).train_items)
-    release = plan_release(records, cfg.train, cfg.privacy)
+    release = plan_release(cfg.train, cfg.privacy)
     acc = DeviceAccountant("rdp", cfg.privacy.delta, 1e9)
     one, two = (
         acc.epsilon_if(Release(release.noise_multiplier, release.sample_rate, n * release.steps)) for n in (1, 2)

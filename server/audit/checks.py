@@ -18,7 +18,20 @@ loads either). It never trusts a figure it can recompute:
   PLD accountant (:func:`server.audit.independent.record_level_epsilon_pld`);
 * the server's user-level release log is cross-checked against the devices' signed
   user-level entries (``unbacked-user-release``);
-* every claim and every recomputation is compared with the budget.
+* every claim and every recomputation is compared with the budget;
+* the server's own records are checked against the devices' signed evidence (the server
+  writes them, so they prove nothing alone): each spending row against the signed entry
+  it copies (``spending-mismatch``, ``spending-unbacked``), each signed entry of the run
+  against its spending row (``spending-missing``), each task the server recorded as
+  trained under DP against a signed entry for it (``unbacked-task``), each device's own
+  ledger file, where the run directory holds one, against the server's copy
+  (``device-ledger-ahead``), and the stored configuration against the parameters the
+  devices signed (``config-mismatch``) and against the run's other copies of it
+  (``config-inconsistent``).
+
+A run whose configuration seeded its DP noise from the run seed (``reproducible-noise``)
+is reported ``PASS (nominal)`` at best: its figures are the accounting's, but anyone
+holding the config can regenerate and subtract the noise.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 import numpy as np
 from dp_accounting.rdp import rdp_privacy_accountant as dp_rdp
@@ -42,7 +56,9 @@ from server.audit.independent import (
     relative_error,
     user_level_epsilon,
 )
-from shared.privacy.ledger import LedgerEntry, verify_chain
+from shared.privacy.evaluation import EVALUATION_MECHANISM
+from shared.privacy.identity import verify_signature
+from shared.privacy.ledger import LedgerEntry, compute_hash, verify_chain
 from shared.privacy.user_level import DEFAULT_ORDERS
 
 # dp-accounting logs a warning for every fractional order its series does not converge at
@@ -60,6 +76,70 @@ class UserRelease:
     order: float
     epsilon: float  # the server's cumulative claim after it
     delta: float
+
+
+@dataclass(frozen=True)
+class ServerSpending:
+    """One ``spent`` row of the server's spending log (``privacy_spending``): its copy of a signed entry."""
+
+    device_id: int
+    task_id: int
+    version: int
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    clip_norm: float
+    accountant: str
+
+
+# The fields a spending row copies from its signed record-level entry (same names on both).
+SPENDING_FIELDS: Final = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "clip_norm", "accountant")
+
+# Task outcomes the server records only after it verified the task's signed ledger entries
+# (server/federation.py: the intake runs before the scheduler decides accepted or stale;
+# a SecAgg+ cohort is withheld only for another contributor's failed ledger).
+RELEASED_TASK_STATUSES: Final = ("accepted", "rejected-stale", "withheld")
+
+# The mechanism of a device's DP-SGD release (client/app.py), whose parameters the config fixes.
+DP_SGD_MECHANISM: Final = "subsampled-gaussian"
+EXACT_EVALUATION: Final = "exact (simulation only, not private)"
+
+# Stands for the run as a whole in a finding that concerns no one device.
+RUN: Final = -1
+
+
+@dataclass(frozen=True)
+class ServerTask:
+    """One task in the server's task log, with the outcome it recorded."""
+
+    task_id: int
+    device_id: int
+    status: str
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the audited run's stored configuration says the devices were asked to do."""
+
+    record_dp: bool
+    user_dp: bool
+    delta: float
+    noise_multiplier: float
+    clip_norm: float
+    accountant: str
+    steps: int  # local-steps: DP-SGD steps per task
+    user_noise_multiplier: float
+    user_clip_norm: float
+    user_order: float | None  # the Renyi order the user-level budget fixes; None without user-level DP
+    reproducible_noise: bool
+    # The public DP-SGD rate Opacus charges; None for a run from before it was public (its rate
+    # then depended on each device's record count, which this audit cannot check).
+    sample_rate: float | None = None
+    evaluation: str = "exact"  # "private": noisy releases on the ledgers; "exact": simulation only
+    eval_noise_multiplier: float = 0.0
+    eval_sensitivity: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +162,24 @@ class AuditInput:
     rejected_uploads: Sequence[tuple[int, int, str, str]] = ()
     # The audited run's ledger label (entries name the run they were made in); None: unknown.
     run_label: str | None = None
+    # The server's own records of the run, compared with the signed evidence; None (a single
+    # device's ledger): no server records to compare.
+    spending: Sequence[ServerSpending] | None = None
+    tasks: Sequence[ServerTask] = ()
+    # Whether the run's spending log must cover every stored entry: true when the database
+    # holds this run only (the server writes a row for every record-level entry it verifies,
+    # whichever run made it); otherwise only entries labelled with this run are required.
+    spending_covers_all_entries: bool = False
+    settings: RunSettings | None = None
+    # Other copies of the stored flat config (e.g. the run's summary), by where they were
+    # read; the stored one is ``"runs.config"``.
+    config_copies: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    # The devices' own ledger files found beside the run (device -> entries in storage
+    # order, and the public key the file states, used where the server holds none).
+    device_files: Mapping[int, Sequence[LedgerEntry]] = field(default_factory=dict)
+    device_file_keys: Mapping[int, str] = field(default_factory=dict)
+    # What the loader wants said in the report (e.g. where device files were looked for).
+    notes: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -89,8 +187,10 @@ class Finding:
     """One problem the audit found; every finding is a violation (the audit exits non-zero)."""
 
     kind: str  # edited | deleted | reordered | forged | unsigned | unknown-key | mismatch |
-    #            claim-mismatch | unbacked-user-release | over-budget
-    device_id: int
+    #            claim-mismatch | unbacked-user-release | over-budget | rejected-upload |
+    #            spending-mismatch | spending-missing | spending-unbacked | unbacked-task |
+    #            device-ledger-ahead | config-mismatch | config-inconsistent
+    device_id: int  # RUN (-1) when the finding concerns the run, not one device
     seq: int | None
     unit: str | None
     detail: str
@@ -124,17 +224,36 @@ class AuditReport:
     findings: list[Finding]
     rejections: int
     timeline: list[tuple[float, int, str, float]]  # (timestamp, device, unit, cumulative epsilon)
+    # Why a clean result is only nominal (reproducible noise); None: nothing qualifies it.
+    nominal: str | None = None
+    record_dp: bool | None = None  # the run's configuration; None: not known (a device's ledger)
+    user_dp: bool | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         """True when nothing was found."""
         return not self.findings
 
+    @property
+    def dp_off(self) -> bool:
+        """True when the run's configuration had neither record- nor user-level DP."""
+        return self.record_dp is False and self.user_dp is False
+
+    @property
+    def verdict(self) -> str:
+        """``FAIL`` on any finding; else ``PASS``, qualified when the figures are only nominal or DP was off."""
+        if self.findings:
+            return "FAIL"
+        if self.dp_off:
+            return "PASS (DP off)"
+        return "PASS (nominal)" if self.nominal else "PASS"
+
     def fleet(self) -> dict[str, object]:
         """Fleet summary: devices, participation, epsilon distribution per unit, budget left."""
         out: dict[str, object] = {
             "devices": len(self.devices),
-            "devices-with-findings": len({f.device_id for f in self.findings}),
+            "devices-with-findings": len({f.device_id for f in self.findings if f.device_id != RUN}),
             "findings": len(self.findings),
             "updates-rejected-at-intake": self.rejections,
         }
@@ -349,7 +468,31 @@ def run_audit(data: AuditInput, user_order: float | None = None) -> AuditReport:
                 dev_user_claim,
             )
         )
+    findings += crosscheck_server_records(data)
     timeline.sort()
+    settings = data.settings
+    notes = list(data.notes)
+    nominal = None
+    if settings is not None:
+        if not settings.record_dp and not settings.user_dp:
+            notes.insert(
+                0,
+                "DP is off in this run's configuration (dp = false, user-dp = false): its updates carry no "
+                "differential privacy guarantee, and there is no epsilon to verify.",
+            )
+        if settings.evaluation == "exact" and (settings.record_dp or settings.user_dp):
+            notes.append(
+                f"evaluation: {EXACT_EVALUATION} (per-device metrics and top-k lists went to the server "
+                "outside any DP release; no epsilon here covers them)"
+            )
+        if (settings.record_dp or settings.user_dp) and settings.reproducible_noise:
+            nominal = "nominal epsilon: noise reproducible from the config"
+            notes.insert(
+                0,
+                f"{nominal} (reproducible-noise = true seeded the DP noise from the run seed, so anyone "
+                "holding the config can regenerate and subtract it; the figures hold only against "
+                "someone who does not).",
+            )
     return AuditReport(
         data.source,
         data.delta,
@@ -360,7 +503,313 @@ def run_audit(data: AuditInput, user_order: float | None = None) -> AuditReport:
         findings,
         data.rejections,
         timeline,
+        nominal=nominal,
+        record_dp=None if settings is None else settings.record_dp,
+        user_dp=None if settings is None else settings.user_dp,
+        notes=notes,
     )
+
+
+# ------------------------------------------------------------------- server vs devices
+
+
+def _same(a: object, b: object) -> bool:
+    # Spending rows and entries hold the same doubles, so honest runs agree exactly; the
+    # tolerance only forgives a backend that rounds a stored double.
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, float | int) and isinstance(b, float | int):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def _differences(row: ServerSpending, entry: LedgerEntry) -> list[str]:
+    return [
+        f"{name} {getattr(row, name)!r} (signed {getattr(entry, name)!r})"
+        for name in SPENDING_FIELDS
+        if not _same(getattr(row, name), getattr(entry, name))
+    ]
+
+
+def _this_run(entry: LedgerEntry, run_label: str | None) -> bool:
+    # Without a label (an older database) entries cannot be told apart by run: all count.
+    return run_label is None or entry.run == run_label
+
+
+def crosscheck_spending(data: AuditInput) -> list[Finding]:
+    """The server's ``spent`` rows against the signed record-level entries they copy.
+
+    Rows and entries are paired per device and (task, version): first the rows that copy
+    an entry exactly, then the rest in order, so an edited row is reported against the
+    entry it was a copy of (``spending-mismatch``), a row with no entry left to copy is
+    ``spending-unbacked``, and a signed entry of the run with no row is ``spending-missing``.
+    """
+    if data.spending is None:
+        return []
+    findings: list[Finding] = []
+    rows: dict[tuple[int, int, int], list[ServerSpending]] = {}
+    for r in data.spending:
+        rows.setdefault((r.device_id, r.task_id, r.version), []).append(r)
+    entries: dict[tuple[int, int, int], list[LedgerEntry]] = {}
+    for device, chain in data.ledgers.items():
+        for e in sorted(chain, key=lambda e: e.seq):
+            if e.unit == "record":
+                entries.setdefault((device, e.task_id, e.version), []).append(e)
+    for key in sorted(set(rows) | set(entries)):
+        device, task, _version = key
+        left_rows = list(rows.get(key, []))
+        left_entries = list(entries.get(key, []))
+        for r in list(left_rows):
+            exact = next((e for e in left_entries if not _differences(r, e)), None)
+            if exact is not None:
+                left_rows.remove(r)
+                left_entries.remove(exact)
+        for r, e in zip(left_rows, left_entries, strict=False):
+            findings.append(
+                Finding(
+                    "spending-mismatch",
+                    device,
+                    e.seq,
+                    "record",
+                    f"the server's spending row for device {device}, task {task} differs from the entry the "
+                    f"device signed (seq {e.seq}): {'; '.join(_differences(r, e))}",
+                )
+            )
+        paired = min(len(left_rows), len(left_entries))
+        for r in left_rows[paired:]:
+            findings.append(
+                Finding(
+                    "spending-unbacked",
+                    device,
+                    None,
+                    "record",
+                    f"the server's spending row for device {device}, task {task} (epsilon {r.epsilon:.6g}) "
+                    "matches no record-level entry the device signed",
+                )
+            )
+        for e in left_entries[paired:]:
+            if data.spending_covers_all_entries or (data.run_label is not None and e.run == data.run_label):
+                findings.append(
+                    Finding(
+                        "spending-missing",
+                        device,
+                        e.seq,
+                        "record",
+                        f"device {device} signed a record-level release for task {task} (seq {e.seq}, epsilon "
+                        f"{e.epsilon:.6g}) that the server's spending log does not hold",
+                    )
+                )
+    return findings
+
+
+def crosscheck_tasks(data: AuditInput) -> list[Finding]:
+    """Every task the server recorded as trained under DP must have the device's signed entry for it."""
+    settings = data.settings
+    if settings is None or not data.tasks:
+        return []
+    units = [u for u, on in (("record", settings.record_dp), ("user", settings.user_dp)) if on]
+    signed: set[tuple[int, int, str]] = {
+        (device, e.task_id, e.unit)
+        for device, chain in data.ledgers.items()
+        for e in chain
+        if _this_run(e, data.run_label)
+    }
+    findings: list[Finding] = []
+    for t in data.tasks:
+        if t.status not in RELEASED_TASK_STATUSES:
+            continue
+        missing = [u for u in units if (t.device_id, t.task_id, u) not in signed]
+        if missing:
+            findings.append(
+                Finding(
+                    "unbacked-task",
+                    t.device_id,
+                    None,
+                    missing[0] if len(missing) == 1 else None,
+                    f"the server recorded task {t.task_id} of device {t.device_id} as {t.status}, which it "
+                    f"records only after verifying the device's ledger, but holds no signed "
+                    f"{' or '.join(missing)}-level entry of this run for it",
+                )
+            )
+    return findings
+
+
+def _signed_by(entry: LedgerEntry, key: str) -> bool:
+    try:
+        intact = compute_hash(entry) == entry.entry_hash
+    except (TypeError, ValueError):  # a retyped column: not an entry anyone signed
+        return False
+    return intact and verify_signature(key, entry.entry_hash.encode("ascii"), entry.signature)
+
+
+def crosscheck_device_files(data: AuditInput) -> list[Finding]:
+    """Entries of the run in a device's own ledger file that the server's copy lacks.
+
+    Deleting a device's last entry together with its spending and task rows leaves the
+    server's records consistent with each other; the device's file still holds the
+    signed entry. Only entries that verify (against the registered key, or the file's
+    own key when the server holds none) count: a file is evidence only where signed.
+    """
+    if data.run_label is None:
+        return []  # entries of this run cannot be told from a later run's in a shared store
+    findings: list[Finding] = []
+    for device in sorted(data.device_files):
+        key = data.keys.get(device)
+        whose = "its registered key"
+        if key is None:
+            key, whose = data.device_file_keys.get(device), "the key its own file states (none is registered)"
+        if key is None:
+            continue
+        held = {e.entry_hash for e in data.ledgers.get(device, [])}
+        for e in data.device_files[device]:
+            if e.run != data.run_label or e.entry_hash in held or not _signed_by(e, key):
+                continue
+            findings.append(
+                Finding(
+                    "device-ledger-ahead",
+                    device,
+                    e.seq,
+                    e.unit,
+                    f"device {device}'s own ledger file holds entry seq {e.seq} of this run (task {e.task_id}, "
+                    f"{e.unit}-level, epsilon {e.epsilon:.6g}), signed with {whose}, which the server's records "
+                    "lack: removed from them, or never reported to the server",
+                )
+            )
+    return findings
+
+
+def crosscheck_config(data: AuditInput) -> list[Finding]:
+    """The stored configuration against what the devices signed and against its other copies.
+
+    The budgets are not in any signed entry, so they can be compared only with the run's
+    other (server-written) copies of the config; the mechanism parameters and ``delta``
+    are in every entry of the run.
+    """
+    settings = data.settings
+    findings: list[Finding] = []
+    stored = data.config_copies.get("runs.config")
+    if stored is not None:
+        for where, copy in data.config_copies.items():
+            if where == "runs.config":
+                continue
+            for name in sorted(set(stored) & set(copy)):
+                if not _same_config_value(stored[name], copy[name]):
+                    findings.append(
+                        Finding(
+                            "config-inconsistent",
+                            RUN,
+                            None,
+                            None,
+                            f"the stored config says {name} = {stored[name]!r}, but {where} says {copy[name]!r}",
+                        )
+                    )
+    if settings is None or data.run_label is None:
+        return findings
+    # Per (unit, mechanism) what the config fixes; a record-level release of another mechanism
+    # (e.g. a private evaluation) is held to the run-wide delta and accountant only.
+    dp_sgd: dict[str, object] = {
+        "delta": settings.delta,
+        "noise_multiplier": settings.noise_multiplier,
+        "clip_norm": settings.clip_norm,
+        "accountant": settings.accountant,
+        "steps": settings.steps,
+    }
+    if settings.sample_rate is not None:
+        dp_sgd["sample_rate"] = settings.sample_rate
+    private_eval: dict[str, object] = {
+        "delta": settings.delta,
+        "accountant": settings.accountant,
+        "noise_multiplier": settings.eval_noise_multiplier,
+        "clip_norm": settings.eval_sensitivity,
+        "sample_rate": 1.0,
+        "steps": 1,
+    }
+    wanted: dict[str, dict[str, object]] = {
+        "record": {"delta": settings.delta, "accountant": settings.accountant},
+        "user": {
+            "delta": settings.delta,
+            "noise_multiplier": settings.user_noise_multiplier,
+            "clip_norm": settings.user_clip_norm,
+        },
+    }
+    enabled = {"record": settings.record_dp, "user": settings.user_dp}
+    switch = {"record": "dp", "user": "user-dp"}
+    for device in sorted(data.ledgers):
+        seen: set[tuple[str, str]] = set()  # one finding per device, unit and parameter
+        for e in sorted(data.ledgers[device], key=lambda e: e.seq):
+            if e.run != data.run_label or e.unit not in wanted:
+                continue
+            if not enabled[e.unit]:
+                if (e.unit, "") not in seen:
+                    seen.add((e.unit, ""))
+                    findings.append(
+                        Finding(
+                            "config-mismatch",
+                            device,
+                            e.seq,
+                            e.unit,
+                            f"the stored config says {switch[e.unit]} = false, but device {device} signed "
+                            f"{e.unit}-level releases in this run (first: seq {e.seq}, task {e.task_id})",
+                        )
+                    )
+                continue
+            asked = wanted[e.unit]
+            if e.unit == "record" and e.mechanism == DP_SGD_MECHANISM:
+                asked = dp_sgd
+            elif e.unit == "record" and e.mechanism == EVALUATION_MECHANISM:
+                if settings.evaluation != "private":
+                    asked = {**wanted[e.unit], "mechanism": "none: the run's evaluation is exact"}
+                else:
+                    asked = private_eval
+            for name, want in asked.items():
+                got = getattr(e, name)
+                if (e.unit, name) in seen or _same(got, want):
+                    continue
+                seen.add((e.unit, name))
+                findings.append(
+                    Finding(
+                        "config-mismatch",
+                        device,
+                        e.seq,
+                        e.unit,
+                        f"the stored config gives {e.unit}-level {name} {want!r}, but device {device} signed "
+                        f"{got!r} in this run (first: seq {e.seq}, task {e.task_id})",
+                    )
+                )
+    if settings.user_order is not None:
+        for device in sorted(data.user_releases):
+            orders = {r.order for r in data.user_releases[device]}
+            wrong = sorted(o for o in orders if not _same(o, settings.user_order))
+            if wrong:
+                findings.append(
+                    Finding(
+                        "config-mismatch",
+                        device,
+                        None,
+                        "user",
+                        f"the server priced device {device}'s user-level releases at Renyi order {wrong[0]:g}; "
+                        f"the stored config's user-epsilon-budget gives order {settings.user_order:g}",
+                    )
+                )
+    return findings
+
+
+def _same_config_value(a: object, b: object) -> bool:
+    # The run store keeps non-finite floats as text ("inf"); a JSON file keeps them as numbers.
+    def norm(v: object) -> object:
+        if isinstance(v, str) and v in ("inf", "-inf", "nan"):
+            return float(v)
+        return v
+
+    a, b = norm(a), norm(b)
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return _same(a, b)
+
+
+def crosscheck_server_records(data: AuditInput) -> list[Finding]:
+    """Every comparison of the server's own records with the devices' signed evidence."""
+    return crosscheck_config(data) + crosscheck_spending(data) + crosscheck_tasks(data) + crosscheck_device_files(data)
 
 
 def summarize_findings(findings: Sequence[Finding]) -> dict[str, int]:

@@ -15,6 +15,14 @@ Observing ``v`` correct out of ``r`` therefore rejects "(ε, δ)-DP" at level
 bound is the largest such ε. With ``δ = 0`` the δ term vanishes and the bound is the
 pure-ε binomial tail test.
 
+The δ term caps what any run can certify. Even a perfect attacker (every guess right)
+gets at most :func:`audit_ceiling`: about 4.26 for 943 canaries at δ = 1e-5 and the
+default grid, and at most about 5.4 however many canaries there are (the term ``2 m δ``
+grows with ``m`` as fast as the guesses do; the maximum is near 5,000 canaries). Even a
+single pre-registered test that guesses every canary tends to ``ln(β / (2 δ))`` (7.8 at
+β = 0.05, δ = 1e-5; at most about 8.1, near 100,000 canaries). An audit whose ceiling
+lies below the accounted ε cannot fail, so it must report "inconclusive", never "passed".
+
 Everything here is pure numpy/scipy: no Flower, no torch.
 """
 
@@ -29,6 +37,7 @@ from scipy import special, stats
 __all__ = [
     "DEFAULT_K_FRACTIONS",
     "AuditResult",
+    "audit_ceiling",
     "best_lower_bound",
     "guesses_from_scores",
     "one_run_lower_bound",
@@ -284,3 +293,39 @@ def best_lower_bound(
             best = AuditResult(bound, m, r, v, k_plus, k_minus, confidence, delta)
     assert best is not None
     return best
+
+
+def audit_ceiling(num_canaries: int, delta: float, confidence: float = 0.95, num_scored: int | None = None) -> float:
+    """The largest lower bound :func:`best_lower_bound` can return for this many canaries: its ceiling.
+
+    A perfect attacker scores every included canary above every excluded one, so each of
+    its guesses is right; the bound it then certifies (default grid, Bonferroni, the δ term
+    at ``num_canaries``) is the most *any* run of this audit can show. If the accounted ε is
+    at or above it, the audit cannot fail, whatever the mechanism does.
+
+    Parameters
+    ----------
+    num_canaries
+        ``m``, every randomised canary (the δ term grows with it).
+    delta
+        δ of the guarantee being audited.
+    confidence
+        As in :func:`best_lower_bound`.
+    num_scored
+        Canaries the attacker has a score for (devices that never trained abstain);
+        default all ``m``. Half of them (rounded down) count as included, the expected split.
+
+    Returns
+    -------
+    float
+        The ceiling; 0.0 with no scored canary.
+    """
+    scored = num_canaries if num_scored is None else num_scored
+    if not 0 <= scored <= num_canaries:
+        raise ValueError(f"need 0 <= num_scored ({scored}) <= num_canaries ({num_canaries})")
+    # Depends on counts only, never on the audit's secret bits.
+    truth = np.zeros(num_canaries, dtype=bool)
+    truth[: scored // 2] = True
+    scores = np.full(num_canaries, np.nan)
+    scores[:scored] = truth[:scored].astype(np.float64)
+    return best_lower_bound(scores, truth, delta, confidence).epsilon_lower_bound

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from server.audit.checks import AuditReport, finite, summarize_findings
+from server.audit.checks import RUN, AuditReport, Finding, finite, summarize_findings
 
 
 def to_json(report: AuditReport) -> dict[str, Any]:
@@ -17,6 +17,12 @@ def to_json(report: AuditReport) -> dict[str, Any]:
     return {
         "source": report.source,
         "ok": report.ok,
+        # PASS, PASS (nominal), PASS (DP off) or FAIL: ok alone would call a reproducible-noise run clean.
+        "verdict": report.verdict,
+        "nominal": report.nominal is not None,
+        "nominal-reason": report.nominal,
+        "dp": {"record": report.record_dp, "user": report.user_dp},
+        "notes": report.notes,
         "delta": report.delta,
         "budgets": {"record": report.record_budget, "user": report.user_budget},
         "tolerance": report.tolerance,
@@ -43,13 +49,18 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
+def _device(f: Finding) -> str:
+    return "run" if f.device_id == RUN else str(f.device_id)
+
+
 def terminal_text(report: AuditReport, max_findings: int = 30) -> str:
     """A plain-text summary for the terminal: verdict, fleet table, findings."""
     fleet = report.fleet()
     lines = [
         f"fedrec privacy audit of {report.source}",
-        f"verdict: {'PASS' if report.ok else 'FAIL'} ({len(report.findings)} findings); "
+        f"verdict: {report.verdict} ({len(report.findings)} findings); "
         f"delta {report.delta:g}; claims recomputed with dp-accounting, tolerance {report.tolerance:.0%}",
+        *(f"note: {n}" for n in report.notes),
         "",
     ]
     rows = []
@@ -75,7 +86,7 @@ def terminal_text(report: AuditReport, max_findings: int = 30) -> str:
     if report.findings:
         lines += ["", "findings:"]
         rows = [
-            [f.kind, str(f.device_id), "-" if f.seq is None else str(f.seq), f.unit or "-", f.detail]
+            [f.kind, _device(f), "-" if f.seq is None else str(f.seq), f.unit or "-", f.detail]
             for f in report.findings[:max_findings]
         ]
         lines += _table(rows, ["kind", "device", "seq", "unit", "detail"])
@@ -139,10 +150,19 @@ def markdown(report: AuditReport, plots: list[Path]) -> str:
         "# fedrec privacy audit",
         "",
         f"* Source: `{report.source}`",
-        f"* Verdict: **{'PASS' if report.ok else 'FAIL'}** ({len(report.findings)} findings)",
+        f"* Verdict: **{report.verdict}** ({len(report.findings)} findings)",
+        *(f"* Note: {n}" for n in report.notes),
         f"* Every device's chain verified against its registered Ed25519 key; every device's final epsilon "
         f"recomputed from its logged mechanism with dp-accounting (tolerance {report.tolerance:.0%}); "
         f"delta = {report.delta:g}.",
+        *(
+            [
+                "* The server's own records (spending log, task log, stored config) compared with the devices' "
+                "signed ledgers, and with the devices' own ledger files where the run directory holds them."
+            ]
+            if report.record_dp is not None  # a run, not one device's ledger
+            else []
+        ),
         f"* Updates rejected at intake (their ledger entries did not verify): {report.rejections}",
         "",
         "## Fleet",
@@ -169,7 +189,7 @@ def markdown(report: AuditReport, plots: list[Path]) -> str:
         lines += ["| kind | device | seq | unit | detail |", "| --- | --- | --- | --- | --- |"]
         for f in report.findings:
             seq = "" if f.seq is None else f.seq
-            lines.append(f"| {f.kind} | {f.device_id} | {seq} | {f.unit or ''} | {f.detail} |")
+            lines.append(f"| {f.kind} | {_device(f)} | {seq} | {f.unit or ''} | {f.detail} |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += [

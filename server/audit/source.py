@@ -1,21 +1,29 @@
 """Loads what the privacy audit reads from a run's database (or one device's ledger file).
 
 The run database holds the server's verified ledger entries and device keys
-(``server/privacy_store.py``), its per-release log and the run's configuration
-(``server/run_store.py``). The audit itself (``server/audit/checks.py``)
-only sees the plain :class:`~server.audit.checks.AuditInput` built here.
+(``server/privacy_store.py``), its per-release log, task log and the run's configuration
+(``server/run_store.py``). Beside it, a simulated run's directory holds each device's own
+ledger file (``devices/device-N.db``, or the config's ``device-store-dir``), read here
+read-only as evidence the server did not write. The audit itself
+(``server/audit/checks.py``) only sees the plain :class:`~server.audit.checks.AuditInput`
+built here.
 """
 
 from __future__ import annotations
 
+import json
+import sqlite3
+from collections.abc import Mapping
 from pathlib import Path
 
-from server.audit.checks import AuditInput, UserRelease
+from server.audit.checks import AuditInput, RunSettings, ServerSpending, ServerTask, UserRelease
 from server.privacy_store import PrivacyStore
 from server.run_store import RunStore
-from shared.config import ConfigError, parse_config
-from shared.privacy.ledger import LedgerEntry
+from shared.config import ConfigError, FedrecConfig, parse_stored_config
+from shared.privacy.evaluation import num_tiers, sensitivity
+from shared.privacy.ledger import ENTRY_FIELDS, LedgerEntry
 from shared.privacy.user_level import choose_order
+from shared.training import opacus_sample_rate
 
 
 class AuditSourceError(ValueError):
@@ -42,11 +50,13 @@ def load_run(path: Path, run_id: int | None = None) -> tuple[AuditInput, float |
         if rid not in ids:
             raise AuditSourceError(f"{db}: no run {rid} (runs: {ids})")
         try:
-            cfg = parse_config(runs.run_info(rid).config)
+            cfg = parse_stored_config(runs.run_info(rid).config)
         except ConfigError as exc:
             raise AuditSourceError(f"{db}: run {rid} has an unreadable configuration: {exc}") from None
         spent = [r for r in runs.privacy_records(rid) if r.status == "spent"]
-        run_label = runs.run_info(rid).ledger_label
+        info = runs.run_info(rid)
+        run_label = info.ledger_label
+        tasks = [ServerTask(t.task_id, t.device_id, t.status) for t in runs.tasks(rid)]
         releases: dict[int, list[UserRelease]] = {}
         for u in runs.user_releases(rid):
             releases.setdefault(u.device_id, []).append(
@@ -65,17 +75,24 @@ def load_run(path: Path, run_id: int | None = None) -> tuple[AuditInput, float |
     # user-level entry per such row of this run when this run has user-level DP, and the user
     # entries of earlier runs as stored (their runs' settings are not known here). A deleted tail
     # of this run's entries then shows as missing.
+    # Only a training release has a user-level twin: a record-level release that answers no
+    # training task (a private evaluation's, task id -1; training task ids count from 0) has none.
     expected: dict[int, int] = {}
+    training: dict[int, int] = {}
     for r in spent:
         expected[r.device_id] = expected.get(r.device_id, 0) + 1
+        training[r.device_id] = training.get(r.device_id, 0) + (r.task_id >= 0)
     for device, rows in list(expected.items()):
         # Without a label (an older database) every entry counts as this run's.
         earlier = [e for e in ledgers.get(device, []) if run_label is not None and e.run != run_label]
         earlier_users = sum(1 for e in earlier if e.unit == "user")
-        this_run_rows = max(rows - (len(earlier) - earlier_users), 0)
-        expected[device] = rows + earlier_users + (this_run_rows if cfg.privacy.user_dp else 0)
+        earlier_training = sum(1 for e in earlier if e.unit == "record" and e.task_id >= 0)
+        this_run_training = max(training[device] - earlier_training, 0)
+        expected[device] = rows + earlier_users + (this_run_training if cfg.privacy.user_dp else 0)
     p = cfg.privacy
     order = choose_order(p.user_noise_multiplier, p.user_epsilon_budget, p.delta) if p.user_dp else None
+    base = path if path.is_dir() else db.parent
+    device_files, device_file_keys, notes = read_device_files(_device_store_dir(cfg, base))
     data = AuditInput(
         source=f"{db} (run {rid})",
         keys=keys,
@@ -88,5 +105,117 @@ def load_run(path: Path, run_id: int | None = None) -> tuple[AuditInput, float |
         rejections=rejections,
         rejected_uploads=[(r.device_id, r.task_id, r.kind, r.detail) for r in rejected],
         run_label=run_label,
+        spending=[
+            ServerSpending(
+                r.device_id,
+                r.task_id,
+                r.version,
+                r.epsilon,
+                r.delta,
+                r.noise_multiplier,
+                r.sample_rate,
+                r.steps,
+                r.clip_norm,
+                r.accountant,
+            )
+            for r in spent
+        ],
+        tasks=tasks,
+        spending_covers_all_entries=len(ids) == 1,
+        settings=RunSettings(
+            record_dp=p.dp,
+            user_dp=p.user_dp,
+            delta=p.delta,
+            noise_multiplier=p.noise_multiplier,
+            clip_norm=p.clip_norm,
+            accountant=p.accountant,
+            steps=cfg.train.local_steps,
+            user_noise_multiplier=p.user_noise_multiplier,
+            user_clip_norm=p.user_clip_norm,
+            user_order=order,
+            reproducible_noise=p.reproducible_noise,
+            sample_rate=opacus_sample_rate(cfg.train) if "sample-rate" in info.config else None,
+            evaluation=cfg.eval.evaluation,
+            eval_noise_multiplier=cfg.eval.eval_noise_multiplier,
+            eval_sensitivity=sensitivity(num_tiers(cfg.eval.activity_tiers)),
+        ),
+        config_copies=_config_copies(info.config, info.summary, base / "summary.json" if rid == ids[-1] else None),
+        device_files=device_files,
+        device_file_keys=device_file_keys,
+        notes=notes,
     )
     return data, order
+
+
+def _config_copies(
+    stored: Mapping[str, object], summary: Mapping[str, object] | None, summary_file: Path | None
+) -> dict[str, Mapping[str, object]]:
+    """The stored config and the run's other copies of it: the summary in the database and ``summary.json``.
+
+    ``summary.json`` is only the latest run's, so it is read only when that run is audited.
+    """
+    copies: dict[str, Mapping[str, object]] = {"runs.config": stored}
+    in_summary = None if summary is None else summary.get("config")
+    if isinstance(in_summary, dict):
+        copies["runs.summary"] = in_summary
+    if summary_file is not None and summary_file.is_file():
+        try:
+            written = json.loads(summary_file.read_text())
+        except (OSError, ValueError):
+            written = None  # not fedrec's, or damaged: the database's copies still count
+        if isinstance(written, dict) and isinstance(written.get("config"), dict):
+            copies[summary_file.name] = written["config"]
+    return copies
+
+
+def _device_store_dir(cfg: FedrecConfig, base: Path) -> Path:
+    # Where the run's simulated devices kept their stores (client/node_config.py store_path):
+    # the config's directory if it named one, else devices/ in the run directory as it is
+    # now (it may have been moved since the run).
+    named = cfg.privacy.device_store_dir
+    return Path(named).expanduser() if named else base / "devices"
+
+
+def read_device_files(folder: Path) -> tuple[dict[int, list[LedgerEntry]], dict[int, str], list[str]]:
+    """Every device ledger file in ``folder``: entries and stated public key per device, and notes.
+
+    Files are opened read-only through SQLite (not with
+    :class:`~shared.privacy.ledger_store.DeviceLedgerStore`, which creates what is missing);
+    the ledger tables are not encrypted, so no device secret is needed, and the private key
+    column is never read. A file that cannot be read is named in the notes and skipped.
+    """
+    entries: dict[int, list[LedgerEntry]] = {}
+    keys: dict[int, str] = {}
+    notes: list[str] = []
+    paths = sorted(folder.glob("device-*.db")) if folder.is_dir() else []
+    unreadable = []
+    for path in paths:
+        try:
+            con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        except sqlite3.Error:
+            unreadable.append(path.name)
+            continue
+        try:
+            row = con.execute("SELECT value FROM meta WHERE key = 'device_id'").fetchone()
+            identity = con.execute("SELECT public_key FROM device_identity ORDER BY id LIMIT 1").fetchone()
+            con.row_factory = sqlite3.Row
+            rows = con.execute(f"SELECT {', '.join(ENTRY_FIELDS)} FROM ledger_entries ORDER BY id").fetchall()
+            device = int(row[0])
+        except (sqlite3.Error, TypeError, ValueError):
+            unreadable.append(path.name)
+            continue
+        finally:
+            con.close()
+        entries[device] = [LedgerEntry(**{name: r[name] for name in ENTRY_FIELDS}) for r in rows]
+        if identity is not None:
+            keys[device] = str(identity[0])
+    if entries:
+        notes.append(f"devices' own ledger files read from {folder}: {len(entries)}")
+    else:
+        notes.append(
+            f"no device ledger files in {folder} (deployed devices keep their own): the server's records "
+            "were checked against the entries it holds only"
+        )
+    if unreadable:
+        notes.append(f"device ledger files that could not be read: {', '.join(unreadable)}")
+    return entries, keys, notes

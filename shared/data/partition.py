@@ -39,6 +39,7 @@ __all__ = [
     "FORMAT_VERSION",
     "DeviceIndexError",
     "PartitionInfo",
+    "history_lengths",
     "item_popularity",
     "load_device",
     "load_titles",
@@ -286,6 +287,14 @@ def item_popularity(info: PartitionInfo) -> np.ndarray:
     """
     items = _open(info.path, "items")
     return np.bincount(items, minlength=info.num_items).astype(np.int64)
+
+
+def history_lengths(info: PartitionInfo) -> np.ndarray:
+    """Training interactions per device, in device order (int64, shape ``(num_devices,)``).
+
+    For simulations and benchmarks, which hold every device's data anyway; a server never reads it.
+    """
+    return np.diff(_open(info.path, "offsets")).astype(np.int64)
 
 
 def _file_digest(path: Path) -> str:

@@ -121,6 +121,14 @@ class DeviceAccountant:
         hypothetical = [*self.opacus.history, (release.noise_multiplier, release.sample_rate, release.steps)]
         return self._epsilon_of(hypothetical)
 
+    def spend(self, release: Release) -> float:
+        """Record ``release`` (one not made by an Opacus optimizer, e.g. a private evaluation).
+
+        Returns the epsilon after it. DP-SGD steps are recorded by Opacus's own hook instead.
+        """
+        self.opacus.history.append((release.noise_multiplier, release.sample_rate, release.steps))
+        return self.epsilon()
+
     def check(self, release: Release) -> float:
         """Return the epsilon ``release`` would reach, or raise :class:`BudgetExhausted`.
 
