@@ -173,18 +173,26 @@ class LedgerIntake:
         carried = entries
         stored = self.store.entries(device_id)  # read once: duplicates and claims both need it
         if stored:
-            known = {e.seq: e.entry_hash for e in stored}
+            known = {e.seq: e for e in stored}
             fresh = []
             for e in entries:
                 if e.seq in known:
-                    if known[e.seq] != e.entry_hash:
+                    if known[e.seq] != e:
                         return self._reject(device_id, task_id, [f"entry {e.seq} differs from the one stored"], entries)
                     continue
                 fresh.append(e)
+            # A duplicate counts as this task's release only as the server stored it (verified).
+            carried = [known.get(e.seq, e) for e in carried]
             entries = fresh
         problems = [f"entry {e.seq}: reported for device {e.device_id}" for e in entries if e.device_id != device_id]
         if task_id is not None:
-            units = {e.unit for e in carried if e.task_id == task_id and e.run == self.run_label}
+            units = {
+                e.unit
+                for e in carried
+                if e.task_id == task_id
+                and e.run == self.run_label
+                and (e.unit != "record" or e.mechanism == "subsampled-gaussian")  # not an evaluation's entry
+            }
             wanted = ({"record"} if self.cfg.privacy.dp else set()) | ({"user"} if self.cfg.privacy.user_dp else set())
             if not wanted <= units:
                 problems.append(f"no ledger entry for task {task_id} (units {sorted(wanted - units)} missing)")

@@ -603,7 +603,7 @@ def test_messages_carry_no_personal_data(fleet: Fleet, async_run: RunResult) -> 
         assert all(np.abs(v).sum() > 0 for v in secrets), "the personal embedding never trained"
         history = set(int(i) for i in device.history)
         pairs = [device.history[j : j + 2] for j in range(len(device.history) - 1)]
-        public_rate = opacus_sample_rate(parse_config(ASYNC_CONFIG).train)
+        public_rate = opacus_sample_rate(parse_config({**ASYNC_CONFIG, "device-keys": "first-use"}).train)
         for reply in replies:
             content = reply.content
             assert content is not None, reply.error
