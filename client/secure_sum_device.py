@@ -1,0 +1,327 @@
+"""The device's half of the secure sum: a state machine that never reveals what it must not.
+
+A :class:`SecureSumDevice` takes part in one session (see ``shared.secure_sum.rounds``).
+It refuses anything out of order, anything not bound to its session, peers whose
+advertisement is not signed by their registered ledger key, and an unmask request that
+would let the server see less than a sum over ``min_contributors`` devices. It answers the
+unmask request once only and never reveals both seeds of one peer, so a server that claims
+different survivor sets to different devices learns nothing more.
+
+:func:`noisy_encoding` is the vector a device masks: its clipped, rotated, scaled and
+rounded update plus its share of the Skellam noise, drawn from a generator seeded afresh
+from the OS CSPRNG.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from enum import Enum
+
+import numpy as np
+from numpy.typing import NDArray
+
+from shared.privacy.identity import DeviceIdentity, verify_signature
+from shared.privacy.skellam import SkellamTask, skellam_epsilon
+from shared.secure_sum.crypto import (
+    SecureSumCryptoError,
+    agree,
+    commitment,
+    decrypt_share,
+    encrypt_share,
+    mask_agreement_key,
+    mask_vector,
+    new_x25519,
+    random_seed,
+    self_mask_key,
+    share_index,
+    split_secret,
+    x25519_public_bytes,
+)
+from shared.secure_sum.encoding import EncodingParams, add_mod, encode, skellam_noise, to_modular
+from shared.secure_sum.rounds import (
+    Advertisement,
+    EncryptedShare,
+    MaskedInput,
+    SecureSumError,
+    SessionParams,
+    UnmaskReply,
+    UnmaskRequest,
+    component_size,
+    neighbour_map,
+)
+
+SHARE_KEY_PURPOSE = b"share-encryption"
+PAIR_MASK_PURPOSE = b"pair-mask"
+_PLAINTEXT_BYTES = 8 + 8 + 2 * 17
+
+
+class _Stage(Enum):
+    NEW = 0
+    ADVERTISED = 1
+    SHARED = 2
+    MASKED = 3
+    UNMASKED = 4
+
+
+def fresh_generator() -> np.random.Generator:
+    """A noise generator seeded with 128 bits from the OS CSPRNG, never stored or sent."""
+    return np.random.Generator(np.random.PCG64(secrets.randbits(128)))
+
+
+def noisy_encoding(
+    update: NDArray[np.floating], encoding: EncodingParams, rotation_seed: bytes, mu_device: float
+) -> NDArray[np.uint64]:
+    """Encode ``update`` and add this device's Skellam noise share, modulo ``2**bits``."""
+    rng = fresh_generator()
+    encoded = encode(update, encoding, rotation_seed, rng)
+    noise = to_modular(skellam_noise(mu_device, encoding.padded_dim, rng), encoding.bits)
+    return add_mod(encoded, noise, encoding.bits)
+
+
+class SecureSumDevice:
+    """One device's part in one secure-sum session.
+
+    Parameters
+    ----------
+    params:
+        The session's parameters, as the server sent them.
+    device_id:
+        This device's id (it must be in ``params.cohort``).
+    identity:
+        The device's Ed25519 ledger identity; it signs the key advertisement.
+    """
+
+    def __init__(self, params: SessionParams, device_id: int, identity: DeviceIdentity) -> None:
+        if device_id not in params.cohort:
+            raise SecureSumError(f"device {device_id} is not in this session's cohort")
+        self.params = params
+        self.device_id = device_id
+        self._identity = identity
+        self._digest = params.digest
+        self._share_key = new_x25519()
+        self._seed = random_seed()
+        self._mask_seed = random_seed()
+        self._mask_key = mask_agreement_key(self._mask_seed, self._digest)
+        self._stage = _Stage.NEW
+        self._adverts: dict[int, Advertisement] = {}
+        self._neighbours: tuple[int, ...] = ()
+        self._graph: dict[int, tuple[int, ...]] = {}
+        # Shares held for each neighbour that delivered them: (its seed share, its mask-seed share).
+        self._held: dict[int, tuple[bytes, bytes]] = {}
+
+    def _expect(self, stage: _Stage, action: str) -> None:
+        if self._stage is not stage:
+            raise SecureSumError(f"device {self.device_id} cannot {action} now (stage {self._stage.name.lower()})")
+
+    def advertise(self) -> Advertisement:
+        """Round 1: two fresh public keys and a commitment to the self-mask seed, signed."""
+        self._expect(_Stage.NEW, "advertise")
+        advert = Advertisement(
+            device_id=self.device_id,
+            session_digest=self._digest,
+            share_public=x25519_public_bytes(self._share_key),
+            mask_public=x25519_public_bytes(self._mask_key),
+            seed_commitment=commitment(self._seed),
+        )
+        signed = Advertisement(**{**advert.__dict__, "signature": self._identity.sign(advert.signed_bytes())})
+        self._stage = _Stage.ADVERTISED
+        return signed
+
+    def share_keys(self, roster: Sequence[Advertisement], ledger_keys: Mapping[int, str]) -> list[EncryptedShare]:
+        """Round 2: check every advertisement, then encrypt seed shares to each neighbour.
+
+        Raises
+        ------
+        SecureSumError
+            If an advertisement is for another session, from outside the cohort, duplicated,
+            not signed by the device's registered ledger key, if this device's own
+            advertisement is missing or altered, or the roster is below ``min_contributors``.
+        """
+        self._expect(_Stage.ADVERTISED, "share keys")
+        adverts: dict[int, Advertisement] = {}
+        for advert in roster:
+            if advert.session_digest != self._digest:
+                raise SecureSumError(f"device {advert.device_id}'s advertisement belongs to another session")
+            if advert.device_id not in self.params.cohort:
+                raise SecureSumError(f"device {advert.device_id} is not in the cohort")
+            if advert.device_id in adverts:
+                raise SecureSumError(f"device {advert.device_id} advertised twice")
+            ledger_key = ledger_keys.get(advert.device_id)
+            if ledger_key is None or not verify_signature(ledger_key, advert.signed_bytes(), advert.signature):
+                raise SecureSumError(f"device {advert.device_id}'s advertisement is not signed by its ledger key")
+            if len({advert.share_public, advert.mask_public}) != 2:
+                raise SecureSumError(f"device {advert.device_id} advertised the same key twice")
+            adverts[advert.device_id] = advert
+        own = adverts.get(self.device_id)
+        if own is None or own.mask_public != x25519_public_bytes(self._mask_key):
+            raise SecureSumError("this device's own advertisement is missing or altered in the roster")
+        if len(adverts) < self.params.min_contributors:
+            raise SecureSumError(
+                f"the roster has {len(adverts)} devices, fewer than min_contributors {self.params.min_contributors}"
+            )
+        self._adverts = adverts
+        self._graph = neighbour_map(self.params, list(adverts.values()))
+        self._neighbours = self._graph[self.device_id]
+        count = len(self._neighbours)
+        if count < self.params.threshold:
+            raise SecureSumError(f"{count} neighbours cannot hold a threshold of {self.params.threshold}")
+        seed_shares = split_secret(self._seed, self.params.threshold, count)
+        mask_shares = split_secret(self._mask_seed, self.params.threshold, count)
+        out = []
+        for peer, seed_share, mask_share in zip(self._neighbours, seed_shares, mask_shares, strict=True):
+            key = agree(
+                self._share_key, adverts[peer].share_public, SHARE_KEY_PURPOSE, self._digest, self.device_id, peer
+            )
+            plaintext = self.device_id.to_bytes(8, "big") + peer.to_bytes(8, "big") + seed_share + mask_share
+            envelope = EncryptedShare(self.device_id, peer, b"", b"")
+            nonce, ciphertext = encrypt_share(key, plaintext, envelope.associated_data(self._digest))
+            out.append(EncryptedShare(self.device_id, peer, nonce, ciphertext))
+        self._stage = _Stage.SHARED
+        return out
+
+    def _open(self, share: EncryptedShare) -> tuple[bytes, bytes]:
+        key = agree(
+            self._share_key,
+            self._adverts[share.sender].share_public,
+            SHARE_KEY_PURPOSE,
+            self._digest,
+            self.device_id,
+            share.sender,
+        )
+        try:
+            plaintext = decrypt_share(key, share.nonce, share.ciphertext, share.associated_data(self._digest))
+        except SecureSumCryptoError as error:
+            raise SecureSumError(f"the share from device {share.sender}: {error}") from error
+        if len(plaintext) != _PLAINTEXT_BYTES:
+            raise SecureSumError(f"the share from device {share.sender} has the wrong length")
+        sender = int.from_bytes(plaintext[:8], "big")
+        recipient = int.from_bytes(plaintext[8:16], "big")
+        if (sender, recipient) != (share.sender, self.device_id):
+            raise SecureSumError(f"the share from device {share.sender} names another sender or recipient")
+        seed_share, mask_share = plaintext[16:33], plaintext[33:]
+        try:
+            if share_index(seed_share) != share_index(mask_share):
+                raise SecureSumError(f"the share from device {share.sender} mixes two share indices")
+        except SecureSumCryptoError as error:
+            raise SecureSumError(f"the share from device {share.sender}: {error}") from error
+        return seed_share, mask_share
+
+    def mask(self, encoded: NDArray[np.uint64], shares: Sequence[EncryptedShare]) -> MaskedInput:
+        """Round 3: add the self mask and a pair mask with every neighbour that delivered shares.
+
+        ``encoded`` is this device's noisy encoding (:func:`noisy_encoding`).
+
+        Raises
+        ------
+        SecureSumError
+            If a share is not addressed to this device, comes from a non-neighbour, is
+            duplicated or fails authentication, or fewer neighbours than the threshold
+            delivered shares (this device's own seeds could then not be recovered).
+        """
+        self._expect(_Stage.SHARED, "mask")
+        vector = np.asarray(encoded)
+        if vector.dtype != np.uint64 or vector.shape != (self.params.length,):
+            raise SecureSumError(f"the encoded vector must be uint64 of length {self.params.length}")
+        if vector.size and int(vector.max()) >> self.params.bits:
+            raise SecureSumError(f"the encoded vector has values outside [0, 2**{self.params.bits})")
+        held: dict[int, tuple[bytes, bytes]] = {}
+        for share in shares:
+            if share.recipient != self.device_id:
+                raise SecureSumError(f"a share addressed to device {share.recipient} reached device {self.device_id}")
+            if share.sender not in self._neighbours:
+                raise SecureSumError(f"device {share.sender} is not a neighbour of device {self.device_id}")
+            if share.sender in held:
+                raise SecureSumError(f"device {share.sender} delivered two shares")
+            held[share.sender] = self._open(share)
+        if len(held) < self.params.threshold:
+            raise SecureSumError(
+                f"only {len(held)} neighbours delivered shares; the threshold is {self.params.threshold}"
+            )
+        bits, length = self.params.bits, self.params.length
+        total = add_mod(vector, mask_vector(self_mask_key(self._seed, self._digest), length, bits), bits)
+        modulus_mask = np.uint64((1 << bits) - 1)
+        for peer in sorted(held):
+            pair = mask_vector(
+                agree(
+                    self._mask_key,
+                    self._adverts[peer].mask_public,
+                    PAIR_MASK_PURPOSE,
+                    self._digest,
+                    self.device_id,
+                    peer,
+                ),
+                length,
+                bits,
+            )
+            # The lower id adds the pair mask, the higher subtracts it: the pair cancels in the sum.
+            total = add_mod(total, pair, bits) if self.device_id < peer else (total - pair) & modulus_mask
+        self._held = held
+        self._stage = _Stage.MASKED
+        return MaskedInput(self.device_id, self._digest, total)
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskReply:
+        """Round 4, once only: reveal survivors' seed shares and dropouts' mask-seed shares.
+
+        Raises
+        ------
+        SecureSumError
+            If the request is for another session or repeated, names a device as both
+            survivor and dropout, leaves out a neighbour that delivered shares, omits this
+            device, or would let the server sum fewer than ``min_contributors`` devices
+            (the survivors' total, or this device's connected part of the survivor graph).
+        """
+        self._expect(_Stage.MASKED, "unmask")
+        # Answer at most once, whatever follows: a second request could name other survivors.
+        self._stage = _Stage.UNMASKED
+        if request.session_digest != self._digest:
+            raise SecureSumError("the unmask request belongs to another session")
+        survivors, dropped = set(request.survivors), set(request.dropped)
+        if len(survivors) != len(request.survivors) or len(dropped) != len(request.dropped):
+            raise SecureSumError("the unmask request lists a device twice")
+        if survivors & dropped:
+            raise SecureSumError(f"devices {sorted(survivors & dropped)} are listed as survivors and as dropped")
+        if not survivors | dropped <= set(self._adverts):
+            raise SecureSumError("the unmask request names devices outside the roster")
+        if self.device_id not in survivors:
+            raise SecureSumError("the unmask request does not list this device as a survivor")
+        missing = set(self._held) - survivors - dropped
+        if missing:
+            raise SecureSumError(f"the unmask request does not classify neighbours {sorted(missing)}")
+        if len(survivors) < self.params.min_contributors:
+            raise SecureSumError(
+                f"{len(survivors)} survivors are fewer than min_contributors {self.params.min_contributors}"
+            )
+        reachable = component_size(self.device_id, survivors, self._graph)
+        if reachable < self.params.min_contributors:
+            raise SecureSumError(
+                f"this device's part of the survivor graph has {reachable} devices, fewer than "
+                f"min_contributors {self.params.min_contributors}"
+            )
+        seed_shares = {peer: shares[0] for peer, shares in self._held.items() if peer in survivors}
+        mask_shares = {peer: shares[1] for peer, shares in self._held.items() if peer in dropped}
+        return UnmaskReply(self.device_id, self._digest, seed_shares, mask_shares)
+
+
+class NoiseShareRefused(SecureSumError):
+    """The session's noise would take this device past its privacy budget."""
+
+
+def admit_noise_share(history: Sequence[SkellamTask], task: SkellamTask, delta: float, budget: float) -> float:
+    """Check, before masking, that ``task`` keeps this device within ``budget``; return the new epsilon.
+
+    The device does not take the server's word for the noise: ``task.mu`` is the aggregate
+    Skellam parameter the session guarantees (``min_contributors`` times the device's own
+    share), and the device recomputes its epsilon from its own history.
+
+    Raises
+    ------
+    NoiseShareRefused
+        If the history plus ``task`` exceeds ``budget`` at ``delta``.
+    """
+    epsilon, _ = skellam_epsilon([*history, task], delta)
+    if epsilon > budget:
+        raise NoiseShareRefused(
+            f"this task would bring the device to epsilon {epsilon:.3f} at delta {delta:g}, past its budget {budget:g}"
+        )
+    return epsilon
