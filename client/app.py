@@ -22,6 +22,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from client import secure_sum_app
 from client.device import Device, DeviceState, EvalReply, RefusalReply, TrainReply
 from client.node_config import deployed_device, device_index, open_node_store, store_path
 from client.policy import DevicePolicy, PolicyViolation
@@ -31,7 +32,7 @@ from client.wire_log import wire_log_mods
 from shared.config import FedrecConfig, parse_config
 from shared.data.partition import load_device, prepare_partitions
 from shared.privacy.evaluation import EVALUATION_MECHANISM, EVALUATION_TASK_ID, num_tiers, sensitivity
-from shared.privacy.ledger import entry_to_json
+from shared.privacy.ledger import entry_to_json, record_histories
 from shared.privacy.ledger_store import DeviceLedgerStore
 from shared.protocol import (
     EvaluateDeclined,
@@ -42,6 +43,7 @@ from shared.protocol import (
     Ledger,
     LedgerQuery,
     SecAggFitConfig,
+    SecureDeclined,
     TrainRefusal,
     TrainTask,
     TrainUpdate,
@@ -49,6 +51,7 @@ from shared.protocol import (
     build_evaluate_private,
     build_evaluate_result,
     build_identity,
+    build_secure_reply,
     build_train_refusal,
     build_train_update,
     parse_evaluate_task,
@@ -110,7 +113,7 @@ def _device(
     # The signed ledger is the only record of what this device has spent: the accountant
     # is rebuilt from it at every task, so it survives restarts of the device process.
     entries = store.entries()
-    state.accountant_history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.unit == "record"]
+    state.accountant_history, state.skellam_history = record_histories(entries)
     state.user_contributions = sum(1 for e in entries if e.unit == "user")
     state.tasks_done = sum(1 for e in entries if e.unit == "record") or state.tasks_done
     return Device(cfg, data, num_items, state, run_user_budget)
@@ -245,6 +248,41 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             loss=None if cfg.privacy.dp else reply.loss,
         )
         return Message(build_train_update(update, _ledger(store, task.ledger_head)), reply_to=msg)
+
+    def _secure_round(msg: Message, context: Context, round_name: str) -> Message:
+        """One round of fedrec's secure sum (``client/secure_sum_app.py``), one task at a time."""
+        try:
+            _run_cfg, cfg, _policy = run_and_device_config(context)
+        except PolicyViolation as exc:
+            return Message(build_secure_reply(SecureDeclined(str(exc))), reply_to=msg)
+        with exclusive_task(store_path(cfg, context.node_config)):
+            store = _open_store(cfg, context)
+            try:
+                if round_name == "train":
+                    return secure_sum_app.secure_train(cfg, msg, context, store, _device(cfg, context, store))
+                if round_name == "shares":
+                    return secure_sum_app.secure_shares(msg, context, store)
+                if round_name == "mask":
+                    return secure_sum_app.secure_mask(cfg, msg, context, store, _device(cfg, context, store))
+                return secure_sum_app.secure_unmask(msg, context, store)
+            finally:
+                store.close()
+
+    @app.train("secure_train")
+    def secure_train(msg: Message, context: Context) -> Message:
+        return _secure_round(msg, context, "train")
+
+    @app.train("secure_shares")
+    def secure_shares(msg: Message, context: Context) -> Message:
+        return _secure_round(msg, context, "shares")
+
+    @app.train("secure_mask")
+    def secure_mask(msg: Message, context: Context) -> Message:
+        return _secure_round(msg, context, "mask")
+
+    @app.train("secure_unmask")
+    def secure_unmask(msg: Message, context: Context) -> Message:
+        return _secure_round(msg, context, "unmask")
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

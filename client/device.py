@@ -14,14 +14,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from client.secure_training import SecureContribution, TooManyRecords, secure_contribution
 from shared.config import FedrecConfig
 from shared.data.types import DeviceData
 from shared.metrics import RankResult, full_ranking, sampled_ranking, top_k
 from shared.models.base import Recommender, UserContext
 from shared.models.factory import build_model
-from shared.privacy.accounting import BudgetExhausted, DeviceAccountant
+from shared.privacy.accounting import BudgetExhausted, DeviceAccountant, SkellamRelease
 from shared.privacy.evaluation import MetricVector, activity_tier, evaluation_release, num_tiers, privatize
 from shared.privacy.user_level import RenyiFilter, choose_order, clip_update
+from shared.secure_sum.layout import VectorLayout
+from shared.secure_sum.release import SecureReleasePlan
 from shared.seeding import EVAL_SAMPLING, MODEL_INIT, device_seed
 from shared.training import plan_release, train_locally
 
@@ -31,6 +34,7 @@ class DeviceState:
     """Everything a device keeps between tasks (on the device only)."""
 
     accountant_history: list[tuple[float, float, int]] = field(default_factory=list)
+    skellam_history: list[tuple[float, float, int, float]] = field(default_factory=list)  # secure-sum releases
     personal: dict[str, torch.Tensor] = field(default_factory=dict)
     tasks_done: int = 0
     user_contributions: int = 0  # updates sent under user-level DP (each charged at full weight)
@@ -112,7 +116,9 @@ class Device:
 
     def _accountant(self) -> DeviceAccountant:
         p = self.cfg.privacy
-        return DeviceAccountant(p.accountant, p.delta, p.epsilon_budget, self.state.accountant_history)
+        return DeviceAccountant(
+            p.accountant, p.delta, p.epsilon_budget, self.state.accountant_history, self.state.skellam_history
+        )
 
     def _user_filter(self) -> RenyiFilter | None:
         """The device's own, conservative view of its user-level spending (None without user DP).
@@ -194,6 +200,31 @@ class Device:
             sample_rate=result.sample_rate,
             user_epsilon=user_epsilon,
         )
+
+    def secure_contribution(
+        self, global_params: dict[str, torch.Tensor], plan: SecureReleasePlan, rotation_seed: bytes
+    ) -> SecureContribution | RefusalReply:
+        """This device's noisy encoded gradient sum for a secure task, or a refusal.
+
+        Refused, spending nothing, when the release would take the device past its budget or
+        it holds more records than the secure sum's public bound. The release is charged
+        when the masked vector is sent (its ledger entry goes with it).
+        """
+        accountant = self._accountant()
+        try:
+            accountant.check_skellam(plan.release)
+        except BudgetExhausted as exc:
+            return RefusalReply(exc.spent, exc.would_reach, str(exc))
+        model = self._model(global_params)
+        records = model.build_records(self.data.train_items, 0)
+        try:
+            return secure_contribution(model, records, plan, VectorLayout.of(global_params), rotation_seed)
+        except TooManyRecords as exc:
+            return RefusalReply(accountant.epsilon(), accountant.epsilon(), f"device: {exc}")
+
+    def check_secure_release(self, release: SkellamRelease) -> float:
+        """The epsilon a secure-sum release would reach; :class:`BudgetExhausted` past the budget."""
+        return self._accountant().check_skellam(release)
 
     def _personalize(self, model: Recommender, history: np.ndarray) -> None:
         """Fit the personal parameters to the current global model, for ranking only.

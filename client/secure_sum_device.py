@@ -3,9 +3,13 @@
 A :class:`SecureSumDevice` takes part in one session (see ``shared.secure_sum.rounds``).
 It refuses anything out of order, anything not bound to its session, peers whose
 advertisement is not signed by their registered ledger key, and an unmask request that
-would let the server see less than a sum over ``min_contributors`` devices. It answers the
-unmask request once only and never reveals both seeds of one peer, so a server that claims
-different survivor sets to different devices learns nothing more.
+would let the server see less than a sum over ``min_contributors`` devices (by its own
+view). It answers the unmask request once only and never reveals both seeds of one peer.
+
+Threat model: an honest-but-curious server. An *active* server that sends different
+unmask requests to different devices can recover one device's vector on a sparse graph
+(SecAgg's consistency round, where devices sign the request they answer, is not
+implemented yet; docs/secure-aggregation.md).
 
 :func:`noisy_encoding` is the vector a device masks: its clipped, rotated, scaled and
 rounded update plus its share of the Skellam noise, drawn from a generator seeded afresh
@@ -19,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from enum import Enum
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import NDArray
 
 from shared.privacy.identity import DeviceIdentity, verify_signature
@@ -47,6 +52,7 @@ from shared.secure_sum.rounds import (
     SessionParams,
     UnmaskReply,
     UnmaskRequest,
+    check_advertisement_keys,
     component_size,
     neighbour_map,
 )
@@ -79,6 +85,22 @@ def noisy_encoding(
     return add_mod(encoded, noise, encoding.bits)
 
 
+def _id8(device_id: int) -> bytes:
+    return int(device_id).to_bytes(8, "big")
+
+
+def _bytes(value: object) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f"expected bytes, got {type(value).__name__}")
+    return value
+
+
+def _bytes_list(value: object) -> list[bytes]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, got {type(value).__name__}")
+    return [_bytes(v) for v in value]
+
+
 class SecureSumDevice:
     """One device's part in one secure-sum session.
 
@@ -109,6 +131,66 @@ class SecureSumDevice:
         self._graph: dict[int, tuple[int, ...]] = {}
         # Shares held for each neighbour that delivered them: (its seed share, its mask-seed share).
         self._held: dict[int, tuple[bytes, bytes]] = {}
+
+    def to_state(self) -> dict[str, int | bytes | list[bytes]]:
+        """This device's secrets and progress, to keep on the device between rounds (never sent).
+
+        The Flower node's own state holds it (``context.state``): on a deployed device, the
+        SuperNode's memory; a device that restarts mid-session has simply dropped out.
+        """
+        adverts = [
+            _id8(a.device_id) + a.share_public + a.mask_public + a.seed_commitment + a.signature.encode()
+            for a in (self._adverts[d] for d in sorted(self._adverts))
+        ]
+        held = [_id8(peer) + seed + mask for peer, (seed, mask) in sorted(self._held.items())]
+        return {
+            "stage": self._stage.value,
+            "share-key": self._share_key.private_bytes_raw(),
+            "seed": self._seed,
+            "mask-seed": self._mask_seed,
+            "adverts": adverts,
+            "held": held,
+        }
+
+    @classmethod
+    def from_state(
+        cls, params: SessionParams, device_id: int, identity: DeviceIdentity, state: Mapping[str, object]
+    ) -> SecureSumDevice:
+        """Restore a device saved by :meth:`to_state` (for the same session parameters).
+
+        Raises
+        ------
+        SecureSumError
+            If the saved state is incomplete or malformed.
+        """
+        try:
+            device = cls(params, device_id, identity)
+            device._share_key = X25519PrivateKey.from_private_bytes(_bytes(state["share-key"]))
+            device._seed = _bytes(state["seed"])
+            device._mask_seed = _bytes(state["mask-seed"])
+            device._mask_key = mask_agreement_key(device._mask_seed, device._digest)
+            device._stage = _Stage(int(state["stage"]))  # type: ignore[call-overload]
+            adverts = {}
+            for raw in _bytes_list(state["adverts"]):
+                advert = Advertisement(
+                    int.from_bytes(raw[:8], "big"),
+                    device._digest,
+                    raw[8:40],
+                    raw[40:72],
+                    raw[72:104],
+                    raw[104:].decode(),
+                )
+                adverts[advert.device_id] = advert
+            device._adverts = adverts
+            if adverts:
+                device._graph = neighbour_map(params, list(adverts.values()))
+                device._neighbours = device._graph[device_id]
+            device._held = {
+                int.from_bytes(raw[:8], "big"): (raw[8:25], raw[25:42]) for raw in _bytes_list(state["held"])
+            }
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError, SecureSumCryptoError) as error:
+            raise SecureSumError(f"the device's saved session state is unusable: {error}") from error
+        return device
 
     def _expect(self, stage: _Stage, action: str) -> None:
         if self._stage is not stage:
@@ -150,8 +232,7 @@ class SecureSumDevice:
             ledger_key = ledger_keys.get(advert.device_id)
             if ledger_key is None or not verify_signature(ledger_key, advert.signed_bytes(), advert.signature):
                 raise SecureSumError(f"device {advert.device_id}'s advertisement is not signed by its ledger key")
-            if len({advert.share_public, advert.mask_public}) != 2:
-                raise SecureSumError(f"device {advert.device_id} advertised the same key twice")
+            check_advertisement_keys(advert)
             adverts[advert.device_id] = advert
         own = adverts.get(self.device_id)
         if own is None or own.mask_public != x25519_public_bytes(self._mask_key):
@@ -227,6 +308,8 @@ class SecureSumDevice:
             raise SecureSumError(f"the encoded vector has values outside [0, 2**{self.params.bits})")
         held: dict[int, tuple[bytes, bytes]] = {}
         for share in shares:
+            if not (isinstance(share.nonce, bytes) and isinstance(share.ciphertext, bytes)):
+                raise SecureSumError(f"a malformed share reached device {self.device_id}")
             if share.recipient != self.device_id:
                 raise SecureSumError(f"a share addressed to device {share.recipient} reached device {self.device_id}")
             if share.sender not in self._neighbours:

@@ -31,6 +31,7 @@ from server.run_store import RunStore
 from shared.config import FedrecConfig, parse_config
 from shared.data.partition import prepare_partitions
 from shared.models.factory import build_model, count_parameters
+from shared.secure_sum.release import check_secure_sum_config
 
 log = logging.getLogger("fedrec.server")
 
@@ -42,8 +43,6 @@ def run_federation(grid: Grid, cfg: FedrecConfig, *, output_claimed: bool = Fals
     (a simulation does, before its devices start). Returns the summary written to ``summary.json``.
     """
     out = Path(cfg.output_dir)
-    if not output_claimed:
-        claim_output_dir(out, overwrite=cfg.overwrite)
     # The server reads only the public catalogue size and device count; each
     # device's interactions are read by that device alone (client/app.py).
     if cfg.data.deploy_devices:
@@ -53,6 +52,9 @@ def run_federation(grid: Grid, cfg: FedrecConfig, *, output_claimed: bool = Fals
     else:
         info = prepare_partitions(cfg.data)
         num_devices, num_items, source = info.num_devices, info.num_items, info.source
+    check_secure_sum_config(cfg, num_items)  # before anything is written
+    if not output_claimed:
+        claim_output_dir(out, overwrite=cfg.overwrite)
     model = build_model(cfg.model, num_items, 1, seed=cfg.seed)
     initial = {k: v.detach().clone() for k, v in model.global_state().items()}
     db_path = out / "fedrec.db"

@@ -212,7 +212,13 @@ class Federation:
     # -- the loop --------------------------------------------------------------------
     def train(self) -> None:
         """Dispatch and complete tasks until the scheduler is finished."""
-        if self.cfg.aggregation.secure_aggregation:
+        agg = self.cfg.aggregation
+        if agg.secure_aggregation and agg.secure_aggregation_protocol == "fedrec":
+            from server.secure_cohorts import SecureCohorts
+
+            SecureCohorts(self).train()
+            return
+        if agg.secure_aggregation:
             self._train_secure()
             return
         sched = self.scheduler

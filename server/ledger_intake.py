@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 from server.privacy_store import PrivacyStore
 from shared.config import FedrecConfig
-from shared.privacy.accounting import rdp_epsilon
+from shared.privacy.accounting import SkellamRelease, record_epsilon
 from shared.privacy.evaluation import EVALUATION_MECHANISM, num_tiers, sensitivity
-from shared.privacy.ledger import ChainProblem, LedgerEntry, entry_from_json
+from shared.privacy.ledger import SKELLAM_MECHANISM, ChainProblem, LedgerEntry, entry_from_json, record_histories
 from shared.privacy.user_level import RenyiFilter
 from shared.training import opacus_sample_rate
 
@@ -61,6 +61,9 @@ class LedgerIntake:
         # whole life, so entries of earlier runs arrive too: they are verified and priced by
         # their own parameters, but only this run's entries must match what this run asked.
         self.run_label = ""
+        # With secure aggregation: the release every secure task makes (the federation sets it,
+        # from the same public plan the devices follow).
+        self.secure_release: SkellamRelease | None = None
 
     def register(self, device_id: int, public_key: str | None) -> None:
         """Register a device's key at discovery, as the config's ``device-keys`` policy allows."""
@@ -104,6 +107,18 @@ class LedgerIntake:
                 sample_rate=1.0,
                 steps=1,
             )
+        elif entry.unit == "record" and entry.mechanism == SKELLAM_MECHANISM:
+            if self.secure_release is None:
+                problems.append(f"entry {entry.seq}: a secure-sum release in a run without secure aggregation")
+            else:
+                r = self.secure_release
+                want(
+                    noise_multiplier=r.noise_multiplier,
+                    sample_rate=r.sample_rate,
+                    steps=r.steps,
+                    clip_norm=r.l2_sensitivity,
+                    accountant="rdp",
+                )
         elif entry.unit == "record":
             want(
                 mechanism="subsampled-gaussian",
@@ -133,15 +148,17 @@ class LedgerIntake:
         server knows (earlier runs' user entries count towards the total, as on the device).
         """
         problems: list[str] = []
-        history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in stored if e.unit == "record"]
+        history, skellam = record_histories(stored)
         users = sum(1 for e in stored if e.unit == "user")
         p = self.cfg.privacy
         for e in new:
             if e.unit == "record":
-                history.append((e.noise_multiplier, e.sample_rate, e.steps))
+                gaussian_new, skellam_new = record_histories([e])
+                history.extend(gaussian_new)
+                skellam.extend(skellam_new)
                 if e.accountant != "rdp":
                     continue
-                truth = rdp_epsilon(history, e.delta)
+                truth = record_epsilon(history, skellam, e.delta)
             elif e.unit == "user":
                 users += 1
                 if e.run != self.run_label:
@@ -191,7 +208,8 @@ class LedgerIntake:
                 for e in carried
                 if e.task_id == task_id
                 and e.run == self.run_label
-                and (e.unit != "record" or e.mechanism == "subsampled-gaussian")  # not an evaluation's entry
+                # not an evaluation's entry
+                and (e.unit != "record" or e.mechanism in ("subsampled-gaussian", SKELLAM_MECHANISM))
             }
             wanted = ({"record"} if self.cfg.privacy.dp else set()) | ({"user"} if self.cfg.privacy.user_dp else set())
             if not wanted <= units:

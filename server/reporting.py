@@ -182,6 +182,7 @@ def run_summary(
             "tasks-dropped": counts.get("dropped", 0),
             "tasks-timed-out": counts.get("timeout", 0),
             "tasks-refused": counts.get("refused", 0),
+            "tasks-late": counts.get("late", 0),
             "devices-retired": sum(s is DeviceStatus.RETIRED for s in scheduler.status),
             "staleness-mean": float(np.mean(staleness)) if staleness else 0.0,
             "staleness-max": int(max(staleness)) if staleness else 0,

@@ -100,6 +100,7 @@ TASK_STATUSES: Final = (
     "dropped",
     "refused",
     "withheld",
+    "late",  # a secure cohort's sum closed before the device finished training: it sent nothing
 )
 EVAL_SPLITS: Final = ("valid", "test")
 EVAL_MODES: Final = ("exact", "private")

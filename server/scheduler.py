@@ -354,6 +354,74 @@ class Scheduler:
             completions.append(Completion(t, status, 0, applied if status == "accepted" else None, None))
         return completions
 
+    def dispatch_cohort(self, size: int) -> list[Task]:
+        """Secure sums: start up to ``size`` idle, online devices together on the current version.
+
+        Every task of a cohort has the same base version, so the staleness of the cohort's
+        sum is one public number, applied to the sum the server learns.
+        """
+        if self.finished:
+            return []
+        idle = self._idle_devices()
+        started: list[Task] = []
+        for _ in range(size):
+            device = self._pick(idle)
+            if device is None:
+                break
+            idle.remove(device)
+            started.append(self._start(device))
+        if not started and not self._in_flight:
+            self.now += _RETRY_SECONDS
+        return started
+
+    def complete_secure(
+        self,
+        tasks: list[Task],
+        close_at: float,
+        delta: StateDict | None,
+        outcome: Mapping[int, str],
+    ) -> list[Completion]:
+        """Complete one secure cohort at virtual time ``close_at`` from its sum alone.
+
+        ``delta`` is the cohort's mean update (None: withheld or failed); ``outcome`` gives
+        each task's device a status: ``accepted`` (in the sum), ``late`` (trained after the
+        sum closed), ``refused``, ``failed``, ``rejected-ledger`` or ``withheld``. The sum is
+        discounted by the staleness function at its one staleness and refused beyond
+        ``max-staleness`` (its devices are then ``rejected-stale``).
+        """
+        ids = {t.task_id for t in tasks}
+        self._in_flight = [t for t in self._in_flight if t.task_id not in ids]
+        heapq.heapify(self._in_flight)
+        self.now = max(self.now, close_at)
+        base = tasks[0].base_version if tasks else self.version
+        staleness = self.version - base
+        applied = None
+        contributors = sorted(t.device_id for t in tasks if outcome.get(t.device_id) == "accepted")
+        stale = self.cfg.mode == "async" and staleness > self.cfg.max_staleness
+        if delta is not None and contributors and not stale:
+            weight = self.buffer.staleness_fn(staleness)
+            self.params = self.optimizer.apply(self.params, {k: v * weight for k, v in delta.items()})
+            self.version += 1
+            applied = self.version
+            self.applied_staleness.extend([staleness] * len(contributors))
+            self.last_applied = AppliedVersion(applied, tuple([staleness] * len(contributors)))
+        completions = []
+        for t in sorted(tasks):
+            status = t.lost or outcome.get(t.device_id, "failed")
+            if status == "accepted" and applied is None:
+                status = "rejected-stale" if stale else "withheld"
+            self.status[t.device_id] = DeviceStatus.IDLE
+            if status == "refused":
+                self.status[t.device_id] = DeviceStatus.EXHAUSTED
+            elif status == "accepted":
+                self._consecutive_failures[t.device_id] = 0
+            elif status in ("rejected-ledger", "failed"):
+                self._consecutive_failures[t.device_id] += 1
+                if self._consecutive_failures[t.device_id] >= self.cfg.max_device_failures:
+                    self.status[t.device_id] = DeviceStatus.RETIRED
+            completions.append(Completion(t, status, staleness, applied if status == "accepted" else None, None))
+        return completions
+
     def _apply(self) -> int:
         entries = list(self.buffer.entries)
         staleness = tuple(e.staleness for e in entries)

@@ -22,6 +22,8 @@ from numpy.typing import NDArray
 
 from shared.privacy.identity import verify_signature
 from shared.secure_sum.crypto import (
+    AEAD_NONCE_BYTES,
+    SHARE_BYTES,
     SecureSumCryptoError,
     agree,
     combine_shares,
@@ -42,11 +44,22 @@ from shared.secure_sum.rounds import (
     SessionParams,
     UnmaskReply,
     UnmaskRequest,
+    check_advertisement_keys,
     component_size,
     neighbour_map,
 )
 
 PAIR_MASK_PURPOSE = b"pair-mask"
+
+
+def _is_share(share: EncryptedShare) -> bool:
+    return (
+        isinstance(share.nonce, bytes)
+        and isinstance(share.ciphertext, bytes)
+        and isinstance(share.recipient, int)
+        and len(share.nonce) == AEAD_NONCE_BYTES
+        and len(share.ciphertext) < 1024
+    )
 
 
 class SecureSumServer:
@@ -92,6 +105,7 @@ class SecureSumServer:
             raise SecureSumError(f"device {advert.device_id} is not in the cohort")
         if advert.device_id in self._adverts:
             raise SecureSumError(f"device {advert.device_id} advertised twice")
+        check_advertisement_keys(advert)
         key = self._ledger_keys.get(advert.device_id)
         if key is None or not verify_signature(key, advert.signed_bytes(), advert.signature):
             raise SecureSumError(f"device {advert.device_id}'s advertisement is not signed by its ledger key")
@@ -111,7 +125,14 @@ class SecureSumServer:
             )
         roster = [self._adverts[d] for d in sorted(self._adverts)]
         if self._graph is None:
-            self._graph = neighbour_map(self.params, roster)
+            graph = neighbour_map(self.params, roster)
+            fewest = min(len(peers) for peers in graph.values())
+            if fewest < self.params.threshold:
+                raise SecureSumWithheld(
+                    f"{len(roster)} devices advertised: {fewest} neighbours cannot hold a threshold of "
+                    f"{self.params.threshold}"
+                )
+            self._graph = graph
         return roster
 
     def _need_graph(self) -> dict[int, tuple[int, ...]]:
@@ -139,6 +160,8 @@ class SecureSumServer:
             raise SecureSumError(f"device {sender} already sent its shares")
         by_recipient: dict[int, EncryptedShare] = {}
         for share in shares:
+            if not isinstance(share, EncryptedShare) or not _is_share(share):
+                raise SecureSumError(f"device {sender} sent a malformed share")
             if share.sender != sender:
                 raise SecureSumError(f"device {sender} sent a share in device {share.sender}'s name")
             if share.recipient in by_recipient:
@@ -173,12 +196,16 @@ class SecureSumServer:
         """
         if self._request is not None:
             raise SecureSumError("masked-input collection is closed")
+        if not isinstance(masked.device_id, int):
+            raise SecureSumError("a masked input names no device id")
         if masked.session_digest != self._digest:
             raise SecureSumError(f"device {masked.device_id}'s masked input belongs to another session")
         if masked.device_id not in self._shares:
             raise SecureSumError(f"device {masked.device_id} delivered no shares and cannot contribute")
         if masked.device_id in self._masked:
             raise SecureSumError(f"device {masked.device_id} already sent its masked input")
+        if masked.device_id in self._excluded:
+            raise SecureSumError(f"device {masked.device_id} was excluded: {self._excluded[masked.device_id]}")
         vector = np.asarray(masked.vector)
         if vector.dtype != np.uint64 or vector.shape != (self.params.length,):
             raise SecureSumError(
@@ -200,6 +227,11 @@ class SecureSumServer:
         self._excluded[device_id] = reason
 
     @property
+    def masked_devices(self) -> tuple[int, ...]:
+        """Devices whose masked vectors the server holds (excluded ones are not)."""
+        return tuple(sorted(self._masked))
+
+    @property
     def excluded(self) -> Mapping[int, str]:
         """Devices excluded before unmasking, with the reason."""
         return dict(self._excluded)
@@ -218,7 +250,7 @@ class SecureSumServer:
         graph = self._need_graph()
         if self._request is not None:
             return self._request
-        survivors = tuple(sorted(self._masked))
+        survivors = tuple(sorted(d for d in self._masked if d not in self._excluded))
         dropped = tuple(sorted(set(self._shares) - set(survivors)))
         if len(survivors) < self.params.min_contributors:
             raise SecureSumWithheld(
@@ -251,6 +283,9 @@ class SecureSumServer:
         survivors, dropped = set(self._request.survivors), set(self._request.dropped)
         if not set(reply.seed_shares) <= survivors & neighbours or not set(reply.mask_shares) <= dropped & neighbours:
             raise SecureSumError(f"device {reply.device_id}'s reply carries shares it cannot hold")
+        for share in [*reply.seed_shares.values(), *reply.mask_shares.values()]:
+            if not isinstance(share, bytes) or len(share) != SHARE_BYTES:
+                raise SecureSumError(f"device {reply.device_id}'s reply carries a malformed share")
         self._replies[reply.device_id] = reply
 
     def _recover(self, owner: int, which: str) -> bytes:

@@ -39,6 +39,7 @@ from shared.protocol import (
     EVALUATE_PRIVATE,
     LEDGER_QUERY,
     LEDGER_REPLY,
+    SECURE_MASKED,
     TRAIN_UPDATE,
     EvaluatePrivate,
     EvaluateResult,
@@ -49,6 +50,7 @@ from shared.protocol import (
     build_ledger_query,
     parse_ledger,
     parse_train_reply,
+    secure_reply_kind,
 )
 
 log = logging.getLogger("fedrec.server")
@@ -112,6 +114,10 @@ class SpendingBook:
         self._note(task.device_id, update.epsilon)
         return result
 
+    def take_secure_release(self, task: Task, reply: Message) -> IntakeResult:
+        """A masked vector's ledger (the secure-sum release among its entries); its vector is used only if accepted."""
+        return self._take_ledger(task.device_id, task.task_id, reply, SECURE_MASKED.kind)
+
     def take_refusal(self, task: Task, refusal: TrainRefusal) -> None:
         """A refusal spent nothing new; its claim (what the device had spent) and a refused row are kept."""
         if not self.cfg.privacy.dp:
@@ -143,6 +149,13 @@ class SpendingBook:
         """
         if reply.has_error() or not self.cfg.privacy.dp:
             return
+        secure = secure_reply_kind(reply)
+        if secure == SECURE_MASKED.kind:
+            # A masked vector the server stopped waiting for: unused, but released and signed.
+            self._take_ledger(device_id, None, reply, SECURE_MASKED.kind)
+            return
+        if secure is not None:
+            return  # any other secure-sum reply releases nothing
         try:
             parsed = parse_train_reply(reply)
         except ProtocolError as exc:

@@ -189,17 +189,35 @@ class AggregationConfig:
     max_device_failures: int = 3
     # Messages at the Flower Grid at once in simulation (0 = no limit); deployed runs send all.
     max_in_flight: int = 16
-    # Synchronous mode only: aggregate each cohort with Flower's SecAgg+ (server/secagg.py).
+    # The server learns only noisy sums (docs/secure-aggregation.md): fedrec's own protocol, sync
+    # and async; "flower-secagg+" is Flower's legacy SecAgg+ (sync only, 32-bit mask seeds).
     secure_aggregation: bool = False
+    secure_aggregation_protocol: str = "fedrec"
+    secure_sum_bits: int = 32
+    secure_sum_scale: float = 16384.0
+    secure_sum_min_contributors: int = 10
+    secure_sum_cohort_size: int = 0
+    secure_sum_neighbours: int = 0
+    secure_sum_max_records: int = 8192
     secagg_clipping_range: float = 8.0
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, ("async", "sync"))
-        if self.secure_aggregation and self.mode != "sync":
+        _choice("secure-aggregation-protocol", self.secure_aggregation_protocol, ("fedrec", "flower-secagg+"))
+        if self.secure_aggregation and self.secure_aggregation_protocol == "flower-secagg+" and self.mode != "sync":
             raise ConfigError(
-                "secure-aggregation: SecAgg+ needs a fixed cohort per aggregate, so it runs only with mode = 'sync'"
+                "secure-aggregation: Flower's SecAgg+ needs a fixed cohort per aggregate, so it runs only with "
+                "mode = 'sync' (fedrec's own protocol runs in both modes)"
             )
         _positive("secagg-clipping-range", self.secagg_clipping_range)
+        _in_range("secure-sum-bits", self.secure_sum_bits, 8, 62)
+        _positive("secure-sum-scale", self.secure_sum_scale)
+        _at_least("secure-sum-min-contributors", self.secure_sum_min_contributors, 2)
+        _at_least("secure-sum-cohort-size", self.secure_sum_cohort_size, 0)
+        _at_least("secure-sum-neighbours", self.secure_sum_neighbours, 0)
+        if self.secure_sum_neighbours % 2:
+            raise ConfigError(f"secure-sum-neighbours: must be even (0 = automatic), got {self.secure_sum_neighbours}")
+        _at_least("secure-sum-max-records", self.secure_sum_max_records, 1)
         _at_least("concurrency", self.concurrency, 1)
         _at_least("buffer-size", self.buffer_size, 1)
         if self.mode == "async" and self.buffer_size > self.concurrency:
@@ -301,8 +319,29 @@ class FedrecConfig:
         if self.aggregation.secure_aggregation and self.privacy.user_dp:
             raise ConfigError(
                 "secure-aggregation: not with user-dp (user-level DP clips each update on the server, "
-                "which SecAgg+ hides from it)"
+                "which secure aggregation hides from it)"
             )
+        agg = self.aggregation
+        if agg.secure_aggregation and agg.secure_aggregation_protocol == "fedrec":
+            if not self.privacy.dp:
+                raise ConfigError("secure-aggregation: fedrec's secure sum is a DP mechanism; it needs dp = true")
+            if self.privacy.accountant != "rdp":
+                raise ConfigError("accountant: secure-sum (Skellam) releases are accounted with 'rdp' only")
+            if self.privacy.reproducible_noise:
+                raise ConfigError(
+                    "reproducible-noise: fedrec's secure sum draws its noise and keys from the OS only; set it false"
+                )
+            cohort = agg.secure_sum_cohort_size or agg.concurrency
+            if agg.mode == "async" and agg.secure_sum_cohort_size and agg.secure_sum_cohort_size < agg.buffer_size:
+                raise ConfigError(
+                    f"secure-sum-cohort-size: {agg.secure_sum_cohort_size} is below buffer-size {agg.buffer_size}; "
+                    "a cohort's sum closes when buffer-size of its devices have trained"
+                )
+            if cohort < agg.secure_sum_min_contributors:
+                raise ConfigError(
+                    f"secure-sum-min-contributors: {agg.secure_sum_min_contributors} exceeds the cohort "
+                    f"({cohort} devices: concurrency or secure-sum-cohort-size); no sum could be unmasked"
+                )
         if self.privacy.clipping_mode == "ghost" and self.model.name == "sasrec":
             raise ConfigError("clipping-mode: 'ghost' is not supported for model 'sasrec'; use 'hooks' or 'auto'")
 

@@ -39,36 +39,55 @@ from flwr.common import Scalar
 
 __all__ = [
     "DISCOVERY",
+    "Direction",
+    "Discovery",
     "EVALUATE_DECLINED",
     "EVALUATE_PRIVATE",
     "EVALUATE_RESULT",
     "EVALUATE_TASK",
-    "IDENTITY",
-    "LEDGER_QUERY",
-    "LEDGER_REPLY",
-    "MESSAGES",
-    "RECORDS",
-    "SECAGG_FIT_CONFIG",
-    "TRAIN_REFUSAL",
-    "TRAIN_TASK",
-    "TRAIN_UPDATE",
-    "Direction",
-    "Discovery",
     "EvaluateDeclined",
     "EvaluatePrivate",
     "EvaluateResult",
     "EvaluateTask",
+    "IDENTITY",
     "Identity",
     "Key",
-    "PUBLIC_WEIGHT",
+    "LEDGER_QUERY",
+    "LEDGER_REPLY",
     "Ledger",
     "LedgerQuery",
+    "MESSAGES",
     "MessageSpec",
+    "PUBLIC_WEIGHT",
     "PartSpec",
     "ProtocolError",
+    "RECORDS",
     "RecordNames",
     "RecordSpec",
+    "SECAGG_FIT_CONFIG",
+    "SECURE_ADVERTISEMENT",
+    "SECURE_DECLINED",
+    "SECURE_DELIVERY",
+    "SECURE_MASKED",
+    "SECURE_ROSTER",
+    "SECURE_SHARES",
+    "SECURE_TRAIN_TASK",
+    "SECURE_UNMASK",
+    "SECURE_UNMASK_REPLY",
     "SecAggFitConfig",
+    "SecureAdvertisement",
+    "SecureDeclined",
+    "SecureDelivery",
+    "SecureMasked",
+    "SecureReply",
+    "SecureRoster",
+    "SecureShares",
+    "SecureTrainTask",
+    "SecureUnmask",
+    "SecureUnmaskReply",
+    "TRAIN_REFUSAL",
+    "TRAIN_TASK",
+    "TRAIN_UPDATE",
     "TrainRefusal",
     "TrainTask",
     "TrainUpdate",
@@ -80,6 +99,11 @@ __all__ = [
     "build_identity",
     "build_ledger_query",
     "build_secagg_fit_config",
+    "build_secure_delivery",
+    "build_secure_reply",
+    "build_secure_roster",
+    "build_secure_train_task",
+    "build_secure_unmask",
     "build_train_refusal",
     "build_train_task",
     "build_train_update",
@@ -89,9 +113,15 @@ __all__ = [
     "parse_ledger",
     "parse_query",
     "parse_secagg_fit_config",
+    "parse_secure_delivery",
+    "parse_secure_reply",
+    "parse_secure_roster",
+    "parse_secure_train_task",
+    "parse_secure_unmask",
     "parse_train_reply",
     "parse_train_task",
     "secagg_round_config",
+    "secure_reply_kind",
     "secagg_task_config",
     "wire_keys",
     "with_param_keys",
@@ -133,6 +163,7 @@ class RecordNames:
     status: str = "status"  # ConfigRecord: how a device answered, or who it is
     ledger: str = "ledger"  # ConfigRecord: the device's new signed ledger entries
     top_k: str = "top-k"  # ConfigRecord: a device's top-k list, when asked for
+    secure: str = "secure-sum"  # ConfigRecord: one round of the secure sum (keys, shares, masked vector)
 
 
 RECORDS: Final = RecordNames()
@@ -140,7 +171,9 @@ RECORDS: Final = RecordNames()
 
 # ---------------------------------------------------------------------------- the registry
 
-ValueType = Literal["int", "float", "str", "bool", "int-list", "float-list", "str-list", "json-str-list"]
+ValueType = Literal[
+    "int", "float", "str", "bool", "bytes", "int-list", "float-list", "str-list", "bytes-list", "json-str-list"
+]
 RecordType = Literal["array", "config", "metric", "legacy-config"]
 
 
@@ -373,6 +406,103 @@ class SecAggFitConfig:
         return self.version, self.task_seed
 
 
+@dataclass(frozen=True)
+class SecureTrainTask:
+    """``secure-train-task``: train on ``model`` for a secure sum, and advertise keys for its session.
+
+    The session fields are ``shared.secure_sum.rounds.SessionParams``: every later round is
+    bound to their digest.
+    """
+
+    model: ArrayRecord
+    version: int
+    task_seed: int
+    session_id: bytes
+    cohort: tuple[int, ...]
+    length: int
+    bits: int
+    neighbours: int
+    threshold: int
+    min_contributors: int
+    run: str = ""
+    ledger_head: int = -1
+
+
+@dataclass(frozen=True)
+class SecureAdvertisement:
+    """``secure-advertisement``: the device's two fresh public keys and seed commitment, signed."""
+
+    share_public: bytes
+    mask_public: bytes
+    seed_commitment: bytes
+    signature: str
+
+
+@dataclass(frozen=True)
+class SecureDeclined:
+    """``secure-declined``: the device will not go on with this session (why, in words)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class SecureRoster:
+    """``secure-roster``: every advertisement of the session, each with its device's ledger key."""
+
+    session_id: bytes
+    roster: tuple[int, ...]
+    share_publics: tuple[bytes, ...]
+    mask_publics: tuple[bytes, ...]
+    seed_commitments: tuple[bytes, ...]
+    signatures: tuple[str, ...]
+    ledger_keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SecureShares:
+    """``secure-shares``: the device's encrypted seed shares, one per neighbour."""
+
+    recipients: tuple[int, ...]
+    nonces: tuple[bytes, ...]
+    ciphertexts: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class SecureDelivery:
+    """``secure-delivery``: the encrypted shares addressed to the device; mask and send your vector."""
+
+    session_id: bytes
+    senders: tuple[int, ...]
+    nonces: tuple[bytes, ...]
+    ciphertexts: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class SecureMasked:
+    """``secure-masked``: the masked vector (little-endian words of 4 bytes, or 8 above 32 bits)."""
+
+    vector: bytes
+
+
+@dataclass(frozen=True)
+class SecureUnmask:
+    """``secure-unmask``: who survived and who dropped; answered once."""
+
+    session_id: bytes
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SecureUnmaskReply:
+    """``secure-unmask-reply``: shares of survivors' self-mask seeds and of dropouts' mask seeds."""
+
+    seed_owners: tuple[int, ...]
+    seed_shares: tuple[bytes, ...]
+    mask_owners: tuple[int, ...]
+    mask_shares: tuple[bytes, ...]
+
+
 # The weight every update carries (the legacy SecAgg+ FitRes's num_examples included): the
 # same public value for each device, since a record count would tell neighbouring data apart.
 PUBLIC_WEIGHT: Final = 1
@@ -513,6 +643,138 @@ _SECAGG_PART = PartSpec(
     ),
 )
 
+_SESSION = Key("session-id", "session_id", "bytes")
+_SECURE_TRAIN_TASK_PART = PartSpec(
+    SecureTrainTask,
+    (
+        _MODEL,
+        RecordSpec(
+            "config",
+            "config",
+            (
+                Key("version", "version", "int"),
+                Key("task-seed", "task_seed", "int"),
+                Key("run", "run", "str", optional=True),
+                Key("ledger-head", "ledger_head", "int", optional=True),
+            ),
+        ),
+        RecordSpec(
+            "secure",
+            "config",
+            (
+                _SESSION,
+                Key("cohort", "cohort", "int-list"),
+                Key("vector-length", "length", "int"),
+                Key("modulus-bits", "bits", "int"),
+                Key("neighbours", "neighbours", "int"),
+                Key("threshold", "threshold", "int"),
+                Key("min-contributors", "min_contributors", "int"),
+            ),
+        ),
+    ),
+)
+_SECURE_ADVERTISEMENT_PART = PartSpec(
+    SecureAdvertisement,
+    (
+        RecordSpec("status", "config", (Key("status", "", "str", fixed="advertised"),)),
+        RecordSpec(
+            "secure",
+            "config",
+            (
+                Key("share-public", "share_public", "bytes"),
+                Key("mask-public", "mask_public", "bytes"),
+                Key("seed-commitment", "seed_commitment", "bytes"),
+                Key("advert-signature", "signature", "str"),
+            ),
+        ),
+    ),
+)
+_SECURE_DECLINED_PART = PartSpec(
+    SecureDeclined,
+    (RecordSpec("status", "config", (Key("status", "", "str", fixed="declined"), Key("reason", "reason", "str"))),),
+)
+_SECURE_ROSTER_PART = PartSpec(
+    SecureRoster,
+    (
+        RecordSpec(
+            "secure",
+            "config",
+            (
+                _SESSION,
+                Key("roster", "roster", "int-list"),
+                Key("share-publics", "share_publics", "bytes-list"),
+                Key("mask-publics", "mask_publics", "bytes-list"),
+                Key("seed-commitments", "seed_commitments", "bytes-list"),
+                Key("signatures", "signatures", "str-list"),
+                Key("ledger-keys", "ledger_keys", "str-list"),
+            ),
+        ),
+    ),
+)
+_SECURE_SHARES_PART = PartSpec(
+    SecureShares,
+    (
+        RecordSpec("status", "config", (Key("status", "", "str", fixed="shared"),)),
+        RecordSpec(
+            "secure",
+            "config",
+            (
+                Key("recipients", "recipients", "int-list"),
+                Key("nonces", "nonces", "bytes-list"),
+                Key("ciphertexts", "ciphertexts", "bytes-list"),
+            ),
+        ),
+    ),
+)
+_SECURE_DELIVERY_PART = PartSpec(
+    SecureDelivery,
+    (
+        RecordSpec(
+            "secure",
+            "config",
+            (
+                _SESSION,
+                Key("senders", "senders", "int-list"),
+                Key("nonces", "nonces", "bytes-list"),
+                Key("ciphertexts", "ciphertexts", "bytes-list"),
+            ),
+        ),
+    ),
+)
+_SECURE_MASKED_PART = PartSpec(
+    SecureMasked,
+    (
+        RecordSpec("status", "config", (Key("status", "", "str", fixed="masked"),)),
+        RecordSpec("secure", "config", (Key("masked-vector", "vector", "bytes"),)),
+    ),
+)
+_SECURE_UNMASK_PART = PartSpec(
+    SecureUnmask,
+    (
+        RecordSpec(
+            "secure",
+            "config",
+            (_SESSION, Key("survivors", "survivors", "int-list"), Key("dropouts", "dropped", "int-list")),
+        ),
+    ),
+)
+_SECURE_UNMASK_REPLY_PART = PartSpec(
+    SecureUnmaskReply,
+    (
+        RecordSpec("status", "config", (Key("status", "", "str", fixed="unmasked"),)),
+        RecordSpec(
+            "secure",
+            "config",
+            (
+                Key("seed-owners", "seed_owners", "int-list"),
+                Key("seed-shares", "seed_shares", "bytes-list"),
+                Key("mask-owners", "mask_owners", "int-list"),
+                Key("mask-shares", "mask_shares", "bytes-list"),
+            ),
+        ),
+    ),
+)
+
 _TRAIN, _EVALUATE, _QUERY = MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY
 _DOWN, _UP = Direction.TO_DEVICE, Direction.TO_SERVER
 
@@ -530,6 +792,17 @@ LEDGER_REPLY: Final = MessageSpec("ledger-reply", _QUERY, _UP, (_IDENTITY_PART, 
 # Legacy SecAgg+ (server/secagg.py, client/secagg_client.py): the fit stage is a Flower
 # ``train`` message whose FitIns config carries these keys besides Flower's own.
 SECAGG_FIT_CONFIG: Final = MessageSpec("secagg-fit-config", _TRAIN, _DOWN, (_SECAGG_PART,))
+# fedrec's secure sum (client/secure_sum_device.py, server/secure_sum_server.py): four rounds,
+# each a ``train`` message with its own action, answered by one reply or ``secure-declined``.
+SECURE_TRAIN_TASK: Final = MessageSpec("secure-train-task", "train.secure_train", _DOWN, (_SECURE_TRAIN_TASK_PART,))
+SECURE_ADVERTISEMENT: Final = MessageSpec("secure-advertisement", _TRAIN, _UP, (_SECURE_ADVERTISEMENT_PART,))
+SECURE_DECLINED: Final = MessageSpec("secure-declined", _TRAIN, _UP, (_SECURE_DECLINED_PART,))
+SECURE_ROSTER: Final = MessageSpec("secure-roster", "train.secure_shares", _DOWN, (_SECURE_ROSTER_PART,))
+SECURE_SHARES: Final = MessageSpec("secure-shares", _TRAIN, _UP, (_SECURE_SHARES_PART,))
+SECURE_DELIVERY: Final = MessageSpec("secure-delivery", "train.secure_mask", _DOWN, (_SECURE_DELIVERY_PART,))
+SECURE_MASKED: Final = MessageSpec("secure-masked", _TRAIN, _UP, (_SECURE_MASKED_PART, _LEDGER_PART))
+SECURE_UNMASK: Final = MessageSpec("secure-unmask", "train.secure_unmask", _DOWN, (_SECURE_UNMASK_PART,))
+SECURE_UNMASK_REPLY: Final = MessageSpec("secure-unmask-reply", _TRAIN, _UP, (_SECURE_UNMASK_REPLY_PART,))
 
 MESSAGES: Final[tuple[MessageSpec, ...]] = (
     TRAIN_TASK,
@@ -544,6 +817,15 @@ MESSAGES: Final[tuple[MessageSpec, ...]] = (
     LEDGER_QUERY,
     LEDGER_REPLY,
     SECAGG_FIT_CONFIG,
+    SECURE_TRAIN_TASK,
+    SECURE_ADVERTISEMENT,
+    SECURE_DECLINED,
+    SECURE_ROSTER,
+    SECURE_SHARES,
+    SECURE_DELIVERY,
+    SECURE_MASKED,
+    SECURE_UNMASK,
+    SECURE_UNMASK_REPLY,
 )
 
 
@@ -589,6 +871,14 @@ def _encode(kind: str, key: Key, value: Any) -> Any:
             if not isinstance(value, bool):
                 raise TypeError(f"expected a bool, got {type(value).__name__}")
             return value
+        if key.type == "bytes":
+            if not isinstance(value, bytes):
+                raise TypeError(f"expected bytes, got {type(value).__name__}")
+            return value
+        if key.type == "bytes-list":
+            if not all(isinstance(v, bytes) for v in value):
+                raise TypeError("expected a list of bytes")
+            return list(value)
         if key.type == "int-list":
             return [int(v) for v in value]
         if key.type == "float-list":
@@ -627,6 +917,14 @@ def _decode(kind: str, key: Key, value: object) -> Any:
         if not isinstance(value, bool):
             raise bad("a bool")
         return value
+    if key.type == "bytes":
+        if not isinstance(value, bytes):
+            raise bad("bytes")
+        return value
+    if key.type == "bytes-list":
+        if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
+            raise bad("a list of bytes")
+        return tuple(value)
     if key.type == "int-list":
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise bad("a list of integers")
@@ -999,6 +1297,126 @@ def parse_secagg_fit_config(config: Mapping[str, Scalar]) -> SecAggFitConfig:
             raise ProtocolError(kind, key.name, "missing from the FitIns config")
         kwargs[key.attr] = _decode(kind, key, config[key.name])
     return SecAggFitConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------------- secure sum
+
+
+def build_secure_train_task(task: SecureTrainTask, *, names: RecordNames = RECORDS) -> RecordDict:
+    """The content of a ``secure-train-task`` message."""
+    return _build(SECURE_TRAIN_TASK, (task,), names)
+
+
+def parse_secure_train_task(source: Message | RecordDict, *, names: RecordNames = RECORDS) -> SecureTrainTask:
+    """Read a ``secure-train-task``.
+
+    Raises
+    ------
+    ProtocolError
+        If a record or key is missing or has the wrong type.
+    """
+    kind = SECURE_TRAIN_TASK.kind
+    return _parse_part(_SECURE_TRAIN_TASK_PART, SecureTrainTask, _content(source, kind), kind, names)
+
+
+def build_secure_roster(roster: SecureRoster, *, names: RecordNames = RECORDS) -> RecordDict:
+    """The content of a ``secure-roster`` message."""
+    return _build(SECURE_ROSTER, (roster,), names)
+
+
+def parse_secure_roster(source: Message | RecordDict, *, names: RecordNames = RECORDS) -> SecureRoster:
+    """Read a ``secure-roster`` (ProtocolError if malformed)."""
+    kind = SECURE_ROSTER.kind
+    return _parse_part(_SECURE_ROSTER_PART, SecureRoster, _content(source, kind), kind, names)
+
+
+def build_secure_delivery(delivery: SecureDelivery, *, names: RecordNames = RECORDS) -> RecordDict:
+    """The content of a ``secure-delivery`` message."""
+    return _build(SECURE_DELIVERY, (delivery,), names)
+
+
+def parse_secure_delivery(source: Message | RecordDict, *, names: RecordNames = RECORDS) -> SecureDelivery:
+    """Read a ``secure-delivery`` (ProtocolError if malformed)."""
+    kind = SECURE_DELIVERY.kind
+    return _parse_part(_SECURE_DELIVERY_PART, SecureDelivery, _content(source, kind), kind, names)
+
+
+def build_secure_unmask(unmask: SecureUnmask, *, names: RecordNames = RECORDS) -> RecordDict:
+    """The content of a ``secure-unmask`` message."""
+    return _build(SECURE_UNMASK, (unmask,), names)
+
+
+def parse_secure_unmask(source: Message | RecordDict, *, names: RecordNames = RECORDS) -> SecureUnmask:
+    """Read a ``secure-unmask`` (ProtocolError if malformed)."""
+    kind = SECURE_UNMASK.kind
+    return _parse_part(_SECURE_UNMASK_PART, SecureUnmask, _content(source, kind), kind, names)
+
+
+def secure_reply_kind(source: Message | RecordDict, *, names: RecordNames = RECORDS) -> str | None:
+    """The kind of a device's secure-sum round reply (None: not one), read from its status alone.
+
+    For a reply that arrives after the server stopped waiting: only a ``secure-masked`` one
+    carries a release (its ledger), the others spent nothing.
+    """
+    try:
+        content = _content(source, "secure reply")
+    except ProtocolError:
+        return None
+    variants = (SECURE_ADVERTISEMENT, SECURE_SHARES, SECURE_MASKED, SECURE_UNMASK_REPLY, SECURE_DECLINED)
+    try:
+        spec = _variant(content, variants, "secure reply", names)
+    except ProtocolError:
+        return None
+    return None if spec is None else spec.kind
+
+
+SecureReply = SecureAdvertisement | SecureShares | SecureMasked | SecureUnmaskReply | SecureDeclined | TrainRefusal
+_SECURE_REPLIES: Final[dict[str, tuple[PartSpec, type]]] = {
+    SECURE_ADVERTISEMENT.kind: (_SECURE_ADVERTISEMENT_PART, SecureAdvertisement),
+    SECURE_SHARES.kind: (_SECURE_SHARES_PART, SecureShares),
+    SECURE_MASKED.kind: (_SECURE_MASKED_PART, SecureMasked),
+    SECURE_UNMASK_REPLY.kind: (_SECURE_UNMASK_REPLY_PART, SecureUnmaskReply),
+    SECURE_DECLINED.kind: (_SECURE_DECLINED_PART, SecureDeclined),
+    TRAIN_REFUSAL.kind: (_TRAIN_REFUSAL_PART, TrainRefusal),
+}
+
+
+def build_secure_reply(reply: SecureReply, ledger: Ledger | None = None, *, names: RecordNames = RECORDS) -> RecordDict:
+    """The content of a device's reply in a secure-sum round (a masked vector carries its ledger)."""
+    if isinstance(reply, SecureMasked):
+        if ledger is None:
+            raise ProtocolError(SECURE_MASKED.kind, names.ledger, "a masked vector carries the device's ledger")
+        return _build(SECURE_MASKED, (reply, ledger), names)
+    spec = {
+        SecureAdvertisement: SECURE_ADVERTISEMENT,
+        SecureShares: SECURE_SHARES,
+        SecureUnmaskReply: SECURE_UNMASK_REPLY,
+        SecureDeclined: SECURE_DECLINED,
+        TrainRefusal: TRAIN_REFUSAL,
+    }[type(reply)]
+    return _build(spec, (reply,), names)
+
+
+def parse_secure_reply(
+    source: Message | RecordDict, expected: MessageSpec, *, names: RecordNames = RECORDS
+) -> SecureReply:
+    """Read a device's reply in a secure-sum round: ``expected``, ``secure-declined`` or (round 1) a refusal.
+
+    The ledger a ``secure-masked`` reply carries is read by :func:`parse_ledger`.
+
+    Raises
+    ------
+    ProtocolError
+        If the reply is an error, of another kind, or malformed.
+    """
+    variants = [expected, SECURE_DECLINED] + ([TRAIN_REFUSAL] if expected is SECURE_ADVERTISEMENT else [])
+    label = "/".join(v.kind for v in variants)
+    content = _content(source, label)
+    spec = _variant(content, variants, label, names)
+    if spec is None:
+        raise ProtocolError(label, names.status, "missing config record")
+    part, cls = _SECURE_REPLIES[spec.kind]
+    return _parse_part(part, cls, content, spec.kind, names)
 
 
 def _check_registry() -> None:

@@ -21,6 +21,7 @@ import numpy as np
 from server.output_dir import claim_output_dir
 from shared.config import FedrecConfig, parse_config, to_flat
 from shared.data.partition import history_lengths, prepare_partitions
+from shared.secure_sum.release import check_secure_sum_config
 
 log = logging.getLogger("fedrec.simulate")
 
@@ -69,6 +70,10 @@ def default_actors(cpus: int | None = None, memory_gib: float | None = None) -> 
 SIMULATION_DEFAULTS: Mapping[str, Any] = {"reproducible-noise": True, "evaluation": "exact"}
 
 
+def _truthy(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
+
+
 def quartile_bounds(lengths: np.ndarray) -> tuple[int, ...]:
     """Activity-tier bounds at the 25th and 75th percentiles of history length (fewer if they coincide)."""
     if len(lengths) == 0:
@@ -99,6 +104,9 @@ def simulate(overrides: Mapping[str, Any], num_actors: int | None = None, backen
     # research (labelled "simulation only, not private"). Deployed devices keep the defaults:
     # noise from OS entropy, private evaluation.
     merged = {**SIMULATION_DEFAULTS, **overrides}
+    if _truthy(merged.get("secure-aggregation")) and "reproducible-noise" not in overrides:
+        # fedrec's secure sum draws keys and noise from the OS only: no nominal mode for it.
+        merged["reproducible-noise"] = False
     if merged["evaluation"] == "exact":
         merged.setdefault("export-top-k", "csv")
     cfg: FedrecConfig = parse_config(merged)
@@ -106,9 +114,10 @@ def simulate(overrides: Mapping[str, Any], num_actors: int | None = None, backen
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    info = prepare_partitions(cfg.data)  # before any device starts, so none races to build it
+    check_secure_sum_config(cfg, info.num_items)
     # Refuse a directory holding files before anything starts (and before any device writes there).
     claim_output_dir(Path(cfg.output_dir), overwrite=cfg.overwrite)
-    info = prepare_partitions(cfg.data)  # before any device starts, so none races to build it
     if "activity-tiers" not in overrides:
         # Tier bounds at the data's quartiles, so metrics show the bottom and top quartiles.
         cfg = replace(cfg, eval=replace(cfg.eval, activity_tiers=quartile_bounds(history_lengths(info))))

@@ -94,6 +94,7 @@ SECAGG_CONFIG: dict[str, Any] = {
     **ASYNC_CONFIG,
     "mode": "sync",
     "secure-aggregation": True,
+    "secure-aggregation-protocol": "flower-secagg+",
     "num-versions": 1,
     "concurrency": 3,
     "eval-every": 1,

@@ -88,6 +88,66 @@ EXAMPLES: dict[str, tuple[list[object], Build, Parse]] = {
         ],
     ),
 }
+SECURE_TASK = p.SecureTrainTask(MODEL, 3, 17, b"s" * 16, (1, 4, 9), 64, 32, 2, 2, 2, run="run#1-ab", ledger_head=5)
+SECURE_ADVERT = p.SecureAdvertisement(b"a" * 32, b"b" * 32, b"c" * 32, "sig")
+SECURE_ROSTER = p.SecureRoster(b"s" * 16, (1, 4), (b"a", b"b"), (b"c", b"d"), (b"e", b"f"), ("s1", "s2"), ("k1", "k2"))
+SECURE_SHARES = p.SecureShares((4, 9), (b"n" * 12, b"m" * 12), (b"x", b"y"))
+SECURE_DELIVERY = p.SecureDelivery(b"s" * 16, (4, 9), (b"n" * 12, b"m" * 12), (b"x", b"y"))
+SECURE_MASKED = p.SecureMasked(b"\x01\x00\x00\x00" * 4)
+SECURE_UNMASK = p.SecureUnmask(b"s" * 16, (1, 4), (9,))
+SECURE_UNMASK_REPLY = p.SecureUnmaskReply((4,), (b"q" * 17,), (9,), (b"r" * 17,))
+EXAMPLES.update(
+    {
+        "secure-train-task": (
+            [SECURE_TASK],
+            lambda n: p.build_secure_train_task(SECURE_TASK, names=n),
+            lambda c, n: [p.parse_secure_train_task(c, names=n)],
+        ),
+        "secure-advertisement": (
+            [SECURE_ADVERT],
+            lambda n: p.build_secure_reply(SECURE_ADVERT, names=n),
+            lambda c, n: [p.parse_secure_reply(c, p.SECURE_ADVERTISEMENT, names=n)],
+        ),
+        "secure-declined": (
+            [p.SecureDeclined("bad share")],
+            lambda n: p.build_secure_reply(p.SecureDeclined("bad share"), names=n),
+            lambda c, n: [p.parse_secure_reply(c, p.SECURE_SHARES, names=n)],
+        ),
+        "secure-roster": (
+            [SECURE_ROSTER],
+            lambda n: p.build_secure_roster(SECURE_ROSTER, names=n),
+            lambda c, n: [p.parse_secure_roster(c, names=n)],
+        ),
+        "secure-shares": (
+            [SECURE_SHARES],
+            lambda n: p.build_secure_reply(SECURE_SHARES, names=n),
+            lambda c, n: [p.parse_secure_reply(c, p.SECURE_SHARES, names=n)],
+        ),
+        "secure-delivery": (
+            [SECURE_DELIVERY],
+            lambda n: p.build_secure_delivery(SECURE_DELIVERY, names=n),
+            lambda c, n: [p.parse_secure_delivery(c, names=n)],
+        ),
+        "secure-masked": (
+            [SECURE_MASKED, LEDGER],
+            lambda n: p.build_secure_reply(SECURE_MASKED, LEDGER, names=n),
+            lambda c, n: [
+                p.parse_secure_reply(c, p.SECURE_MASKED, names=n),
+                p.parse_ledger(c, kind="secure-masked", names=n),
+            ],
+        ),
+        "secure-unmask": (
+            [SECURE_UNMASK],
+            lambda n: p.build_secure_unmask(SECURE_UNMASK, names=n),
+            lambda c, n: [p.parse_secure_unmask(c, names=n)],
+        ),
+        "secure-unmask-reply": (
+            [SECURE_UNMASK_REPLY],
+            lambda n: p.build_secure_reply(SECURE_UNMASK_REPLY, names=n),
+            lambda c, n: [p.parse_secure_reply(c, p.SECURE_UNMASK_REPLY, names=n)],
+        ),
+    }
+)
 SECAGG = p.SecAggFitConfig(("a.weight", "b.bias"), run="run#1-ab", version=2, task_seed=40)
 RECORD_KINDS = [spec for spec in p.MESSAGES if spec.kind in EXAMPLES]
 
@@ -222,7 +282,16 @@ def test_a_missing_record_or_key_raises_one_error_naming_kind_and_key(
 )
 def test_a_mistyped_value_raises_one_error_naming_kind_and_key(kind: str, record: p.RecordSpec, key: p.Key) -> None:
     content = EXAMPLES[kind][1](p.RECORDS)
-    wrong: dict[str, Any] = {"int": 1.5, "float": "1.0", "str": 3, "bool": 1, "int-list": ["4"], "str-list": [1]}
+    wrong: dict[str, Any] = {
+        "int": 1.5,
+        "float": "1.0",
+        "str": 3,
+        "bool": 1,
+        "int-list": ["4"],
+        "str-list": [1],
+        "bytes": "text",
+        "bytes-list": ["text"],
+    }
     target = content[record.name()]
     if isinstance(target, MetricRecord):
         # A metric record holds numbers or lists of them: the other of the two is the wrong type.
@@ -308,6 +377,8 @@ ELSEWHERE: dict[str, frozenset[str]] = {
     # The ledger entry fields a spending row copies; the summary's config section.
     "server/audit/checks.py": frozenset({"delta", "epsilon", "steps"}),
     "server/audit/source.py": frozenset({"config"}),
+    # An argument's name in the Skellam accountant's error messages.
+    "shared/privacy/skellam.py": frozenset({"epsilon"}),
     "simulations/cli.py": frozenset({"config", "delta"}),  # the `fedrec simulate config` command; summary field
     "simulations/runner.py": frozenset({"export-top-k"}),  # the run-config key, set for simulations
     # Database columns of the run store.

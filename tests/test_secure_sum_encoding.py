@@ -453,3 +453,33 @@ def test_encode_and_decode_reject_bad_arguments() -> None:
         check_no_wrap(params, 2, 1.0, failure_prob=0.0)
     with pytest.raises(ValueError, match="contributors"):
         check_no_wrap(params, 0, 1.0)
+
+
+def test_encoding_a_sum_is_unbiased_and_one_record_moves_it_by_at_most_the_sensitivity() -> None:
+    """encode_sum's coupling bound: the same rounding draws on sums one record apart differ by <= c*scale + sqrt(d)."""
+    from shared.secure_sum.encoding import encode_sum
+
+    params = EncodingParams(dim=300, clip=1.0, scale=64.0, bits=32, beta=0.0)
+    seed = b"s" * 32
+    gen = np.random.default_rng(0)
+    records = gen.normal(size=(20, 300))
+    records /= np.maximum(1.0, np.linalg.norm(records, axis=1, keepdims=True))  # each clipped to 1
+    with_all, without_last = records.sum(axis=0), records[:-1].sum(axis=0)
+    worst = 0.0
+    for draw in range(200):
+        a = to_signed(encode_sum(with_all, params, seed, np.random.default_rng(draw)), params.bits)
+        b = to_signed(encode_sum(without_last, params, seed, np.random.default_rng(draw)), params.bits)
+        worst = max(worst, float(np.linalg.norm((a - b).astype(np.float64))))
+    assert worst <= params.rounded_norm_bound
+    assert params.rounded_norm_bound == pytest.approx(64.0 + np.sqrt(params.padded_dim))
+    # Unbiased: the mean of many decodings is the sum.
+    decoded = np.mean(
+        [
+            decode_sum(encode_sum(with_all, params, seed, np.random.default_rng(100 + i)), params, seed, 1)
+            for i in range(400)
+        ],
+        axis=0,
+    )
+    assert np.max(np.abs(decoded - with_all)) < 5 * 0.5 / 64.0 / np.sqrt(400) * 4
+    with pytest.raises(ValueError, match="beta = 0"):
+        encode_sum(with_all, EncodingParams(dim=300, clip=1.0, scale=64.0), seed, gen)

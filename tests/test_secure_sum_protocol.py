@@ -419,3 +419,47 @@ def test_a_plan_that_could_wrap_around_is_refused() -> None:
         plan_noise(
             encoding, epsilon=8.0, delta=1e-5, sample_rate=0.1, steps=20, min_contributors=50, max_contributors=943
         )
+
+
+def test_a_device_saved_between_rounds_goes_on_as_if_it_never_stopped() -> None:
+    params, identities = _session(6, neighbours=4)
+    keys = {d: i.public_key for d, i in identities.items()}
+    server = SecureSumServer(params, keys)
+    devices = {d: SecureSumDevice(params, d, identities[d]) for d in params.cohort}
+
+    def reload(d: int) -> None:
+        devices[d] = SecureSumDevice.from_state(params, d, identities[d], devices[d].to_state())
+
+    for d, device in devices.items():
+        server.receive_advertisement(device.advertise())
+        reload(d)
+    roster = server.roster()
+    for d in params.cohort:
+        server.receive_shares(d, devices[d].share_keys(roster, keys))
+        reload(d)
+    inputs = _inputs(params, seed=7)
+    for d in params.cohort:
+        server.receive_masked(devices[d].mask(inputs[d], server.shares_for(d)))
+        reload(d)
+    request = server.unmask_request()
+    for d in request.survivors:
+        server.receive_unmask(devices[d].unmask(request))
+    np.testing.assert_array_equal(server.result(), _expected(inputs, params.cohort, BITS))
+    with pytest.raises(SecureSumError, match="saved session state is unusable"):
+        SecureSumDevice.from_state(params, params.cohort[0], identities[params.cohort[0]], {"stage": 1})
+
+
+def test_an_excluded_device_cannot_rejoin_and_bad_advertisements_are_refused_at_receipt() -> None:
+    params, devices, server, inputs = _through_shares(6)
+    bad = params.cohort[1]
+    server.exclude(bad, "its ledger failed verification")
+    with pytest.raises(SecureSumError, match="was excluded"):
+        server.receive_masked(devices[bad].mask(inputs[bad], server.shares_for(bad)))
+    params2, identities2, keys2, devices2, server2 = _advertised()
+    honest = devices2[params2.cohort[0]].advertise()
+    short = dataclasses.replace(honest, share_public=honest.share_public[:31])
+    with pytest.raises(SecureSumError, match="share_public must be 32 bytes"):
+        server2.receive_advertisement(short)
+    low_order = dataclasses.replace(honest, mask_public=bytes(32))
+    with pytest.raises(SecureSumError, match="mask_public"):
+        server2.receive_advertisement(low_order)

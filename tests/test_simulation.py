@@ -195,7 +195,15 @@ def test_secure_aggregation_gives_the_plain_fedavg_model_within_quantization(tmp
 
     plain = simulate(_overrides(tmp_path, "plain", mode="sync", num_versions=2), backend="local")
     secure = simulate(
-        _overrides(tmp_path, "secure", mode="sync", num_versions=2, secure_aggregation=True), backend="local"
+        _overrides(
+            tmp_path,
+            "secure",
+            mode="sync",
+            num_versions=2,
+            secure_aggregation=True,
+            secure_aggregation_protocol="flower-secagg+",
+        ),
+        backend="local",
     )
     assert secure["aggregation"]["versions"] == 2
     assert secure["aggregation"]["updates-applied"] == plain["aggregation"]["updates-applied"]
@@ -266,7 +274,14 @@ def test_secure_aggregation_withholds_a_sum_whose_contributor_ledger_fails(tmp_p
     cfg = parse_config(
         # Exact evaluation: a private one would bring the hidden entries in its own reply.
         _overrides(
-            tmp_path, "hiding", mode="sync", concurrency=8, num_versions=2, secure_aggregation=True, evaluation="exact"
+            tmp_path,
+            "hiding",
+            mode="sync",
+            concurrency=8,
+            num_versions=2,
+            secure_aggregation=True,
+            secure_aggregation_protocol="flower-secagg+",
+            evaluation="exact",
         )
     )
     grid = HidingDeviceGrid(build_client_app(to_flat(cfg)), 8)

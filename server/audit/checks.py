@@ -56,9 +56,10 @@ from server.audit.independent import (
     relative_error,
     user_level_epsilon,
 )
+from shared.privacy.accounting import record_epsilon
 from shared.privacy.evaluation import EVALUATION_MECHANISM
 from shared.privacy.identity import verify_signature
-from shared.privacy.ledger import LedgerEntry, compute_hash, verify_chain
+from shared.privacy.ledger import LedgerEntry, compute_hash, record_histories, verify_chain
 from shared.privacy.user_level import DEFAULT_ORDERS
 
 # dp-accounting logs a warning for every fractional order its series does not converge at
@@ -333,6 +334,25 @@ def _recompute_record_claim(
     return recomputed, error <= TOLERANCE, f"relative error {error:.2%}, tolerance {TOLERANCE:.0%}"
 
 
+def _recompute_skellam_claim(
+    claim: float,
+    history: Sequence[tuple[float, float, int]],
+    skellam: Sequence[tuple[float, float, int, float]],
+    delta: float,
+) -> tuple[float, bool, str]:
+    """A history with secure-sum (Skellam) releases: recomputed from the logged parameters.
+
+    No accounting library implements the subsampled Skellam mechanism, so the claim is
+    recomputed with fedrec's own RDP (``shared.privacy.skellam``: the closed form of Agarwal,
+    Kairouz and Liu, Zhu and Wang's subsampling bound), from the entries alone; the audit's
+    numerical check of that closed form is ``shared.privacy.skellam.skellam_rdp_numerical_1d``.
+    """
+    recomputed = record_epsilon(history, skellam, delta)
+    error = relative_error(claim, recomputed)
+    how = f"Skellam RDP from the logged entries, relative error {error:.2%}, tolerance {TOLERANCE:.0%}"
+    return recomputed, error <= TOLERANCE, how
+
+
 def _device_user_epsilon(count: int, last: LedgerEntry, order: float) -> float:
     # The device prices its lifetime count of updates at its latest entry's noise and delta.
     return user_level_epsilon([1.0] * count, last.noise_multiplier, last.delta, order)
@@ -371,13 +391,16 @@ def run_audit(data: AuditInput, user_order: float | None = None) -> AuditReport:
         # Record level: recompute the final cumulative claim from every logged mechanism, with the
         # kind of accountant that made it (the device's accountant is fixed for its life).
         rec_claim = record[-1].epsilon if record else 0.0
-        history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in record]
-        rec_true, agrees, how = _recompute_record_claim(
-            rec_claim,
-            history,
-            record[-1].delta if record else data.delta,
-            prv=bool(record) and record[-1].accountant == "prv",
-        )
+        history, skellam = record_histories(record)
+        if skellam:
+            rec_true, agrees, how = _recompute_skellam_claim(rec_claim, history, skellam, record[-1].delta)
+        else:
+            rec_true, agrees, how = _recompute_record_claim(
+                rec_claim,
+                history,
+                record[-1].delta if record else data.delta,
+                prv=bool(record) and record[-1].accountant == "prv",
+            )
         if record and not agrees:
             findings.append(
                 Finding(

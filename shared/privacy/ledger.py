@@ -39,6 +39,10 @@ from typing import Final, cast
 
 from shared.privacy.identity import DeviceIdentity, verify_signature
 
+# Secure-sum releases (``shared.privacy.accounting.SkellamRelease``); kept here so the ledger
+# does not import the accountant.
+SKELLAM_MECHANISM: Final = "skellam-secure-sum"
+
 __all__ = [
     "ENTRY_FIELDS",
     "GENESIS",
@@ -664,3 +668,24 @@ def _order(intact: list[_Checked], device_id: int, problems: list[ChainProblem])
             f"{len(misplaced)} entries are stored out of seq order ({listing}): rows were swapped or moved",
         )
     )
+
+
+def record_histories(
+    entries: Sequence[LedgerEntry],
+) -> tuple[list[tuple[float, float, int]], list[tuple[float, float, int, float]]]:
+    """A device's record-level releases as its accountant keeps them: (Gaussian, Skellam).
+
+    Gaussian entries (DP-SGD, private evaluation) are ``(noise_multiplier, sample_rate,
+    steps)``; secure-sum entries (mechanism :data:`SKELLAM_MECHANISM`) add their integer L2
+    sensitivity, which their ``clip_norm`` field carries.
+    """
+    gaussian: list[tuple[float, float, int]] = []
+    skellam: list[tuple[float, float, int, float]] = []
+    for e in entries:
+        if e.unit != "record":
+            continue
+        if e.mechanism == SKELLAM_MECHANISM:
+            skellam.append((e.noise_multiplier, e.sample_rate, e.steps, e.clip_norm))
+        else:
+            gaussian.append((e.noise_multiplier, e.sample_rate, e.steps))
+    return gaussian, skellam

@@ -222,6 +222,24 @@ def fwht(x: FloatArray) -> FloatArray:
     return y.reshape(n)
 
 
+def _fwht_rows(x: FloatArray) -> FloatArray:
+    """:func:`fwht` of every row of a 2-D array (rows of power-of-two length), in one pass."""
+    rows, n = x.shape
+    k = n.bit_length() - 1
+    groups = max(1, math.ceil(k / _MAX_FACTOR_BITS))
+    sizes = [k // groups + (1 if i < k % groups else 0) for i in range(groups)]
+    y = np.array(x, dtype=np.float64)
+    before, after = 1, n
+    for bits in sizes:
+        if bits == 0:
+            continue
+        m = 1 << bits
+        after //= m
+        y = np.matmul(_sylvester(m), y.reshape(rows * before, m, after))
+        before *= m
+    return y.reshape(rows, n)
+
+
 def _sign_masks(rotation_seed: bytes, n: int) -> UIntArray:
     """The rotation's ``n`` random sign bits as float64 sign-bit masks, from the public seed.
 
@@ -425,6 +443,37 @@ def encode(
         y = rotate(padded, rotation_seed)
     y *= params.scale
     rounded = conditional_round(y, params.rounded_norm_bound, rng)
+    return to_modular(rounded, params.bits)
+
+
+def encode_sum(
+    total: NDArray[np.floating], params: EncodingParams, rotation_seed: bytes, rng: np.random.Generator
+) -> UIntArray:
+    """Encode a SUM of per-record vectors, each already clipped to ``params.clip`` by the caller.
+
+    Rotates, scales and rounds stochastically once (``floor(y + u)``, ``u`` uniform: each
+    coordinate rounds up with probability equal to its fractional part), with no clipping of
+    the sum and no conditioning. Sensitivity to one record, by coupling the rounding draws:
+    for sums ``x`` and ``x'`` one clipped record apart and any fixed ``u``,
+    ``|floor(x_i + u_i) - floor(x'_i + u_i)| <= |x_i - x'_i| + [x_i != x'_i]``, so the two
+    rounded vectors are at most ``clip * scale + sqrt(d)`` apart in L2; Rényi divergence is
+    jointly quasi-convex (van Erven and Harremoës 2014, Theorem 13), so the mixture over
+    ``u`` of noisy outputs keeps the shifted-noise bound at that sensitivity, which is
+    ``params.rounded_norm_bound`` when ``params.beta == 0``.
+    """
+    params = _check_params(params)
+    _check_seed(params, rotation_seed)
+    if params.beta != 0:
+        raise ValueError("encode_sum rounds unconditionally: its sensitivity is the beta = 0 bound")
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    y = _check_vector(total, params.dim)
+    if params.rotate:
+        padded = np.zeros(params.padded_dim)
+        padded[: params.dim] = y
+        y = rotate(padded, rotation_seed)
+    y *= params.scale
+    rounded = np.floor(y + _uniform(rng, y.shape[0])).astype(np.int64)
     return to_modular(rounded, params.bits)
 
 

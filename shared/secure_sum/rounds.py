@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from numpy.typing import NDArray
 
 from shared.secure_sum.crypto import MAX_SHARES
@@ -40,8 +41,40 @@ class SecureSumWithheld(RuntimeError):
     """The sum cannot be unmasked safely (too few contributors, shares or a ledger failure)."""
 
 
+MAX_DEVICE_ID = 2**63 - 1
+
+
 def _id_bytes(device_id: int) -> bytes:
     return int(device_id).to_bytes(8, "big", signed=False)
+
+
+def check_advertisement_keys(advert: Advertisement) -> None:
+    """Refuse an advertisement whose keys or commitment are not 32 bytes, or whose keys no peer could use.
+
+    A trial X25519 exchange with each advertised key catches a low-order point at receipt,
+    before it can break every neighbour's key agreement later.
+
+    Raises
+    ------
+    SecureSumError
+        Naming the device and the field.
+    """
+    for name in ("share_public", "mask_public", "seed_commitment"):
+        value = getattr(advert, name)
+        if not isinstance(value, bytes) or len(value) != 32:
+            raise SecureSumError(f"device {advert.device_id}'s advertisement: {name} must be 32 bytes")
+    if not isinstance(advert.signature, str):
+        raise SecureSumError(f"device {advert.device_id}'s advertisement: the signature must be text")
+    if advert.share_public == advert.mask_public:
+        raise SecureSumError(f"device {advert.device_id} advertised the same key twice")
+    probe = X25519PrivateKey.generate()
+    for name in ("share_public", "mask_public"):
+        try:
+            shared = probe.exchange(X25519PublicKey.from_public_bytes(getattr(advert, name)))
+        except ValueError as error:
+            raise SecureSumError(f"device {advert.device_id}'s advertisement: {name} is not a usable key") from error
+        if shared == bytes(32):
+            raise SecureSumError(f"device {advert.device_id}'s advertisement: {name} is a low-order point")
 
 
 @dataclass(frozen=True)
@@ -79,12 +112,14 @@ class SessionParams:
     def __post_init__(self) -> None:
         if len(self.session_id) != SESSION_ID_BYTES:
             raise SecureSumError(f"session_id must be {SESSION_ID_BYTES} bytes")
-        if list(self.cohort) != sorted(set(self.cohort)) or any(d < 0 for d in self.cohort):
-            raise SecureSumError("cohort must be sorted, distinct, non-negative device ids")
+        if not all(isinstance(d, int) and not isinstance(d, bool) for d in self.cohort):
+            raise SecureSumError("cohort must hold integer device ids")
+        if list(self.cohort) != sorted(set(self.cohort)) or any(not 0 <= d <= MAX_DEVICE_ID for d in self.cohort):
+            raise SecureSumError(f"cohort must be sorted, distinct device ids in 0..{MAX_DEVICE_ID}")
         if self.length < 1:
             raise SecureSumError("length must be positive")
-        if not 1 <= self.bits <= 62:
-            raise SecureSumError("bits must be in 1..62")
+        if not 2 <= self.bits <= 62:
+            raise SecureSumError("bits must be in 2..62")
         if self.neighbours < MIN_NEIGHBOURS or self.neighbours % 2 or self.neighbours > MAX_SHARES:
             raise SecureSumError(f"neighbours must be even, in {MIN_NEIGHBOURS}..{MAX_SHARES - 1}")
         if not self.neighbours // 2 < self.threshold <= self.neighbours:
@@ -102,7 +137,7 @@ class SessionParams:
         """Parameters for a new session with a fresh random id from the OS CSPRNG."""
         return cls(
             secrets.token_bytes(SESSION_ID_BYTES),
-            tuple(sorted(set(cohort))),
+            tuple(sorted({int(d) for d in cohort})),
             length,
             bits,
             neighbours,
@@ -140,18 +175,15 @@ class Advertisement:
     signature: str = ""
 
     def signed_bytes(self) -> bytes:
-        """What the device's Ed25519 ledger key signs."""
-        return b"".join(
-            (
-                DOMAIN,
-                b"advertisement",
-                self.session_digest,
-                _id_bytes(self.device_id),
-                self.share_public,
-                self.mask_public,
-                self.seed_commitment,
-            )
+        """What the device's Ed25519 ledger key signs (each field length-prefixed: no two readings)."""
+        fields = (
+            self.session_digest,
+            _id_bytes(self.device_id),
+            self.share_public,
+            self.mask_public,
+            self.seed_commitment,
         )
+        return DOMAIN + b"advertisement" + b"".join(len(f).to_bytes(4, "big") + f for f in fields)
 
 
 @dataclass(frozen=True)
