@@ -94,7 +94,10 @@ class SecureCohorts:
         self.plan: SecureReleasePlan = plan_secure_release(cfg.aggregation, cfg.privacy, cfg.train, self.layout.dim)
         fed.intake.secure_release = self.plan.release
         self.size = cohort_size(cfg.aggregation)
-        self.in_flight_max = 1 if cfg.aggregation.mode == "sync" else max(1, cfg.aggregation.concurrency // self.size)
+        # Asynchronous: at least two cohorts overlap, so a slow cohort never holds the fleet back.
+        self.in_flight_max = (
+            1 if cfg.aggregation.mode == "sync" else max(2, round(cfg.aggregation.concurrency / self.size))
+        )
         self.withheld = 0
         self.sums = 0
         self._applied = False  # whether the cohort just finished produced a version
