@@ -211,14 +211,21 @@ class SecureSumDevice:
         return signed
 
     def share_keys(self, roster: Sequence[Advertisement], ledger_keys: Mapping[int, str]) -> list[EncryptedShare]:
-        """Round 2: check every advertisement, then encrypt seed shares to each neighbour.
+        """Round 2: check the roster, then encrypt seed shares to each neighbour.
+
+        Every advertisement must be of this session, from the cohort, unique and well formed;
+        the neighbours' (the devices this one exchanges keys with) must be signed by their
+        registered ledger keys. A non-neighbour's advertisement only feeds the hash that
+        orders the graph; its own neighbours verify its signature, so a forged one aborts the
+        session there (checking all of them here would cost 0.1 ms per cohort device).
 
         Raises
         ------
         SecureSumError
             If an advertisement is for another session, from outside the cohort, duplicated,
-            not signed by the device's registered ledger key, if this device's own
-            advertisement is missing or altered, or the roster is below ``min_contributors``.
+            malformed, a neighbour's is not signed by its registered ledger key, this
+            device's own advertisement is missing or altered, or the roster is below
+            ``min_contributors``.
         """
         self._expect(_Stage.ADVERTISED, "share keys")
         adverts: dict[int, Advertisement] = {}
@@ -229,10 +236,7 @@ class SecureSumDevice:
                 raise SecureSumError(f"device {advert.device_id} is not in the cohort")
             if advert.device_id in adverts:
                 raise SecureSumError(f"device {advert.device_id} advertised twice")
-            ledger_key = ledger_keys.get(advert.device_id)
-            if ledger_key is None or not verify_signature(ledger_key, advert.signed_bytes(), advert.signature):
-                raise SecureSumError(f"device {advert.device_id}'s advertisement is not signed by its ledger key")
-            check_advertisement_keys(advert)
+            check_advertisement_keys(advert, trial_exchange=False)
             adverts[advert.device_id] = advert
         own = adverts.get(self.device_id)
         if own is None or own.mask_public != x25519_public_bytes(self._mask_key):
@@ -241,8 +245,14 @@ class SecureSumDevice:
             raise SecureSumError(
                 f"the roster has {len(adverts)} devices, fewer than min_contributors {self.params.min_contributors}"
             )
+        graph = neighbour_map(self.params, list(adverts.values()))
+        for peer in graph[self.device_id]:
+            advert = adverts[peer]
+            ledger_key = ledger_keys.get(peer)
+            if ledger_key is None or not verify_signature(ledger_key, advert.signed_bytes(), advert.signature):
+                raise SecureSumError(f"device {peer}'s advertisement is not signed by its ledger key")
         self._adverts = adverts
-        self._graph = neighbour_map(self.params, list(adverts.values()))
+        self._graph = graph
         self._neighbours = self._graph[self.device_id]
         count = len(self._neighbours)
         if count < self.params.threshold:

@@ -104,7 +104,8 @@ def simulate(overrides: Mapping[str, Any], num_actors: int | None = None, backen
     # research (labelled "simulation only, not private"). Deployed devices keep the defaults:
     # noise from OS entropy, private evaluation.
     merged = {**SIMULATION_DEFAULTS, **overrides}
-    if _truthy(merged.get("secure-aggregation")) and "reproducible-noise" not in overrides:
+    fedrec_secure = merged.get("secure-aggregation-protocol", "fedrec") == "fedrec"
+    if _truthy(merged.get("secure-aggregation")) and fedrec_secure and "reproducible-noise" not in overrides:
         # fedrec's secure sum draws keys and noise from the OS only: no nominal mode for it.
         merged["reproducible-noise"] = False
     if merged["evaluation"] == "exact":

@@ -172,10 +172,11 @@ def test_a_forged_advertisement_is_rejected_by_server_and_devices() -> None:
     impostor = dataclasses.replace(honest, signature=identities[b].sign(honest.signed_bytes()))
     with pytest.raises(SecureSumError, match="not signed by its ledger key"):
         server.receive_advertisement(impostor)
-    # A device checks the roster itself: a server cannot stand between two devices.
+    # A device checks its neighbours' advertisements itself: a server cannot stand between two devices.
     roster = [forged] + [devices[d].advertise() for d in params.cohort[1:]]
+    neighbour = neighbour_map(params, roster)[a][0]
     with pytest.raises(SecureSumError, match=f"device {a}'s advertisement is not signed"):
-        devices[b].share_keys(roster, keys)
+        devices[neighbour].share_keys(roster, keys)
 
 
 def test_a_replayed_advertisement_is_rejected() -> None:

@@ -48,11 +48,12 @@ def _id_bytes(device_id: int) -> bytes:
     return int(device_id).to_bytes(8, "big", signed=False)
 
 
-def check_advertisement_keys(advert: Advertisement) -> None:
+def check_advertisement_keys(advert: Advertisement, *, trial_exchange: bool = True) -> None:
     """Refuse an advertisement whose keys or commitment are not 32 bytes, or whose keys no peer could use.
 
-    A trial X25519 exchange with each advertised key catches a low-order point at receipt,
-    before it can break every neighbour's key agreement later.
+    With ``trial_exchange`` (the server, at receipt) an X25519 exchange with each advertised
+    key catches a low-order point before it can break every neighbour's key agreement later;
+    a device's own key agreement refuses such a point for the neighbours it uses.
 
     Raises
     ------
@@ -67,6 +68,8 @@ def check_advertisement_keys(advert: Advertisement) -> None:
         raise SecureSumError(f"device {advert.device_id}'s advertisement: the signature must be text")
     if advert.share_public == advert.mask_public:
         raise SecureSumError(f"device {advert.device_id} advertised the same key twice")
+    if not trial_exchange:
+        return
     probe = X25519PrivateKey.generate()
     for name in ("share_public", "mask_public"):
         try:
