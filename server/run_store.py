@@ -100,7 +100,9 @@ TASK_STATUSES: Final = (
     "dropped",
     "refused",
     "withheld",
-    "late",  # a secure cohort's sum closed before the device finished training: it sent nothing
+    # A secure cohort's sum closed before the device finished training, or stopped before the
+    # device sent its masked vector: it released nothing and is not blamed.
+    "late",
 )
 EVAL_SPLITS: Final = ("valid", "test")
 EVAL_MODES: Final = ("exact", "private")

@@ -213,6 +213,7 @@ class SecureCohorts:
         server = SecureSumServer(cohort.params, {d: k for d, k in keys.items() if k is not None})
         delta = None
         task_of = {t.device_id: t for t in cohort.in_sum}
+        advertised: set[int] = set()
         try:
             # Round 1: the advertisements (their devices trained).
             for t in cohort.in_sum:
@@ -232,6 +233,7 @@ class SecureCohorts:
                     )
                     try:
                         server.receive_advertisement(advert)
+                        advertised.add(t.device_id)
                     except SecureSumError as exc:
                         log.warning("device %d: advertisement refused: %s", t.device_id, exc)
             roster = server.roster()
@@ -328,6 +330,9 @@ class SecureCohorts:
             log.warning("secure sum at version %d withheld: %s", cohort.tasks[0].base_version, exc)
             for d in server.masked_devices:
                 outcome[d] = "withheld"
+            for d in advertised - set(server.masked_devices):
+                if outcome[d] == "failed":
+                    outcome[d] = "late"  # it did its part so far, but released nothing: no blame
         completions = sched.complete_secure(cohort.tasks, cohort.close_at, delta, outcome)
         self._applied = delta is not None and any(c.applied_version is not None for c in completions)
         return completions

@@ -151,3 +151,58 @@ def test_a_ledger_that_cannot_be_read_is_a_recorded_rejection(tmp_path: Path) ->
     for result in (garbled, missing):
         assert not result.accepted and result.problems[0].startswith("unreadable ledger: ")
     assert [r.task_id for r in intake.store.rejections(0)] == [3, 4]
+
+
+def _secure_entry(device: DeviceLedgerStore, release: Any, epsilon: float, **change: Any) -> None:
+    from shared.privacy.ledger import SKELLAM_MECHANISM
+
+    fields: dict[str, Any] = dict(
+        run="this-run",
+        version=0,
+        task_id=1,
+        unit="record",
+        mechanism=SKELLAM_MECHANISM,
+        noise_multiplier=release.noise_multiplier,
+        sample_rate=release.sample_rate,
+        steps=release.steps,
+        clip_norm=release.l2_sensitivity,
+        accountant="rdp",
+        epsilon=epsilon,
+        delta=1e-5,
+    )
+    fields.update(change)
+    device.append(**fields)
+
+
+def test_a_secure_sum_entry_is_held_to_the_runs_plan_and_priced_by_skellam_rdp(tmp_path: Path) -> None:
+    from shared.privacy.accounting import SkellamRelease, record_epsilon
+    from shared.secure_sum.release import plan_secure_release
+
+    overrides = {"secure-aggregation": True}
+    cfg = parse_config(overrides)
+    plan = plan_secure_release(cfg.aggregation, cfg.privacy, cfg.train, 117_715)
+    truth = record_epsilon([], [plan.release.entry()], 1e-5)
+    honest = DeviceLedgerStore(tmp_path / "honest.db", device_id=0)
+    _secure_entry(honest, plan.release, truth)
+    intake = _intake(overrides, honest, 0)
+    intake.secure_release = plan.release
+    result = intake.check(0, 1, _reply(honest))
+    assert result.accepted, result.problems
+    # Less noise than the plan (a device claiming a weaker mechanism than it was asked for) is refused.
+    weaker = SkellamRelease(plan.release.noise_multiplier / 2, 0.125, 10, plan.release.l2_sensitivity)
+    device = DeviceLedgerStore(tmp_path / "weak.db", device_id=0)
+    _secure_entry(device, weaker, record_epsilon([], [weaker.entry()], 1e-5))
+    intake = _intake(overrides, device, 0)
+    intake.secure_release = plan.release
+    refused = intake.check(0, 1, _reply(device))
+    assert not refused.accepted and any("noise_multiplier" in p for p in refused.problems)
+    # A claim below what the entry's own mechanism gives is refused too.
+    low = DeviceLedgerStore(tmp_path / "low.db", device_id=0)
+    _secure_entry(low, plan.release, truth * 0.8)
+    intake = _intake(overrides, low, 0)
+    intake.secure_release = plan.release
+    refused = intake.check(0, 1, _reply(low))
+    assert not refused.accepted and any("claims epsilon" in p for p in refused.problems)
+    # In a run without secure aggregation such an entry of this run is out of place.
+    intake = _intake({}, honest, 0)
+    assert not intake.check(0, 1, _reply(honest)).accepted

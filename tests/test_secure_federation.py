@@ -131,3 +131,14 @@ def test_secure_config_refuses_what_it_cannot_guarantee(tmp_path: Path) -> None:
         parse_config(_overrides(tmp_path, "x", secure_sum_min_contributors=20))
     with pytest.raises(ConfigError, match="secure-sum-neighbours"):
         parse_config(_overrides(tmp_path, "x", secure_sum_neighbours=3))
+
+
+def test_a_secure_run_on_flowers_ray_runtime_keeps_each_session_on_its_device(tmp_path: Path) -> None:
+    """Under Ray, each round of a session may run in another actor: the session travels in the node's context."""
+    summary = simulate(_overrides(tmp_path, "ray"), num_actors=2, backend="ray")
+    assert summary["aggregation"]["versions"] == 3
+    assert summary["aggregation"]["tasks-failed"] == 0
+    assert summary["aggregation"]["updates-applied"] >= 9
+    from shared.entrypoint import main
+
+    assert main(["audit", str(tmp_path / "ray")]) == 0
