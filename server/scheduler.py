@@ -162,6 +162,8 @@ class Scheduler:
         self.applied_staleness: list[int] = []  # every applied update's, over the whole run
         self.user_level = user_level
         self.last_applied: AppliedVersion | None = None  # what the latest version applied
+        # Secure sums: fewer idle devices than this can never form a sum that may be unmasked.
+        self.min_cohort = 0
 
     # -- scheduling -------------------------------------------------------------
     @property
@@ -175,6 +177,8 @@ class Scheduler:
         if self.version >= self.cfg.num_versions:
             return True
         if self.cfg.max_sim_seconds and self.now >= self.cfg.max_sim_seconds:
+            return True
+        if self.min_cohort and not self._in_flight and len(self._idle_devices()) < self.min_cohort:
             return True
         return not self._in_flight and not self._idle_devices()
 

@@ -93,6 +93,7 @@ class SecureCohorts:
         self.layout = VectorLayout.of(fed.scheduler.params)
         self.plan: SecureReleasePlan = plan_secure_release(cfg.aggregation, cfg.privacy, cfg.train, self.layout.dim)
         fed.intake.secure_release = self.plan.release
+        fed.scheduler.min_cohort = self.plan.min_contributors
         self.size = cohort_size(cfg.aggregation)
         # Asynchronous: at least two cohorts overlap, so a slow cohort never holds the fleet back.
         self.in_flight_max = (

@@ -142,3 +142,17 @@ def test_a_secure_run_on_flowers_ray_runtime_keeps_each_session_on_its_device(tm
     from shared.entrypoint import main
 
     assert main(["audit", str(tmp_path / "ray")]) == 0
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_secure_run_ends_when_too_few_devices_are_left_to_form_a_sum(tmp_path: Path, mode: str) -> None:
+    """Budgets of one task each: once fewer than min-contributors devices remain, the run stops (no endless retries)."""
+    budget = 6.0  # one secure task costs about 4.6 here, a second would pass 6
+    summary = simulate(
+        _overrides(tmp_path, mode, mode=mode, num_versions=50, epsilon_budget=budget, eval_every=50),
+        backend="local",
+    )
+    agg = summary["aggregation"]
+    assert 1 <= agg["versions"] < 50
+    assert agg["tasks-refused"] >= 1
+    assert summary["privacy"]["epsilon-max"] <= budget
