@@ -62,9 +62,19 @@ def _reply(msg: Message, content: object, ledger: Ledger | None = None) -> Messa
     return Message(build_secure_reply(content, ledger), reply_to=msg)  # type: ignore[arg-type]
 
 
-def _decline(msg: Message, context: Context, reason: str) -> Message:
-    context.state.config_records.pop(_STATE_KEY, None)
+def _decline(msg: Message, context: Context, reason: str, session_id: bytes | None = None) -> Message:
+    """Decline; the open session ends only if the message belongs to it (a stale one leaves it be)."""
+    saved = context.state.config_records.get(_STATE_KEY)
+    if saved is not None and (session_id is None or saved.get("kept-session-id") == session_id):
+        context.state.config_records.pop(_STATE_KEY, None)
     return _reply(msg, SecureDeclined(reason))
+
+
+def _session_id_of(parse: object, msg: Message) -> bytes | None:
+    try:
+        return parse(msg).session_id  # type: ignore[operator, no-any-return]
+    except ProtocolError:
+        return None
 
 
 def _session_of(saved: ConfigRecord) -> SessionParams:
@@ -195,7 +205,7 @@ def secure_shares(msg: Message, context: Context, store: DeviceLedgerStore) -> M
         ]
         shares = session.share_keys(adverts, dict(zip(roster.roster, roster.ledger_keys, strict=True)))
     except (ProtocolError, SecureSumError, ValueError) as exc:
-        return _decline(msg, context, f"secure-roster refused: {exc}")
+        return _decline(msg, context, f"secure-roster refused: {exc}", _session_id_of(parse_secure_roster, msg))
     _save(context, saved, session)
     return _reply(
         msg,
@@ -216,6 +226,8 @@ def secure_mask(cfg: FedrecConfig, msg: Message, context: Context, store: Device
             EncryptedShare(sender, session.device_id, nonce, ciphertext)
             for sender, nonce, ciphertext in zip(delivery.senders, delivery.nonces, delivery.ciphertexts, strict=True)
         ]
+        if "kept-vector" not in saved:
+            raise SecureSumError("this device has already sent its masked vector in this session")
         vector = np.frombuffer(bytes(saved["kept-vector"]), dtype="<u8").astype(np.uint64)  # type: ignore[arg-type]
         plan_release = plan_secure_release(
             cfg.aggregation,
@@ -227,9 +239,11 @@ def secure_mask(cfg: FedrecConfig, msg: Message, context: Context, store: Device
         epsilon = device.check_secure_release(plan_release)
         masked = session.mask(vector, shares)
     except BudgetExhausted as exc:
-        return _decline(msg, context, str(exc))
-    except (ProtocolError, SecureSumError, ValueError) as exc:
-        return _decline(msg, context, f"secure-delivery refused: {exc}")
+        context.state.config_records.pop(_STATE_KEY, None)
+        refusal = TrainRefusal(str(exc), exc.spent, cfg.privacy.delta, epsilon_would_reach=exc.would_reach)
+        return Message(build_secure_reply(refusal), reply_to=msg)
+    except (ProtocolError, SecureSumError, ValueError, KeyError) as exc:
+        return _decline(msg, context, f"secure-delivery refused: {exc}", _session_id_of(parse_secure_delivery, msg))
     # Signed before anything is sent: the release is on the ledger even if the reply is lost.
     store.append(
         run=str(saved["kept-run"]),
@@ -261,7 +275,7 @@ def secure_unmask(msg: Message, context: Context, store: DeviceLedgerStore) -> M
         _saved, session = _restore(context, store, request.session_id)
         reply = session.unmask(UnmaskRequest(session.params.digest, tuple(request.survivors), tuple(request.dropped)))
     except (ProtocolError, SecureSumError, ValueError) as exc:
-        return _decline(msg, context, f"secure-unmask refused: {exc}")
+        return _decline(msg, context, f"secure-unmask refused: {exc}", _session_id_of(parse_secure_unmask, msg))
     context.state.config_records.pop(_STATE_KEY, None)
     seed_owners = tuple(sorted(reply.seed_shares))
     mask_owners = tuple(sorted(reply.mask_shares))

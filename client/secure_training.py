@@ -1,12 +1,15 @@
 """A device's contribution to a secure noisy sum: its records' clipped gradients, each encoded on its own.
 
-For ``local-steps`` steps the device Poisson-samples its records at the public rate; each
-sampled record's gradient of the *global* parameters (at the task's model: nothing is
-updated in between, so no step depends on another's sample) is clipped to ``clip-norm`` and
-summed; the sum is rotated, scaled and rounded stochastically once
-(``shared.secure_sum.encoding.encode_sum``). One record therefore moves the device's vector
-by at most ``clip * scale + sqrt(d)`` (the encoding's ``rounded_norm_bound`` at ``beta = 0``;
-``encode_sum`` says why), which is the sensitivity the ledger entry names.
+For each of ``local-steps`` steps the device Poisson-samples its records at the public rate;
+each sampled record's gradient of the *global* parameters (at the task's model: nothing is
+updated in between, so no step depends on another's sample) is clipped to ``clip-norm``;
+the step's sum is rotated, scaled and rounded stochastically
+(``shared.secure_sum.encoding.encode_sum``) and gets its own Skellam share. One record
+moves one step's vector by at most ``clip * scale + sqrt(d)`` (the encoding's
+``rounded_norm_bound`` at ``beta = 0``; ``encode_sum`` says why), the sensitivity the ledger
+entry names; each step is one subsampled Skellam release (the aggregate noise of every step's
+sum is at least ``mu_total``), and the device sends only the sum of its steps' noisy
+encodings, a post-processing of those ``local-steps`` releases.
 The device's personal parameters (NCF's user embedding) are not trained by such a task:
 their update would be a second, device-side release.
 
@@ -102,14 +105,19 @@ def secure_contribution(
         # Personal parameters stay as they are: training them would be a second release.
         p.requires_grad_(name not in local)
     model.train()
-    total = np.zeros(encoding.dim, dtype=np.float64)
+    result = np.zeros(encoding.padded_dim, dtype=np.uint64)
     encoded = 0
     with warnings.catch_warnings():
         # Opacus's hooks on the input embedding fire without input gradients; harmless (opacus #328).
         warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
-        net = GradSampleModule(model)
+        # "sum": each grad_sample row is that record's own gradient (Opacus's default "mean"
+        # would scale it by the chunk's size, which one record's presence changes).
+        net = GradSampleModule(model, loss_reduction="sum")
         try:
             for _ in range(steps):
+                # One release per step: this step's clipped sum, rounded, with its own noise share.
+                # Summing the steps' noisy encodings is then post-processing of `steps` releases.
+                total = np.zeros(encoding.dim, dtype=np.float64)
                 chosen = torch.nonzero(torch.rand(num_records, generator=sampler) < plan.release.sample_rate).flatten()
                 for start in range(0, len(chosen), _CHUNK):
                     index = chosen[start : start + _CHUNK]
@@ -121,8 +129,9 @@ def secure_contribution(
                     clipped = rows * torch.clamp(encoding.clip / torch.clamp(norms, min=1e-300), max=1.0)
                     total += clipped.sum(dim=0).numpy()
                     encoded += rows.shape[0]
+                step = encode_sum(total, encoding, rotation_seed, rng)
+                noise = to_modular(skellam_noise(plan.mu_device, encoding.padded_dim, rng), encoding.bits)
+                result = add_mod(result, add_mod(step, noise, encoding.bits), encoding.bits)
         finally:
             net.to_standard_module()
-    encoded_sum = encode_sum(total, encoding, rotation_seed, rng)
-    noise = to_modular(skellam_noise(plan.mu_device, encoding.padded_dim, rng), encoding.bits)
-    return SecureContribution(add_mod(encoded_sum, noise, encoding.bits), encoded)
+    return SecureContribution(result, encoded)

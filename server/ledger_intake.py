@@ -203,13 +203,14 @@ class LedgerIntake:
             entries = fresh
         problems = [f"entry {e.seq}: reported for device {e.device_id}" for e in entries if e.device_id != device_id]
         if task_id is not None:
+            training_mechanism = "subsampled-gaussian" if self.secure_release is None else SKELLAM_MECHANISM
             units = {
                 e.unit
                 for e in carried
                 if e.task_id == task_id
                 and e.run == self.run_label
-                # not an evaluation's entry
-                and (e.unit != "record" or e.mechanism in ("subsampled-gaussian", SKELLAM_MECHANISM))
+                # a training release of the run's mechanism (not an evaluation's entry)
+                and (e.unit != "record" or e.mechanism == training_mechanism)
             }
             wanted = ({"record"} if self.cfg.privacy.dp else set()) | ({"user"} if self.cfg.privacy.user_dp else set())
             if not wanted <= units:

@@ -253,6 +253,7 @@ class SecureCohorts:
             )
             # Round 2: encrypted shares.
             replies = self._round(ids, {d: (roster_msg, SECURE_ROSTER.message_type) for d in ids}, SECURE_SHARES)
+            sharers: list[int] = []
             for d, (parsed, _msg) in sorted(replies.items()):
                 assert isinstance(parsed, SecureShares)
                 shares = [
@@ -261,10 +262,11 @@ class SecureCohorts:
                 ]
                 try:
                     server.receive_shares(d, shares)
+                    sharers.append(d)
                 except SecureSumError as exc:
                     log.warning("device %d: shares refused: %s", d, exc)
-            # Round 3: masked vectors, each with the ledger entry of its release.
-            sharers = sorted(replies)
+            # Round 3 (only devices whose shares were accepted): masked vectors, each with the
+            # ledger entry of its release.
             deliveries = {}
             for d in sharers:
                 mine = server.shares_for(d)
@@ -282,6 +284,11 @@ class SecureCohorts:
             masked = self._round(sharers, deliveries, SECURE_MASKED)
             words = "<u4" if cohort.params.bits <= 32 else "<u8"
             for d, (parsed, message) in sorted(masked.items()):
+                if isinstance(parsed, TrainRefusal):
+                    # Another release (an evaluation) took its budget since round 1: nothing sent.
+                    outcome[d] = "refused"
+                    fed.spending.take_refusal(task_of[d], parsed)
+                    continue
                 assert isinstance(parsed, SecureMasked)
                 intake = fed.spending.take_secure_release(task_of[d], message)
                 if not intake.accepted:

@@ -331,6 +331,11 @@ class FedrecConfig:
                 raise ConfigError(
                     "reproducible-noise: fedrec's secure sum draws its noise and keys from the OS only; set it false"
                 )
+            if agg.mode == "async" and agg.buffer_size < agg.secure_sum_min_contributors:
+                raise ConfigError(
+                    f"secure-sum-min-contributors: {agg.secure_sum_min_contributors} exceeds buffer-size "
+                    f"{agg.buffer_size}; a cohort's sum closes at buffer-size devices, so none could be unmasked"
+                )
             cohort = agg.secure_sum_cohort_size or agg.concurrency
             if agg.mode == "async" and agg.secure_sum_cohort_size and agg.secure_sum_cohort_size < agg.buffer_size:
                 raise ConfigError(

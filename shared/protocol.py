@@ -1400,7 +1400,7 @@ def build_secure_reply(reply: SecureReply, ledger: Ledger | None = None, *, name
 def parse_secure_reply(
     source: Message | RecordDict, expected: MessageSpec, *, names: RecordNames = RECORDS
 ) -> SecureReply:
-    """Read a device's reply in a secure-sum round: ``expected``, ``secure-declined`` or (round 1) a refusal.
+    """Read a device's reply in a secure-sum round: ``expected``, ``secure-declined`` or (rounds 1 and 3) a refusal.
 
     The ledger a ``secure-masked`` reply carries is read by :func:`parse_ledger`.
 
@@ -1409,7 +1409,9 @@ def parse_secure_reply(
     ProtocolError
         If the reply is an error, of another kind, or malformed.
     """
-    variants = [expected, SECURE_DECLINED] + ([TRAIN_REFUSAL] if expected is SECURE_ADVERTISEMENT else [])
+    # A device refuses for its budget where it checks it: before training and before masking.
+    refusable = expected is SECURE_ADVERTISEMENT or expected is SECURE_MASKED
+    variants = [expected, SECURE_DECLINED] + ([TRAIN_REFUSAL] if refusable else [])
     label = "/".join(v.kind for v in variants)
     content = _content(source, label)
     spec = _variant(content, variants, label, names)

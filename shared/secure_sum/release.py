@@ -7,12 +7,12 @@ same ledger entry; the intake compares the entry a device signs with this plan.
 The mechanism (docs/secure-aggregation.md): each of ``local-steps`` steps Poisson-samples
 the device's records at the public ``sample-rate``; every sampled record's gradient of the
 global parameters (at the task's model, never updated in between) is clipped to
-``clip-norm``; the device's sum of them is rotated, scaled by ``secure-sum-scale`` and
-rounded stochastically, so one record moves the device's vector by at most
-``encoding.rounded_norm_bound = clip-norm * secure-sum-scale + sqrt(d)``
-(``shared.secure_sum.encoding.encode_sum`` proves it). The
-device adds Skellam noise of parameter ``mu_device``, and no sum over fewer than
-``secure-sum-min-contributors`` devices is unmasked, so every released sum carries noise of
+``clip-norm``; each step's sum is rotated, scaled by ``secure-sum-scale``, rounded
+stochastically and given its own noise share, so one record moves one step's vector by at
+most ``encoding.rounded_norm_bound = clip-norm * secure-sum-scale + sqrt(d)``
+(``shared.secure_sum.encoding.encode_sum`` proves it) and every step is one release. The
+device adds Skellam noise of parameter ``mu_device`` to every step, and no sum over fewer than
+``secure-sum-min-contributors`` devices is unmasked, so every step's sum carries noise of
 parameter at least ``mu_total = noise-multiplier**2 * sensitivity**2 / 2``: the standard
 deviation ``sqrt(2 mu_total)`` is ``noise-multiplier`` times the sensitivity, as in DP-SGD.
 """
@@ -118,8 +118,9 @@ def plan_secure_release(
     release = SkellamRelease.from_mu(mu_total, opacus_sample_rate(train), train.local_steps, sensitivity)
     cohort = cohort_size(agg)
     encodings = cohort * agg.secure_sum_max_records
-    # Every record's encoding counts as a contributor of the sum; the noise is the cohort's.
-    bound = wrap_bound(encoding, encodings, mu_device * cohort / encodings)
+    # Every record counts as a contributor of the sum (its rounding included: at most one per
+    # device, step and coordinate); the noise is one share per device and step.
+    bound = wrap_bound(encoding, encodings, mu_device * cohort * train.local_steps / encodings)
     if not bound.safe:
         raise ConfigError(
             f"secure-sum-bits: the noisy sum of {cohort} devices with up to {agg.secure_sum_max_records} records "
