@@ -70,6 +70,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedrec.server")
 _PROTOCOL_ROUNDS = 3  # message latencies the secure rounds add after training
+# Cohorts in a row that produced no sum: the devices left with budget can no longer form one
+# (too few of them online together), so the run ends rather than retrying forever.
+MAX_BARREN_COHORTS = 20
 
 
 @dataclass
@@ -108,6 +111,7 @@ class SecureCohorts:
         """Dispatch cohorts and complete them in the virtual-time order of their closing."""
         sched = self.fed.scheduler
         cohorts: list[_Cohort] = []
+        barren = 0
         while not sched.finished:
             while len(cohorts) < self.in_flight_max:
                 tasks = sched.dispatch_cohort(self.size)
@@ -122,6 +126,15 @@ class SecureCohorts:
                 self.fed._record(completion)
             if sched.last_applied is not None and sched.last_applied.version == sched.version and self._applied:
                 self.fed._on_version(sched.last_applied)
+            barren = 0 if self._applied else barren + 1
+            if barren >= MAX_BARREN_COHORTS:
+                log.warning(
+                    "%d cohorts in a row formed no sum (the devices with budget left are too few to reach "
+                    "secure-sum-min-contributors together): the run ends at version %d",
+                    barren,
+                    sched.version,
+                )
+                break
         for cohort in cohorts:
             # Still training when the run ended: nothing of theirs was released.
             for handle in cohort.handles.values():

@@ -144,12 +144,26 @@ def test_a_secure_run_on_flowers_ray_runtime_keeps_each_session_on_its_device(tm
     assert main(["audit", str(tmp_path / "ray")]) == 0
 
 
-@pytest.mark.parametrize("mode", ["async", "sync"])
-def test_a_secure_run_ends_when_too_few_devices_are_left_to_form_a_sum(tmp_path: Path, mode: str) -> None:
-    """Budgets of one task each: once fewer than min-contributors devices remain, the run stops (no endless retries)."""
+@pytest.mark.parametrize(("mode", "availability"), [("async", 0.8), ("sync", 0.8), ("async", 0.25)])
+def test_a_secure_run_ends_when_too_few_devices_are_left_to_form_a_sum(
+    tmp_path: Path, mode: str, availability: float
+) -> None:
+    """Budgets of one task each: once the devices left cannot form a sum, the run stops (no endless retries).
+
+    At availability 0.25 more devices than min-contributors may stay idle while too few are
+    ever online together: the run must still end.
+    """
     budget = 6.0  # one secure task costs about 4.6 here, a second would pass 6
     summary = simulate(
-        _overrides(tmp_path, mode, mode=mode, num_versions=50, epsilon_budget=budget, eval_every=50),
+        _overrides(
+            tmp_path,
+            mode,
+            mode=mode,
+            num_versions=50,
+            epsilon_budget=budget,
+            eval_every=50,
+            availability_mean=availability,
+        ),
         backend="local",
     )
     agg = summary["aggregation"]
