@@ -11,9 +11,7 @@ unmask requests to different devices can recover one device's vector on a sparse
 (SecAgg's consistency round, where devices sign the request they answer, is not
 implemented yet; docs/secure-aggregation.md).
 
-:func:`noisy_encoding` is the vector a device masks: its clipped, rotated, scaled and
-rounded update plus its share of the Skellam noise, drawn from a generator seeded afresh
-from the OS CSPRNG.
+The vector a device masks is its noisy encoding (``client/secure_training.py``).
 """
 
 from __future__ import annotations
@@ -27,8 +25,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import NDArray
 
 from shared.privacy.identity import DeviceIdentity, verify_signature
-from shared.privacy.skellam import SkellamTask, skellam_epsilon
 from shared.secure_sum.crypto import (
+    PAIR_MASK_PURPOSE,
+    SHARE_KEY_PURPOSE,
     SecureSumCryptoError,
     agree,
     commitment,
@@ -43,7 +42,7 @@ from shared.secure_sum.crypto import (
     split_secret,
     x25519_public_bytes,
 )
-from shared.secure_sum.encoding import EncodingParams, add_mod, encode, skellam_noise, to_modular
+from shared.secure_sum.encoding import add_mod
 from shared.secure_sum.rounds import (
     Advertisement,
     EncryptedShare,
@@ -57,8 +56,6 @@ from shared.secure_sum.rounds import (
     neighbour_map,
 )
 
-SHARE_KEY_PURPOSE = b"share-encryption"
-PAIR_MASK_PURPOSE = b"pair-mask"
 _PLAINTEXT_BYTES = 8 + 8 + 2 * 17
 
 
@@ -73,16 +70,6 @@ class _Stage(Enum):
 def fresh_generator() -> np.random.Generator:
     """A noise generator seeded with 128 bits from the OS CSPRNG, never stored or sent."""
     return np.random.Generator(np.random.PCG64(secrets.randbits(128)))
-
-
-def noisy_encoding(
-    update: NDArray[np.floating], encoding: EncodingParams, rotation_seed: bytes, mu_device: float
-) -> NDArray[np.uint64]:
-    """Encode ``update`` and add this device's Skellam noise share, modulo ``2**bits``."""
-    rng = fresh_generator()
-    encoded = encode(update, encoding, rotation_seed, rng)
-    noise = to_modular(skellam_noise(mu_device, encoding.padded_dim, rng), encoding.bits)
-    return add_mod(encoded, noise, encoding.bits)
 
 
 def _id8(device_id: int) -> bytes:
@@ -301,7 +288,7 @@ class SecureSumDevice:
     def mask(self, encoded: NDArray[np.uint64], shares: Sequence[EncryptedShare]) -> MaskedInput:
         """Round 3: add the self mask and a pair mask with every neighbour that delivered shares.
 
-        ``encoded`` is this device's noisy encoding (:func:`noisy_encoding`).
+        ``encoded`` is this device's noisy encoding (``client.secure_training.secure_contribution``).
 
         Raises
         ------
@@ -394,27 +381,3 @@ class SecureSumDevice:
         seed_shares = {peer: shares[0] for peer, shares in self._held.items() if peer in survivors}
         mask_shares = {peer: shares[1] for peer, shares in self._held.items() if peer in dropped}
         return UnmaskReply(self.device_id, self._digest, seed_shares, mask_shares)
-
-
-class NoiseShareRefused(SecureSumError):
-    """The session's noise would take this device past its privacy budget."""
-
-
-def admit_noise_share(history: Sequence[SkellamTask], task: SkellamTask, delta: float, budget: float) -> float:
-    """Check, before masking, that ``task`` keeps this device within ``budget``; return the new epsilon.
-
-    The device does not take the server's word for the noise: ``task.mu`` is the aggregate
-    Skellam parameter the session guarantees (``min_contributors`` times the device's own
-    share), and the device recomputes its epsilon from its own history.
-
-    Raises
-    ------
-    NoiseShareRefused
-        If the history plus ``task`` exceeds ``budget`` at ``delta``.
-    """
-    epsilon, _ = skellam_epsilon([*history, task], delta)
-    if epsilon > budget:
-        raise NoiseShareRefused(
-            f"this task would bring the device to epsilon {epsilon:.3f} at delta {delta:g}, past its budget {budget:g}"
-        )
-    return epsilon

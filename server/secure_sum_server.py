@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 from shared.privacy.identity import verify_signature
 from shared.secure_sum.crypto import (
     AEAD_NONCE_BYTES,
+    PAIR_MASK_PURPOSE,
     SHARE_BYTES,
     SecureSumCryptoError,
     agree,
@@ -48,8 +49,6 @@ from shared.secure_sum.rounds import (
     component_size,
     neighbour_map,
 )
-
-PAIR_MASK_PURPOSE = b"pair-mask"
 
 
 def _is_share(share: EncryptedShare) -> bool:

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 import shared.secure_sum.crypto as crypto
-from client.secure_sum_device import NoiseShareRefused, SecureSumDevice, admit_noise_share, noisy_encoding
-from server.secure_sum_plan import plan_noise
+from client.secure_sum_device import SecureSumDevice, fresh_generator
 from server.secure_sum_server import SecureSumServer
+from shared.config import ConfigError, parse_config
+from shared.privacy.accounting import BudgetExhausted, DeviceAccountant
 from shared.privacy.identity import DeviceIdentity
-from shared.secure_sum.encoding import EncodingParams, WrapAroundRisk, decode_sum
+from shared.secure_sum.encoding import EncodingParams, add_mod, decode_sum, encode_sum, skellam_noise, to_modular
+from shared.secure_sum.release import plan_secure_release
 from shared.secure_sum.rounds import (
     Advertisement,
     EncryptedShare,
@@ -337,12 +339,18 @@ def test_a_masked_vector_does_not_depend_on_the_update() -> None:
 
 def test_the_noisy_sum_decodes_to_the_sum_of_updates() -> None:
     dim, n = 50, 6
-    encoding = EncodingParams(dim=dim, clip=1.0, scale=2000.0, bits=32)
+    encoding = EncodingParams(dim=dim, clip=1.0, scale=2000.0, bits=32, beta=0.0)
     params, identities = _session(n, neighbours=4, length=encoding.padded_dim)
     params = dataclasses.replace(params, bits=32)
     rng = np.random.default_rng(4)
     updates = {d: rng.normal(size=dim) * 0.05 for d in params.cohort}
-    inputs = {d: noisy_encoding(updates[d], encoding, params.rotation_seed, mu_device=4.0) for d in params.cohort}
+
+    def noisy(update: np.ndarray) -> np.ndarray:
+        gen = fresh_generator()
+        encoded = encode_sum(update, encoding, params.rotation_seed, gen)
+        return add_mod(encoded, to_modular(skellam_noise(4.0, encoding.padded_dim, gen), 32), 32)
+
+    inputs = {d: noisy(updates[d]) for d in params.cohort}
     _, total = _run(params, identities, inputs)
     decoded = decode_sum(total, encoding, params.rotation_seed, n)
     expected = sum(updates.values())
@@ -398,28 +406,28 @@ def test_encrypted_share_fields_are_bound() -> None:
 
 
 def test_the_noise_plan_meets_the_budget_and_a_device_checks_it() -> None:
-    encoding = EncodingParams(dim=1000, clip=1.0, scale=100.0, bits=32)
-    plan = plan_noise(
-        encoding, epsilon=8.0, delta=1e-5, sample_rate=0.1, steps=20, min_contributors=50, max_contributors=943
-    )
-    assert plan.epsilon <= 8.0 and plan.mu_device * 50 == pytest.approx(plan.mu_total)
-    # The device agrees: the whole plan fits its budget, one more task does not fit a tighter one.
-    history = [plan.task] * 19
-    assert admit_noise_share(history, plan.task, 1e-5, 8.0) == pytest.approx(plan.epsilon)
-    with pytest.raises(NoiseShareRefused, match="past its budget 7"):
-        admit_noise_share(history, plan.task, 1e-5, 7.0)
-    # Less noise than planned (a server lying about the minimum) is caught by the same check.
-    weaker = dataclasses.replace(plan.task, mu=plan.task.mu / 4)
-    with pytest.raises(NoiseShareRefused):
-        admit_noise_share(history, weaker, 1e-5, 8.0)
+    cfg = parse_config({"secure-aggregation": True})
+    plan = plan_secure_release(cfg.aggregation, cfg.privacy, cfg.train, 1000)
+    assert plan.mu_device * plan.min_contributors == pytest.approx(plan.mu_total)
+    assert plan.release.mu == pytest.approx(plan.mu_total)
+    # The device's accountant: three tasks fit a budget of 8, a fourth does not.
+    history = [plan.release.entry()] * 2
+    accountant = DeviceAccountant("rdp", 1e-5, 8.0, skellam_history=history)
+    epsilon = accountant.check_skellam(plan.release)
+    assert epsilon <= 8.0
+    with pytest.raises(BudgetExhausted, match="budget 7"):
+        DeviceAccountant("rdp", 1e-5, 7.0, skellam_history=history).check_skellam(plan.release)
+    # Less noise than planned (a server lying about the minimum) costs more, and is caught by the same check.
+    weaker = dataclasses.replace(plan.release, noise_multiplier=plan.release.noise_multiplier / 2)
+    assert accountant.epsilon_if_skellam(weaker) > epsilon
+    with pytest.raises(BudgetExhausted):
+        DeviceAccountant("rdp", 1e-5, epsilon, skellam_history=history).check_skellam(weaker)
 
 
 def test_a_plan_that_could_wrap_around_is_refused() -> None:
-    encoding = EncodingParams(dim=1000, clip=1.0, scale=1e6, bits=16)
-    with pytest.raises(WrapAroundRisk, match="secure-sum-bits"):
-        plan_noise(
-            encoding, epsilon=8.0, delta=1e-5, sample_rate=0.1, steps=20, min_contributors=50, max_contributors=943
-        )
+    cfg = parse_config({"secure-aggregation": True, "secure-sum-bits": 16})
+    with pytest.raises(ConfigError, match="secure-sum-bits"):
+        plan_secure_release(cfg.aggregation, cfg.privacy, cfg.train, 1000)
 
 
 def test_a_device_saved_between_rounds_goes_on_as_if_it_never_stopped() -> None:

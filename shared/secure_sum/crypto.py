@@ -41,6 +41,9 @@ AEAD_NONCE_BYTES = 12
 SHARE_BYTES = 1 + SEED_BYTES
 MAX_SHARES = 255
 _DOMAIN = b"fedrec/secure-sum/v1/"
+# The purposes of the two pair keys (`agree`): the device and the server must derive the same.
+SHARE_KEY_PURPOSE = b"share-encryption"
+PAIR_MASK_PURPOSE = b"pair-mask"
 # The keystream starts at block 0 under a key used for one vector only, so a fixed nonce is safe.
 _CHACHA_NONCE = bytes(16)
 
