@@ -153,7 +153,7 @@ class SecureCohorts:
         finish = [t.finish_at for t in (in_sum or tasks)]
         close_at = max(finish) + _PROTOCOL_ROUNDS * self.fed.cfg.fleet.latency_seconds
         cohort_ids = sorted(t.device_id for t in live) or [t.device_id for t in tasks]
-        neighbours, threshold = session_shape(agg, max(2, len(in_sum)))
+        neighbours, threshold = session_shape(agg, max(2, len(in_sum)), len(cohort_ids))
         params = SessionParams.new(
             cohort_ids,
             self.plan.encoding.padded_dim,

@@ -32,6 +32,9 @@ class DataConfig:
     data_path: str = ""
     cache_dir: str = ""
     max_devices: int = 0
+    # Exact duplicate interactions (same user, item and timestamp: a file concatenated with
+    # itself) would put test items into training and halve each device's sampling rate.
+    duplicates: str = "drop"
     synthetic_users: int = 1000
     synthetic_items: int = 2000
     synthetic_interactions: int = 50
@@ -43,6 +46,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice("dataset", self.dataset, ("ml-100k", "grouplens", "synthetic"))
+        _choice("duplicates", self.duplicates, ("drop", "refuse"))
         _at_least("deploy-devices", self.deploy_devices, 0)
         _at_least("deploy-items", self.deploy_items, 0)
         if self.deploy_devices and self.deploy_items < 2:

@@ -348,3 +348,33 @@ def test_private_evaluation_releases_with_user_dp_audit_clean(tmp_path: Path) ->
     code, report = _audit(out_dir)
     assert code == 0, report["findings"]
     assert report["verdict"] == "PASS"
+
+
+@pytest.mark.parametrize("damage", ["empty", "random", "truncated", "foreign"])
+def test_a_corrupt_or_foreign_database_exits_2_naming_it_and_is_not_written(
+    run_dir: Path, tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _copy(run_dir, tmp_path)
+    db = run / "fedrec.db"
+    good = db.read_bytes()
+    if damage == "empty":
+        db.write_bytes(b"")
+    elif damage == "random":
+        db.write_bytes(bytes(range(256)) * 64)
+    elif damage == "truncated":
+        db.write_bytes(good[: len(good) // 3])
+    else:
+        db.unlink()
+        con = sqlite3.connect(db)
+        con.execute("create table notes (body text)")
+        con.commit()
+        con.close()
+    before = db.read_bytes()
+    code = main(["audit", str(run)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(db) in lines[0], err
+    assert "Traceback" not in err
+    assert db.read_bytes() == before, "the audit wrote to the database it checks"
+    assert not (run / "audit" / "audit.json").exists()

@@ -44,6 +44,7 @@ class _Cfg:
     data_path: str = ""
     cache_dir: str = ""
     max_devices: int = 0
+    duplicates: str = "drop"
     synthetic_users: int = 60
     synthetic_items: int = 40
     synthetic_interactions: int = 8
@@ -580,3 +581,57 @@ def test_bundled_ml100k_from_installed_distribution(
     log = load_bundled_ml100k(tmp_path / "cache")
     assert np.array_equal(log.item_ids, ml100k.item_ids)
     assert (tmp_path / "cache" / "ml-100k" / "ml-100k.item").is_file()
+
+
+# ---------------------------------------------------------------------- data hygiene
+
+_FOUR_USERS = "1\t1\t1\t1\n1\t2\t1\t2\n1\t3\t1\t3\n2\t1\t1\t1\n2\t4\t1\t2\n2\t5\t1\t3\n2\t6\t1\t4\n3\t2\t1\t9\n"
+
+
+def test_a_file_concatenated_with_itself_is_deduplicated_with_a_count(tmp_path: Path) -> None:
+    data = _write(tmp_path / "data" / "u.data", _FOUR_USERS * 2)
+    cfg = make_cfg(dataset="grouplens", data_path=str(data.parent))
+    log = load_interactions(cfg)
+    single = load_grouplens(_write(tmp_path / "single" / "u.data", _FOUR_USERS))
+    assert len(log.user_ids) == len(single.user_ids) == 8
+    assert log.item_ids.tolist() == single.item_ids.tolist()
+    assert "8 exact duplicate interactions removed" in log.source
+    # Every device's test item stays out of its training history, as in the single file.
+    info = prepare_partitions(cfg, tmp_path / "cache")
+    assert "8 exact duplicate interactions removed" in info.source
+    for d in range(info.num_devices):
+        device = load_device(info.path, d)
+        assert device.test_item not in device.train_items.tolist()
+    # Same user and item at another time is a new interaction, not a duplicate.
+    again = _write(tmp_path / "again" / "u.data", _FOUR_USERS + "3\t2\t1\t10\n")
+    assert len(load_interactions(make_cfg(dataset="grouplens", data_path=str(again.parent))).user_ids) == 9
+
+
+def test_duplicates_can_be_refused(tmp_path: Path) -> None:
+    data = _write(tmp_path / "data" / "u.data", _FOUR_USERS + "1\t2\t1\t2\n")
+    with pytest.raises(DataError, match="1 exact duplicate interactions .*duplicates = 'drop'"):
+        load_interactions(make_cfg(dataset="grouplens", data_path=str(data.parent), duplicates="refuse"))
+
+
+@pytest.mark.parametrize("name", ["u.data", "ratings.csv"])
+def test_a_file_cut_inside_its_last_line_is_an_error(tmp_path: Path, name: str) -> None:
+    whole = _FOUR_USERS if name == "u.data" else "userId,movieId,rating,timestamp\n" + _FOUR_USERS.replace("\t", ",")
+    lines = whole.count("\n")
+    path = _write(tmp_path / name, whole[:-1])  # cut just before the final line break
+    with pytest.raises(DataError, match=f"line {lines}: the file ends inside this line"):
+        load_grouplens(path)
+    path = _write(tmp_path / name, whole[:-3])  # cut inside the last line's separators
+    with pytest.raises(DataError, match=f"line {lines}: "):
+        load_grouplens(path)
+    # A last timestamp cut to its first digits would parse: still refused.
+    path = _write(tmp_path / name, whole.rstrip("\n") + "0")
+    with pytest.raises(DataError, match="truncated"):
+        load_grouplens(path)
+    assert len(load_grouplens(_write(tmp_path / name, whole)).user_ids) == 8
+
+
+def test_users_left_out_by_the_split_are_counted(tmp_path: Path) -> None:
+    data = _write(tmp_path / "data" / "u.data", _FOUR_USERS)
+    info = prepare_partitions(make_cfg(dataset="grouplens", data_path=str(data.parent)), tmp_path / "cache")
+    assert info.num_devices == 2
+    assert "1 users with fewer than 3 interactions left out" in info.source

@@ -21,7 +21,11 @@ What it checks (the issue's acceptance criteria):
   or its personal embedding;
 * the device store on disk holds no imported item id in the clear, and a wrong key
   fails clearly and leaves the file byte-identical;
-* a synchronous SecAgg+ run (``secure-aggregation = true``) completes, and the aggregate
+* a buffered asynchronous run through fedrec's secure noisy sum, one of the four devices
+  killed after it sent its key shares (mid-buffer): the sum completes from the three
+  survivors (at least ``secure-sum-min-contributors``), the killed device's update is not in
+  it, every survivor's signed ledger holds the Skellam release, and ``fedrec audit`` passes;
+* a synchronous Flower SecAgg+ run (``secure-aggregation-protocol = "flower-secagg+"``) completes, and the aggregate
   it applied equals the plain weighted mean ``sum n_i d_i / sum n_i`` of the devices'
   updates within the quantization error bound (``server.secagg.quantization_error_bound``):
   the updates and ``n_i`` are read from the contribution receipts each device keeps in its
@@ -52,13 +56,15 @@ from typing import Any
 import numpy as np
 import pytest
 
+from client.wire_log import read_wire_log
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-NUM_DEVICES = 3  # registered devices 0, 1, 2
-UNREGISTERED = 3  # enrolled, never registered
+NUM_DEVICES = 4  # registered devices 0, 1, 2, 3
+UNREGISTERED = 4  # enrolled, never registered
 # The MovieLens-100K user (dense id) whose history each device holds: users with many
 # rare items (dense id >= 1000), whose decimal text cannot turn up in the file by chance.
-DEVICE_USERS = {0: 584, 1: 205, 2: 166, 3: 858}
+DEVICE_USERS = {0: 584, 1: 205, 2: 166, 3: 56, 4: 858}
 ML100K_ITEMS = 1682
 CONNECTION = "fedrec"
 
@@ -73,7 +79,7 @@ ASYNC_CONFIG: dict[str, Any] = {
     "deploy-items": ML100K_ITEMS,
     "mode": "async",
     "num-versions": 4,
-    "concurrency": 3,
+    "concurrency": NUM_DEVICES,  # every device trains (and its wire log is checked)
     "buffer-size": 2,
     "local-steps": 2,
     "batch-size": 8,
@@ -104,6 +110,21 @@ SECAGG_CONFIG: dict[str, Any] = {
     "server-learning-rate": 1.0,
     "server-momentum": 0.0,
     "secagg-clipping-range": 8.0,
+}
+# fedrec's own secure noisy sum, buffered asynchronous: one cohort of all four devices whose
+# sum closes when all four have trained; one device is killed mid-buffer. Complete graph of
+# 4, threshold 2 of 3 holders, at least 3 contributors: the survivors can unmask their sum.
+SECURE_CONFIG: dict[str, Any] = {
+    **ASYNC_CONFIG,
+    "secure-aggregation": True,
+    "secure-aggregation-protocol": "fedrec",
+    "num-versions": 1,
+    "concurrency": NUM_DEVICES,
+    "buffer-size": NUM_DEVICES,
+    "secure-sum-cohort-size": NUM_DEVICES,
+    "secure-sum-min-contributors": NUM_DEVICES - 1,
+    "eval-every": 1,
+    "wall-timeout": 40.0,  # how long the server waits for the killed device in each round
 }
 RUN_TIMEOUT = 600.0  # seconds for one `flwr run`
 
@@ -417,8 +438,20 @@ class RunResult:
     restart_attempts: int = 0
 
 
-def _flwr_run(fleet: Fleet, cfg: dict[str, Any], output_dir: Path, *, restart: Device | None = None) -> RunResult:
-    """Submit a run with the documented command; optionally kill and restart a device mid-run."""
+def _flwr_run(
+    fleet: Fleet,
+    cfg: dict[str, Any],
+    output_dir: Path,
+    *,
+    restart: Device | None = None,
+    kill_after: tuple[Device, str] | None = None,
+) -> RunResult:
+    """Submit a run with the documented command; optionally kill and restart a device mid-run.
+
+    ``kill_after = (device, message_type)``: SIGKILL the device (for good) as soon as its wire
+    log shows its reply to a ``message_type`` message of this run.
+    """
+    logged_before = len(read_wire_log(kill_after[0].wire_log)) if kill_after is not None else 0
     cfg = {**cfg, "output-dir": str(output_dir), "key-registry": str(fleet.server_dir / "fedrec.db")}
     argv = [str(BIN / "flwr"), "run", ".", CONNECTION, "--stream", "--run-config", _run_config(cfg)]
     log = output_dir.parent / f"{output_dir.name}.flwr-run.log"
@@ -439,6 +472,16 @@ def _flwr_run(fleet: Fleet, cfg: dict[str, Any], output_dir: Path, *, restart: D
             result.entries_before_kill = _ledger(restart)
             result.restarted_at = time.time()
             result.restart_attempts = _restart(fleet, restart, deadline)
+        if kill_after is not None:
+            victim, kind = kill_after
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while not any(r.message_type == kind for r in read_wire_log(victim.wire_log)[logged_before:]):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"device {victim.index} never answered {kind}:\n{log.read_text()[-6000:]}")
+                time.sleep(0.2)
+            assert victim.proc is not None
+            _kill_group(victim.proc, signal.SIGKILL)
+            result.killed = victim.proc.returncode
         proc.wait(timeout=max(1.0, RUN_TIMEOUT - (time.monotonic() - start)))
     except subprocess.TimeoutExpired:
         pass
@@ -588,7 +631,6 @@ def _int_lists(content: Any) -> list[list[int]]:
 def test_messages_carry_no_personal_data(fleet: Fleet, async_run: RunResult) -> None:
     from client.device_store import DeviceDataStore
     from client.store_keys import key_from_file
-    from client.wire_log import read_wire_log
     from shared.config import parse_config
     from shared.privacy.ledger import entry_from_json
     from shared.training import opacus_sample_rate
@@ -794,3 +836,60 @@ def _check_secagg_aggregate(fleet: Fleet, result: RunResult) -> None:
     print(figures)
     assert error <= bound + rounding, figures
     assert size > 10 * (bound + rounding), f"the aggregate is too small to tell from quantization error: {figures}"
+
+
+def test_secure_async_buffer_survives_a_device_killed_mid_buffer(fleet: Fleet, async_run: RunResult) -> None:
+    """fedrec's secure noisy sum over the real SuperLink: one of four devices dies mid-buffer.
+
+    Runs last: the killed device stays down. The device is killed once it has sent its
+    encrypted key shares (round 2), so the server must recover its pairwise masks from the
+    survivors' shares; the sum is unmasked over the three survivors, never fewer.
+    """
+    from server.run_store import RunStore
+    from shared.privacy.ledger import SKELLAM_MECHANISM, verify_chain
+
+    for device in fleet.devices:
+        assert device.proc is not None and device.proc.poll() is None, f"device {device.index} is down"
+    victim = fleet.devices[-1]
+    survivors = [d for d in fleet.devices if d is not victim]
+    before = {d.index: len(_ledger(d)) for d in fleet.devices}
+    out = fleet.root / "run-secure"
+    result = _flwr_run(fleet, SECURE_CONFIG, out, kill_after=(victim, "train.secure_shares"))
+    assert result.killed is not None, "the device was not killed"
+    assert result.returncode == 0, result.log[-8000:]
+    summary_path = out / "summary.json"
+    assert summary_path.is_file(), result.log[-8000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["aggregation"]["mode"] == "async"
+
+    with RunStore(f"sqlite:///{out / 'fedrec.db'}") as runs:
+        (run_id,) = runs.run_ids()
+        tasks = runs.tasks(run_id)
+    status = {t.device_id: t.status for t in tasks}
+    accepted = sorted(t.device_id for t in tasks if t.status == "accepted" and t.applied_version == 1)
+    figures = f"secure deployment run: statuses {status}, accepted into version 1: {accepted}"
+    print(figures)
+    # The survivors' sum was unmasked and applied: all three, at least the minimum, never the dead.
+    assert accepted == sorted(d.index for d in survivors), figures
+    assert len(accepted) >= SECURE_CONFIG["secure-sum-min-contributors"]
+    assert status[victim.index] != "accepted", figures
+    assert summary["aggregation"]["versions"] == 1 and summary["aggregation"]["updates-applied"] == len(accepted)
+    assert summary["aggregation"]["updates-withheld"] == 0
+
+    # Each survivor signed one Skellam release into its ledger, which still verifies.
+    for device in survivors:
+        entries = _ledger(device)
+        new = entries[before[device.index] :]
+        assert [e.mechanism for e in new if e.run.startswith(f"{out.name}#")].count(SKELLAM_MECHANISM) == 1, new
+        assert verify_chain(entries, device.ledger_key, device_id=device.index) == []
+
+    done = subprocess.run(
+        [str(BIN / "fedrec"), "audit", str(out)],
+        env=fleet.server_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -123,6 +123,26 @@ def test_dropouts_up_to_the_threshold_recover_the_survivors_sum() -> None:
     np.testing.assert_array_equal(total, _expected(inputs, survivors, BITS))
 
 
+def test_a_cohort_of_four_survives_one_dropout() -> None:
+    # The shape a small deployment gets: a complete graph of 4 (degree 3), threshold 2 of 3.
+    from shared.config import parse_config
+    from shared.secure_sum.release import session_shape
+
+    neighbours, threshold = session_shape(parse_config({}).aggregation, 4, 4)
+    assert (neighbours, threshold) == (4, 2)
+    params, identities = _session(4, neighbours=neighbours, threshold=threshold, min_contributors=3)
+    inputs = _inputs(params, seed=4)
+    dropped = [params.cohort[1]]
+    server, total = _run(params, identities, inputs, drop_after_shares=dropped)
+    survivors = [d for d in params.cohort if d not in dropped]
+    assert server.contributors == tuple(survivors)
+    np.testing.assert_array_equal(total, _expected(inputs, survivors, BITS))
+    # Two dropouts leave each survivor's seed with one holder: below the threshold and the minimum.
+    params, identities = _session(4, neighbours=neighbours, threshold=threshold, min_contributors=3)
+    with pytest.raises(SecureSumWithheld):
+        _run(params, identities, _inputs(params), drop_after_shares=list(params.cohort[:2]))
+
+
 def test_one_share_fewer_than_the_threshold_unmasks_nothing() -> None:
     # Complete graph of 5 (degree 4, threshold 3): each survivor's seed is held by the 4 others.
     params, identities = _session(5, neighbours=4, threshold=3)
@@ -360,7 +380,12 @@ def test_the_noisy_sum_decodes_to_the_sum_of_updates() -> None:
 
 def test_session_params_refuse_unsafe_settings() -> None:
     with pytest.raises(SecureSumError, match="threshold must exceed half"):
-        SessionParams.new([1, 2, 3], 4, 16, 4, 2, 2)
+        SessionParams.new([1, 2, 3, 4, 5, 6], 4, 16, 4, 2, 2)
+    # A complete graph of 4 has degree 3: a threshold of 3 would make every dropout fatal, and
+    # 2 of 3 holders is still more than half.
+    assert SessionParams.new([1, 2, 3, 4], 4, 16, 4, 2, 2).threshold == 2
+    with pytest.raises(SecureSumError, match=r"half the neighbours \(3\)"):
+        SessionParams.new([1, 2, 3, 4], 4, 16, 4, 1, 2)
     with pytest.raises(SecureSumError, match="min_contributors must be at least 2"):
         SessionParams.new([1, 2, 3], 4, 16, 2, 2, 1)
     with pytest.raises(SecureSumError, match="neighbours must be even"):

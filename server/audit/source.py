@@ -14,7 +14,10 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Mapping
+from contextlib import closing
 from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from server.audit.checks import AuditInput, RunSettings, ServerSpending, ServerTask, UserRelease
 from server.privacy_store import PrivacyStore
@@ -38,10 +41,49 @@ def resolve_database(path: Path) -> Path:
     return db
 
 
+# Tables every run database holds (a zero-byte or foreign SQLite file holds none of them).
+_RUN_TABLES = ("runs", "tasks", "privacy_spending", "device_keys")
+
+
+def read_only_url(db: Path) -> str:
+    """A SQLAlchemy URL that opens ``db`` read-only: the audit never writes to what it checks.
+
+    Raises
+    ------
+    AuditSourceError
+        If ``db`` is not a readable SQLite database holding a fedrec run's tables.
+    """
+    uri = f"{db.resolve().as_uri()}?mode=ro"
+    try:
+        with closing(sqlite3.connect(uri, uri=True)) as con:
+            names = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as exc:
+        raise AuditSourceError(f"{db}: not a readable SQLite database ({exc})") from None
+    missing = [t for t in _RUN_TABLES if t not in names]
+    if missing:
+        raise AuditSourceError(f"{db}: not a fedrec run database (no table {', '.join(missing)})")
+    return f"sqlite:///{uri.replace('file://', 'file:', 1)}&uri=true"
+
+
 def load_run(path: Path, run_id: int | None = None) -> tuple[AuditInput, float | None]:
-    """The audit input of a run (the latest in the database unless ``run_id``) and the user-level filter order."""
+    """The audit input of a run (the latest in the database unless ``run_id``) and the user-level filter order.
+
+    Raises
+    ------
+    AuditSourceError
+        If the database is missing, corrupt, not a fedrec run's, or does not hold the run.
+    """
     db = resolve_database(path)
-    url = f"sqlite:///{db}"
+    url = read_only_url(db)
+    try:
+        return _load_run(path, db, url, run_id)
+    except SQLAlchemyError as exc:
+        # A damaged file can pass the first look and fail on a page read later.
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise AuditSourceError(f"{db}: the database could not be read ({reason})") from None
+
+
+def _load_run(path: Path, db: Path, url: str, run_id: int | None) -> tuple[AuditInput, float | None]:
     with RunStore(url) as runs:
         ids = runs.run_ids()
         if not ids:

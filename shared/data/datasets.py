@@ -8,8 +8,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from shared.data.bundled import load_bundled_ml100k, resolve_cache_dir
 from shared.data.formats import load_grouplens
@@ -19,7 +22,7 @@ from shared.data.types import DataError, InteractionLog
 if TYPE_CHECKING:
     from shared.config import DataConfig
 
-__all__ = ["load_interactions", "validate_data_config"]
+__all__ = ["drop_exact_duplicates", "load_interactions", "validate_data_config"]
 
 _DATASETS = ("ml-100k", "grouplens", "synthetic")
 
@@ -85,7 +88,56 @@ def load_interactions(cfg: DataConfig) -> InteractionLog:
     """
     validate_data_config(cfg)
     if cfg.dataset == "grouplens":
-        return load_grouplens(Path(cfg.data_path))
-    if cfg.dataset == "ml-100k":
-        return load_bundled_ml100k(resolve_cache_dir(cfg.cache_dir))
-    return generate_synthetic(cfg.synthetic_users, cfg.synthetic_items, cfg.synthetic_interactions, cfg.synthetic_seed)
+        log = load_grouplens(Path(cfg.data_path))
+    elif cfg.dataset == "ml-100k":
+        log = load_bundled_ml100k(resolve_cache_dir(cfg.cache_dir))
+    else:
+        log = generate_synthetic(
+            cfg.synthetic_users, cfg.synthetic_items, cfg.synthetic_interactions, cfg.synthetic_seed
+        )
+    deduped, removed = drop_exact_duplicates(log)
+    if removed and cfg.duplicates == "refuse":
+        raise DataError(
+            f"{log.source}: {removed} exact duplicate interactions (same user, item and timestamp as an earlier "
+            "row); remove them, or set duplicates = 'drop' to keep the first of each"
+        )
+    return deduped
+
+
+def drop_exact_duplicates(log: InteractionLog) -> tuple[InteractionLog, int]:
+    """Keep the first of each group of rows with the same user, item and timestamp.
+
+    Such rows are one interaction recorded twice (a file concatenated with itself, a
+    re-sent export): kept, they would put a device's test item into its training history
+    and halve its sampling rate while each interaction counted twice. Row order is kept.
+
+    Returns
+    -------
+    tuple[InteractionLog, int]
+        The log without them (its ``source`` says how many were removed) and that count.
+    """
+    if len(log.user_ids) == 0:
+        return log, 0
+    rows = np.stack(
+        [
+            log.user_ids.astype(np.int64),
+            log.item_ids.astype(np.int64),
+            log.timestamps.astype(np.float64).view(np.int64),
+        ],
+        axis=1,
+    )
+    _, first = np.unique(rows, axis=0, return_index=True)
+    removed = len(rows) - len(first)
+    if not removed:
+        return log, 0
+    keep = np.sort(first)
+    return (
+        replace(
+            log,
+            user_ids=log.user_ids[keep],
+            item_ids=log.item_ids[keep],
+            timestamps=log.timestamps[keep],
+            source=f"{log.source}; {removed} exact duplicate interactions removed",
+        ),
+        removed,
+    )

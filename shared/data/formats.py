@@ -160,15 +160,24 @@ def _parse_ratings(
     """Parse the remaining lines of ``handle`` (whose next line is ``first_line_no``)."""
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     line_no = first_line_no
+    last, last_no = "\n", 0
     while True:
         lines = list(itertools.islice(handle, _CHUNK_LINES))
         if not lines:
             break
+        last, last_no = lines[-1], line_no + len(lines) - 1
         parsed = _parse_chunk_fast(lines, cols)
         if parsed is None:
             parsed = _parse_chunk_slowly(path, line_no, lines, cols)
         parts.append(parsed)
         line_no += len(lines)
+    if last.strip() and not last.endswith("\n"):
+        # A copy cut short ends inside a line, whose prefix may still parse (a timestamp cut
+        # to its first digits): a complete file ends with a line break.
+        raise DataError(
+            f"{path}: line {last_no}: the file ends inside this line (truncated?): {_describe_line(last)}; "
+            "if the line is complete, end the file with a line break"
+        )
     if not parts or sum(len(p[0]) for p in parts) == 0:
         where = "file is empty" if first_line_no == 1 else "no data lines after the header"
         raise DataError(f"{path}: {where}; expected lines of {', '.join(cols.names)} separated by {cols.sep_label}")

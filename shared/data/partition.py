@@ -312,6 +312,9 @@ def _cache_key(cfg: DataConfig) -> dict[str, Any]:
         "split": f"leave-one-out, stable by timestamp then file row, min {MIN_INTERACTIONS}",
         "dataset": cfg.dataset,
         "max_devices": cfg.max_devices,
+        # Exact duplicates dropped, users too short for the split counted in the source.
+        "hygiene": 1,
+        "duplicates": cfg.duplicates,
     }
     if cfg.dataset == "ml-100k":
         key["content"] = BUNDLED_FILES
@@ -366,9 +369,13 @@ def prepare_partitions(cfg: DataConfig, cache_dir: Path | None = None) -> Partit
         return read_partition_info(path)
     log = load_interactions(cfg)
     devices = leave_one_out(log, MIN_INTERACTIONS)
+    source = log.source
+    short = int(np.count_nonzero(np.bincount(log.user_ids, minlength=log.num_users) < MIN_INTERACTIONS))
+    if short:
+        source += f"; {short} users with fewer than {MIN_INTERACTIONS} interactions left out (no device)"
     if cfg.max_devices:
         devices = devices[: cfg.max_devices]
     try:
-        return write_partitions(devices, log.num_items, log.source, log.item_titles, path)
+        return write_partitions(devices, log.num_items, source, log.item_titles, path)
     except FileExistsError:
         return read_partition_info(path)  # a concurrent process wrote the same content

@@ -72,11 +72,21 @@ def cohort_size(agg: AggregationConfig) -> int:
     return max(agg.secure_sum_min_contributors, -(-agg.buffer_size * 13 // 10))
 
 
-def session_shape(agg: AggregationConfig, roster: int) -> tuple[int, int]:
-    """``(neighbours, threshold)`` of a session whose roster has ``roster`` devices."""
+def session_shape(agg: AggregationConfig, roster: int, cohort: int = 0) -> tuple[int, int]:
+    """``(neighbours, threshold)`` of a session whose roster has ``roster`` devices.
+
+    ``cohort`` is the number of devices the session names (at least ``roster``; the
+    session's own check takes the graph's degree from it).
+    """
     neighbours = agg.secure_sum_neighbours or default_neighbours(roster)
     neighbours = min(neighbours, max(2, roster - 1 + (roster - 1) % 2))
-    return neighbours, default_threshold(neighbours)
+    # A small roster's graph is complete: each seed's holders are the roster's other devices,
+    # so the threshold is more than half of those, and never at or below half the degree a
+    # larger named cohort could give the graph.
+    named = max(cohort, roster)
+    return neighbours, max(
+        default_threshold(min(neighbours, roster - 1)), default_threshold(min(neighbours, named - 1))
+    )
 
 
 def check_secure_sum_config(cfg: FedrecConfig, num_items: int) -> None:

@@ -98,7 +98,9 @@ class SessionParams:
         Each device's degree in the masking graph (even; the graph is complete when the
         roster has at most ``neighbours + 1`` devices).
     threshold:
-        Shares needed to recover one seed; more than half the neighbours.
+        Shares needed to recover one seed; more than half the neighbours (of the actual
+        degree, ``cohort - 1`` when the cohort is smaller than ``neighbours + 1``). A roster
+        smaller than the cohort only lowers the degree, so the threshold stays above half.
     min_contributors:
         The sum is unmasked only over at least this many devices; each device's noise share
         is sized for it.
@@ -125,10 +127,14 @@ class SessionParams:
             raise SecureSumError("bits must be in 2..62")
         if self.neighbours < MIN_NEIGHBOURS or self.neighbours % 2 or self.neighbours > MAX_SHARES:
             raise SecureSumError(f"neighbours must be even, in {MIN_NEIGHBOURS}..{MAX_SHARES - 1}")
-        if not self.neighbours // 2 < self.threshold <= self.neighbours:
+        # Each seed is shared among the device's actual neighbours: ``neighbours``, or every
+        # other device of a small cohort (complete graph). More than half of them must be needed,
+        # so that no two disjoint groups of holders (one asked for the self-mask seed, the other
+        # for the pairwise key) can both recover a device's secrets.
+        degree = min(self.neighbours, max(1, len(self.cohort) - 1))
+        if not degree // 2 < self.threshold <= degree:
             raise SecureSumError(
-                f"threshold must exceed half the neighbours ({self.neighbours}) and not exceed them;"
-                f" got {self.threshold}"
+                f"threshold must exceed half the neighbours ({degree}) and not exceed them; got {self.threshold}"
             )
         if self.min_contributors < 2:
             raise SecureSumError("min_contributors must be at least 2 (a sum of one is that device's vector)")
