@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
@@ -26,10 +25,11 @@ from server.ledger_intake import LedgerIntake
 from server.privacy_store import PrivacyStore
 from server.reporting import print_progress
 from server.run_store import EvalRecord, RunStore, TaskRecord, VersionRecord
-from server.scheduler import AppliedVersion, Completion, Failure, Outcome, Refusal, Scheduler, Task, Update
+from server.scheduler import AppliedVersion, Completion, Failure, Outcome, Refusal, Scheduler, Task
 from server.spending import SpendingBook
+from server.update_checks import state_norm, update_norm_bound, validate_update
 from shared.config import FedrecConfig, to_flat
-from shared.privacy.evaluation import SLOT_SIZE, MetricVector, num_tiers, tier_estimates
+from shared.privacy.evaluation import SLOT_SIZE, MetricVector, num_tiers, sensitivity, tier_estimates
 from shared.protocol import (
     EVALUATE_TASK,
     PUBLIC_WEIGHT,
@@ -40,7 +40,6 @@ from shared.protocol import (
     ProtocolError,
     TrainRefusal,
     TrainTask,
-    TrainUpdate,
     build_evaluate_task,
     build_train_task,
     parse_evaluate_reply,
@@ -58,31 +57,6 @@ class EvalOutcome:
 
     record: EvalRecord
     top_lists: dict[int, list[int]] = field(default_factory=dict)
-
-
-def validate_update(update: TrainUpdate, reference: StateDict) -> Update | Failure:
-    """Turn a well-formed train update into an Update, or a Failure; never trust its content blindly.
-
-    The protocol has checked the reply's form (``shared/protocol.py``); this checks the
-    delta against the global model: the same parameter names and shapes, finite
-    values.
-    """
-    try:
-        delta = dict(update.delta.to_torch_state_dict())
-    except (KeyError, ValueError, TypeError) as exc:
-        return Failure("failed", f"malformed reply: {exc}")
-    if set(delta) != set(reference):
-        extra = sorted(set(delta) - set(reference))
-        missing = sorted(set(reference) - set(delta))
-        return Failure("failed", f"corrupt update: unexpected {extra} / missing {missing}")
-    for key, value in delta.items():
-        if value.shape != reference[key].shape:
-            return Failure("failed", f"corrupt update: {key} has shape {tuple(value.shape)}")
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            return Failure("failed", f"corrupt update: {key} has non-finite values")
-    # Under DP the device does not report its training loss (it is computed from its
-    # records and is not covered by the DP guarantee).
-    return Update(delta, update.loss)
 
 
 class Federation:
@@ -153,6 +127,12 @@ class Federation:
         self._t0 = time.monotonic()
         self._model_rec: ArrayRecord | None = None
         self._model_rec_version = -1
+        self._model_norms: dict[int, float] = {}  # global model norm per version (update bounds)
+        # A private metric slot: a value in [0, 1] plus noise of std eval-noise-multiplier x the
+        # vector's sensitivity; beyond 10 standard deviations no honest device goes.
+        self._private_metric_bound = 1.0 + 10.0 * cfg.eval.eval_noise_multiplier * sensitivity(
+            num_tiers(cfg.eval.activity_tiers)
+        )
         rng = np.random.default_rng([cfg.seed, 0xE7A1])
         n_eval = cfg.eval.eval_devices or num_devices
         self.eval_subset = sorted(rng.choice(num_devices, size=min(n_eval, num_devices), replace=False).tolist())
@@ -168,7 +148,16 @@ class Federation:
         if self._model_rec_version != self.scheduler.version or self._model_rec is None:
             self._model_rec = ArrayRecord({k: v for k, v in self.scheduler.params.items()})
             self._model_rec_version = self.scheduler.version
+            self._model_norms[self.scheduler.version] = state_norm(self.scheduler.params)
         return self._model_rec
+
+    def _update_bound(self, base_version: int) -> float | None:
+        """The largest update norm accepted from a task trained on ``base_version``."""
+        norm = self._model_norms.get(base_version)
+        if norm is None:
+            norm = state_norm(self.scheduler.params)
+        dim = sum(v.numel() for v in self.scheduler.params.values())
+        return update_norm_bound(self.cfg, dim, norm)
 
     def _dispatch(self, task: Task) -> str:
         content = build_train_task(
@@ -200,7 +189,7 @@ class Federation:
         if isinstance(parsed, TrainRefusal):
             self.spending.take_refusal(task, parsed)
             return Refusal(parsed.reason)
-        outcome = validate_update(parsed, self.scheduler.params)
+        outcome = validate_update(parsed, self.scheduler.params, self._update_bound(task.base_version))
         if isinstance(outcome, Failure):
             return outcome
         intake = self.spending.take_update(task, reply, parsed)
@@ -356,6 +345,57 @@ class Federation:
             print_progress(result.record, self.cfg, self.status_counts.get("accepted", 0), epsilon_max)
 
     # -- evaluation ------------------------------------------------------------------
+    def take_evaluation_reply(
+        self, device: int, reply: Message | None, length: int
+    ) -> tuple[np.ndarray, list[int] | None] | str:
+        """One device's evaluation reply: its metric vector (and top-k list) to add, or why not.
+
+        Returns ``(values, top_k)`` for a reply that counts, else ``"declined"`` or
+        ``"ignored"`` (lost, malformed, of the wrong kind, out of range, or an unverified
+        release: logged, never added).
+        """
+        private = self.cfg.eval.evaluation == "private"
+        tiers = num_tiers(self.cfg.eval.activity_tiers)
+        if reply is None or reply.has_error():
+            return "ignored"
+        try:
+            parsed = parse_evaluate_reply(reply)
+        except ProtocolError as exc:
+            log.warning("device %d: malformed evaluation reply: %s", device, exc)
+            return "ignored"
+        if isinstance(parsed, EvaluateDeclined):
+            # A deployed device's policy rate-limits evaluations (client/policy.py), or its
+            # budget has no room; the device is fine and stays scheduled for training.
+            return "declined"
+        if isinstance(parsed, EvaluatePrivate):
+            if not private or len(parsed.values) != length:
+                log.warning("device %d: evaluation reply of the wrong kind or length; ignored", device)
+                return "ignored"
+            values = np.asarray(parsed.values, dtype=np.float64)
+            if not np.all(np.abs(values) <= self._private_metric_bound):
+                # Each slot is a metric in [0, 1] (or a count of one) plus Gaussian noise: a value
+                # beyond the noise's 1e-22 tail is not a device following the protocol.
+                log.warning("device %d: private evaluation values out of range; ignored", device)
+                return "ignored"
+            if not self.spending.take_private_evaluation(device, reply, parsed).accepted:
+                return "ignored"  # its release is unverified: the intake recorded why
+            return values, None
+        if private:
+            log.warning("device %d: exact metrics in a private evaluation; ignored", device)
+            return "ignored"
+        tier = parsed.tier if parsed.tier is not None and 0 <= parsed.tier < tiers else 0
+        metrics = MetricVector(parsed.hit, parsed.ndcg, parsed.sampled_hit, parsed.sampled_ndcg, tier)
+        try:
+            values = metrics.to_array(tiers)
+        except ValueError as exc:
+            log.warning("device %d: evaluation reply out of range (%s); ignored", device, exc)
+            return "ignored"
+        top_k = None
+        if parsed.top_k is not None:
+            top_k = [int(i) for i in parsed.top_k if 0 <= int(i) < self.num_items][: self.cfg.eval.top_k]
+        self.spending.take_evaluation(device, parsed)
+        return values, top_k
+
     def evaluate(self, devices: list[int], split: str, export: bool) -> EvalOutcome:
         """On-device evaluation of the current global model on ``devices``.
 
@@ -387,39 +427,15 @@ class Federation:
             replies.extend((device, self.driver.wait(handle)) for device, handle in handles.items())
         declined = 0
         for device, reply in replies:
-            if reply is None or reply.has_error():
-                continue
-            try:
-                parsed = parse_evaluate_reply(reply)
-            except ProtocolError as exc:
-                log.warning("device %d: malformed evaluation reply: %s", device, exc)
-                continue
-            if isinstance(parsed, EvaluateDeclined):
-                # A deployed device's policy rate-limits evaluations (client/policy.py), or its
-                # budget has no room; the device is fine and stays scheduled for training.
+            taken = self.take_evaluation_reply(device, reply, len(total))
+            if taken == "declined":
                 declined += 1
+            if not isinstance(taken, tuple):
                 continue
-            if isinstance(parsed, EvaluatePrivate):
-                if not private or len(parsed.values) != len(total):
-                    log.warning("device %d: evaluation reply of the wrong kind or length; ignored", device)
-                    continue
-                if not self.spending.take_private_evaluation(device, reply, parsed).accepted:
-                    continue  # its release is unverified: the intake recorded why
-                total += np.asarray(parsed.values)
-            else:
-                if private:
-                    log.warning("device %d: exact metrics in a private evaluation; ignored", device)
-                    continue
-                self.spending.take_evaluation(device, parsed)
-                tier = parsed.tier if parsed.tier is not None and 0 <= parsed.tier < tiers else 0
-                metrics = MetricVector(parsed.hit, parsed.ndcg, parsed.sampled_hit, parsed.sampled_ndcg, tier)
-                try:
-                    total += metrics.to_array(tiers)
-                except ValueError as exc:
-                    log.warning("device %d: evaluation reply out of range (%s); ignored", device, exc)
-                    continue
-                if export and parsed.top_k is not None:
-                    tops[device] = list(parsed.top_k)
+            values, top_k = taken
+            total += values
+            if export and top_k is not None:
+                tops[device] = top_k
             users += 1
         if declined:
             log.info(

@@ -173,11 +173,14 @@ class LedgerIntake:
                 problems.append(f"entry {e.seq}: claims epsilon {e.epsilon!r}, its mechanism gives {truth!r}")
         return problems
 
-    def check(self, device_id: int, task_id: int | None, texts: Sequence[str]) -> IntakeResult:
+    def check(
+        self, device_id: int, task_id: int | None, texts: Sequence[str], *, evaluation: bool = False
+    ) -> IntakeResult:
         """Verify a reply's new entries (JSON texts); store them if and only if they all pass.
 
         ``task_id`` None (a late reply, a ledger query) skips the check that this task's
-        release is present.
+        release is present. ``evaluation``: the reply is a private evaluation, whose noisy
+        vector is a new release, so a new evaluation entry of this run must be among them.
         """
         if not self.enabled:
             return IntakeResult(True, (), ())
@@ -215,6 +218,10 @@ class LedgerIntake:
             wanted = ({"record"} if self.cfg.privacy.dp else set()) | ({"user"} if self.cfg.privacy.user_dp else set())
             if not wanted <= units:
                 problems.append(f"no ledger entry for task {task_id} (units {sorted(wanted - units)} missing)")
+        if evaluation and not any(
+            e.mechanism == EVALUATION_MECHANISM and e.unit == "record" and e.run == self.run_label for e in entries
+        ):
+            problems.append("no new ledger entry for the private evaluation's release")
         for e in entries:
             if e.run == self.run_label:
                 problems.extend(self._expected(e))

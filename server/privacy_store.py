@@ -82,7 +82,7 @@ __all__ = ["PrivacyStore", "Rejection"]
 
 # The entries table, and its name in databases written before the upgrade above.
 ENTRIES_TABLE: Final = "accepted_ledger_entries"
-_LEGACY_ENTRIES_TABLE: Final = "ledger_entries"
+LEGACY_ENTRIES_TABLE: Final = "ledger_entries"
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def _upgrade(engine: Engine) -> None:
         the upgrade but is read-only.
     """
     names = set(inspect(engine).get_table_names())
-    if _LEGACY_ENTRIES_TABLE not in names or "device_keys" not in names or "device_identity" in names:
+    if LEGACY_ENTRIES_TABLE not in names or "device_keys" not in names or "device_identity" in names:
         return  # a new or upgraded database, or not a privacy store's (a device's ledger file)
     url = engine.url.render_as_string(hide_password=True)
     try:
@@ -160,7 +160,7 @@ def _upgrade(engine: Engine) -> None:
             raise
         raise ValueError(
             f"{url} was written by an earlier fedrec and is upgraded when opened (table "
-            f"{_LEGACY_ENTRIES_TABLE} becomes {ENTRIES_TABLE}), which needs write access: open a writable copy"
+            f"{LEGACY_ENTRIES_TABLE} becomes {ENTRIES_TABLE}), which needs write access: open a writable copy"
         ) from None
 
 
@@ -168,24 +168,24 @@ def _rename_legacy(conn: Connection, url: str) -> None:
     """The guarded rename, in ``conn``'s transaction; raises ValueError where :func:`_upgrade` says."""
     inspector = inspect(conn)
     names = set(inspector.get_table_names())
-    if _LEGACY_ENTRIES_TABLE not in names:
+    if LEGACY_ENTRIES_TABLE not in names:
         return  # upgraded by a concurrent opener
     if ENTRIES_TABLE in names:
-        left = conn.exec_driver_sql(f"SELECT COUNT(*) FROM {_LEGACY_ENTRIES_TABLE}").scalar_one()
+        left = conn.exec_driver_sql(f"SELECT COUNT(*) FROM {LEGACY_ENTRIES_TABLE}").scalar_one()
         if left:
             raise ValueError(
-                f"{url} holds {left} ledger entries in table {_LEGACY_ENTRIES_TABLE} beside the upgraded "
+                f"{url} holds {left} ledger entries in table {LEGACY_ENTRIES_TABLE} beside the upgraded "
                 f"{ENTRIES_TABLE}: an earlier fedrec wrote them after the upgrade; move them into "
                 f"{ENTRIES_TABLE} (or discard them) before opening it"
             )
         return  # an empty leftover of an earlier fedrec: nothing to keep, nothing to rename
-    columns = {c["name"] for c in inspector.get_columns(_LEGACY_ENTRIES_TABLE)}
+    columns = {c["name"] for c in inspector.get_columns(LEGACY_ENTRIES_TABLE)}
     if columns != {"id", *ENTRY_FIELDS}:
         raise ValueError(
-            f"{url}: table {_LEGACY_ENTRIES_TABLE} has columns {sorted(columns)}, not those of fedrec's "
+            f"{url}: table {LEGACY_ENTRIES_TABLE} has columns {sorted(columns)}, not those of fedrec's "
             "ledger entries; it was not upgraded"
         )
-    conn.exec_driver_sql(f"ALTER TABLE {_LEGACY_ENTRIES_TABLE} RENAME TO {ENTRIES_TABLE}")
+    conn.exec_driver_sql(f"ALTER TABLE {LEGACY_ENTRIES_TABLE} RENAME TO {ENTRIES_TABLE}")
 
 
 # ----------------------------------------------------------------------------- store

@@ -177,7 +177,7 @@ class SpendingBook:
 
         The caller uses the noisy vector only if the result is accepted; the device spent either way.
         """
-        intake = self._take_ledger(device_id, None, reply, EVALUATE_PRIVATE.kind)
+        intake = self._take_ledger(device_id, None, reply, EVALUATE_PRIVATE.kind, evaluation=True)
         self._note(device_id, result.epsilon)
         return intake
 
@@ -199,7 +199,9 @@ class SpendingBook:
                 ),
             )
 
-    def _take_ledger(self, device_id: int, task_id: int | None, reply: Message, kind: str) -> IntakeResult:
+    def _take_ledger(
+        self, device_id: int, task_id: int | None, reply: Message, kind: str, *, evaluation: bool = False
+    ) -> IntakeResult:
         """Verify a reply's ledger entries; every verified record-level entry becomes a spending row.
 
         The one path a verified entry takes, whatever message brought it (a used update,
@@ -214,7 +216,7 @@ class SpendingBook:
             ledger = parse_ledger(reply, kind=kind)
         except ProtocolError as exc:
             return self.intake.unreadable(device_id, task_id, str(exc))
-        result = self.intake.check(device_id, task_id, ledger.entries)
+        result = self.intake.check(device_id, task_id, ledger.entries, evaluation=evaluation)
         for e in result.entries if result.accepted else ():
             if e.unit != "record":
                 continue

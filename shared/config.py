@@ -191,6 +191,9 @@ class AggregationConfig:
     task_timeout: float = 900.0
     wall_timeout: float = 600.0
     max_device_failures: int = 3
+    # Largest L2 norm of an accepted update; 0 derives it from the public training settings
+    # (server/update_checks.py).
+    max_update_norm: float = 0.0
     # Messages at the Flower Grid at once in simulation (0 = no limit); deployed runs send all.
     max_in_flight: int = 16
     # The server learns only noisy sums (docs/secure-aggregation.md): fedrec's own protocol, sync
@@ -234,6 +237,7 @@ class AggregationConfig:
         _positive("server-learning-rate", self.server_learning_rate)
         _in_range("server-momentum", self.server_momentum, 0.0, 1.0, hi_open=True)
         _at_least("num-versions", self.num_versions, 1)
+        _in_range("max-update-norm", self.max_update_norm, 0.0, math.inf)
         _in_range("max-sim-seconds", self.max_sim_seconds, 0.0, math.inf)
         _positive("task-timeout", self.task_timeout)
         _positive("wall-timeout", self.wall_timeout)

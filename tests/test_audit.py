@@ -117,7 +117,7 @@ def test_a_clean_run_passes_and_every_claim_recomputes_within_tolerance(run_dir:
 
 
 def test_a_run_database_of_an_earlier_fedrec_is_upgraded_and_audits_the_same(run_dir: Path, tmp_path: Path) -> None:
-    """Earlier fedrec kept the server's accepted entries in ``ledger_entries``: the audit still reads it."""
+    """Earlier fedrec kept the server's accepted entries in ``ledger_entries``: the audit still reads it, unchanged."""
     _, current = _audit(str(_copy(run_dir, tmp_path)))
     run = tmp_path / "earlier"
     shutil.copytree(run_dir, run)
@@ -142,9 +142,10 @@ def test_a_run_database_of_an_earlier_fedrec_is_upgraded_and_audits_the_same(run
         current["fleet"],
         current["devices"],
     )
+    # The audit read a copy: the earlier database is left exactly as it was (never written).
     con = sqlite3.connect(db)
-    assert con.execute("SELECT * FROM accepted_ledger_entries ORDER BY id").fetchall() == before
-    assert not con.execute("SELECT name FROM sqlite_master WHERE name = 'ledger_entries'").fetchall()
+    assert con.execute("SELECT * FROM ledger_entries ORDER BY id").fetchall() == before
+    assert not con.execute("SELECT name FROM sqlite_master WHERE name = 'accepted_ledger_entries'").fetchall()
     con.close()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import tempfile
 from collections.abc import Mapping
 from contextlib import closing
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 
 from server.audit.checks import AuditInput, RunSettings, ServerSpending, ServerTask, UserRelease
-from server.privacy_store import PrivacyStore
+from server.privacy_store import ENTRIES_TABLE, LEGACY_ENTRIES_TABLE, PrivacyStore
 from server.run_store import RunStore
 from shared.config import ConfigError, FedrecConfig, parse_stored_config
 from shared.privacy.evaluation import num_tiers, sensitivity
@@ -45,8 +46,12 @@ def resolve_database(path: Path) -> Path:
 _RUN_TABLES = ("runs", "tasks", "privacy_spending", "device_keys")
 
 
-def read_only_url(db: Path) -> str:
-    """A SQLAlchemy URL that opens ``db`` read-only: the audit never writes to what it checks.
+def read_only_url(db: Path, scratch: Path) -> str:
+    """A SQLAlchemy URL that reads ``db`` without ever writing to it: the audit changes nothing it checks.
+
+    A database of an earlier fedrec, which the stores upgrade when they open it, is copied
+    into ``scratch`` first (SQLite's backup API, from a read-only connection), and the copy
+    is read.
 
     Raises
     ------
@@ -57,11 +62,16 @@ def read_only_url(db: Path) -> str:
     try:
         with closing(sqlite3.connect(uri, uri=True)) as con:
             names = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            missing = [t for t in _RUN_TABLES if t not in names]
+            if missing:
+                raise AuditSourceError(f"{db}: not a fedrec run database (no table {', '.join(missing)})")
+            if ENTRIES_TABLE not in names and LEGACY_ENTRIES_TABLE in names:
+                copy = scratch / db.name
+                with closing(sqlite3.connect(copy)) as target:
+                    con.backup(target)
+                return f"sqlite:///{copy}"
     except sqlite3.Error as exc:
         raise AuditSourceError(f"{db}: not a readable SQLite database ({exc})") from None
-    missing = [t for t in _RUN_TABLES if t not in names]
-    if missing:
-        raise AuditSourceError(f"{db}: not a fedrec run database (no table {', '.join(missing)})")
     return f"sqlite:///{uri.replace('file://', 'file:', 1)}&uri=true"
 
 
@@ -74,9 +84,9 @@ def load_run(path: Path, run_id: int | None = None) -> tuple[AuditInput, float |
         If the database is missing, corrupt, not a fedrec run's, or does not hold the run.
     """
     db = resolve_database(path)
-    url = read_only_url(db)
     try:
-        return _load_run(path, db, url, run_id)
+        with tempfile.TemporaryDirectory(prefix="fedrec-audit-") as scratch:
+            return _load_run(path, db, read_only_url(db, Path(scratch)), run_id)
     except SQLAlchemyError as exc:
         # A damaged file can pass the first look and fail on a page read later.
         reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
