@@ -201,11 +201,25 @@ def test_a_last_entry_removed_with_its_spending_and_task_rows_is_found_in_the_de
         ("device-ledger-ahead", device, last["seq"])
     ]
     assert device_file.read_bytes() == before, "the audit must not write to a device's file"
-    # Without the device's file (a deployed device keeps its own) nothing is left to tell.
+    # Deleting the simulated devices' files as well hides nothing: each missing file is a finding.
     shutil.rmtree(run / "devices")
     shutil.rmtree(run / "audit")
     code, report = _audit(run)
-    assert code == 0, report["findings"]
+    assert code == 1
+    missing = {f["device_id"] for f in _found(report, "device-ledger-missing")}
+    spenders = {int(r["device_id"]) for r in _query(db, "SELECT DISTINCT device_id FROM accepted_ledger_entries")}
+    assert missing == spenders and device in missing
+
+
+def test_an_interrupted_run_is_a_finding_naming_the_earlier_run_outputs(run_dir: Path, tmp_path: Path) -> None:
+    """A run killed before it finished leaves finished_at NULL beside an earlier run's outputs."""
+    run = _copy(run_dir, tmp_path)
+    db = run / "fedrec.db"
+    _execute(db, "UPDATE runs SET finished_at = NULL, summary = NULL")
+    code, report = _audit(run)
+    assert code == 1
+    (finding,) = _found(report, "unfinished-run")
+    assert "never finished" in finding["detail"] and "summary.json" in finding["detail"]
 
 
 def test_a_task_the_server_recorded_accepted_without_a_signed_entry_is_unbacked(run_dir: Path, tmp_path: Path) -> None:

@@ -179,6 +179,13 @@ class AuditInput:
     # order, and the public key the file states, used where the server holds none).
     device_files: Mapping[int, Sequence[LedgerEntry]] = field(default_factory=dict)
     device_file_keys: Mapping[int, str] = field(default_factory=dict)
+    # Whether every device of the run keeps a ledger file beside it (a simulated run with DP),
+    # so that a missing one is a finding rather than a deployed device's own business.
+    device_files_expected: bool = False
+    # False when the run database says the run never finished (interrupted or crashed).
+    run_finished: bool = True
+    # Output files beside the database that an unfinished run did not write (an earlier run's).
+    stale_outputs: Sequence[str] = ()
     # What the loader wants said in the report (e.g. where device files were looked for).
     notes: Sequence[str] = ()
 
@@ -190,7 +197,8 @@ class Finding:
     kind: str  # edited | deleted | reordered | forged | unsigned | unknown-key | mismatch |
     #            claim-mismatch | unbacked-user-release | over-budget | rejected-upload |
     #            spending-mismatch | spending-missing | spending-unbacked | unbacked-task |
-    #            device-ledger-ahead | config-mismatch | config-inconsistent
+    #            device-ledger-ahead | device-ledger-missing | unfinished-run | config-mismatch |
+    #            config-inconsistent
     device_id: int  # RUN (-1) when the finding concerns the run, not one device
     seq: int | None
     unit: str | None
@@ -830,9 +838,47 @@ def _same_config_value(a: object, b: object) -> bool:
     return _same(a, b)
 
 
+def check_run_state(data: AuditInput) -> list[Finding]:
+    """An unfinished run, and devices whose own ledger files are missing where they must be."""
+    findings: list[Finding] = []
+    if not data.run_finished:
+        stale = f"; {', '.join(data.stale_outputs)} beside it are not this run's" if data.stale_outputs else ""
+        findings.append(
+            Finding(
+                "unfinished-run",
+                RUN,
+                None,
+                None,
+                "the run never finished (interrupted or crashed): its spending may be incomplete and devices may "
+                f"hold releases the server never received{stale}",
+            )
+        )
+    if data.device_files_expected and data.run_label is not None:
+        for device in sorted(data.ledgers):
+            ours = [e for e in data.ledgers[device] if e.run == data.run_label]
+            if ours and device not in data.device_files:
+                findings.append(
+                    Finding(
+                        "device-ledger-missing",
+                        device,
+                        None,
+                        None,
+                        f"device {device} released {len(ours)} entries in this run, but its own ledger file is "
+                        "missing: the server's records cannot be checked against the device's",
+                    )
+                )
+    return findings
+
+
 def crosscheck_server_records(data: AuditInput) -> list[Finding]:
     """Every comparison of the server's own records with the devices' signed evidence."""
-    return crosscheck_config(data) + crosscheck_spending(data) + crosscheck_tasks(data) + crosscheck_device_files(data)
+    return (
+        check_run_state(data)
+        + crosscheck_config(data)
+        + crosscheck_spending(data)
+        + crosscheck_tasks(data)
+        + crosscheck_device_files(data)
+    )
 
 
 def summarize_findings(findings: Sequence[Finding]) -> dict[str, int]:

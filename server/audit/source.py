@@ -194,9 +194,20 @@ def _load_run(path: Path, db: Path, url: str, run_id: int | None) -> tuple[Audit
         config_copies=_config_copies(info.config, info.summary, base / "summary.json" if rid == ids[-1] else None),
         device_files=device_files,
         device_file_keys=device_file_keys,
+        device_files_expected=p.dp and not cfg.data.deploy_devices,
+        run_finished=info.finished_at is not None,
+        stale_outputs=_stale_outputs(base, info.finished_at is not None),
         notes=notes,
     )
     return data, order
+
+
+def _stale_outputs(base: Path, written_by_run: bool) -> list[str]:
+    """Output files in the run directory that the audited run did not write (it never finished)."""
+    if written_by_run:
+        return []
+    names = ("summary.json", "global_model.pt", "top-k-test.csv")
+    return [name for name in names if (base / name).is_file()]
 
 
 def _config_copies(
