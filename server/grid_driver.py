@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from server.stop import check_stop
 from shared.protocol import DISCOVERY, ProtocolError, build_discovery, parse_identity
 
 log = logging.getLogger("fedrec.server")
@@ -235,6 +236,7 @@ class GridDriver:
 
     def _backoff(self) -> None:
         """Sleep after an empty pull, longer the longer nothing has arrived."""
+        check_stop()
         self._idle_polls += 1
         time.sleep(min(self.max_poll_interval, self.poll_interval * 2 ** min(self._idle_polls - 1, 10)))
 
@@ -278,6 +280,7 @@ class GridDriver:
         """Block until the reply to ``handle`` arrives (or is given up: returns None)."""
         self._ensure_pushed(handle)
         while True:
+            check_stop()
             mid = self._mid_of.get(handle)
             if mid is not None:
                 if mid in self._arrived:

@@ -70,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, KeyError, FileNotFoundError, ValueError) as exc:
         print(f"fedrec: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fedrec: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -23,9 +23,21 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    from server.stop import RunInterrupted
     from simulations.runner import simulate
 
-    summary = simulate(_overrides(args), num_actors=args.actors, backend=args.backend)
+    overrides = _overrides(args)
+    try:
+        summary = simulate(overrides, num_actors=args.actors, backend=args.backend)
+    except (RunInterrupted, KeyboardInterrupt):
+        out = parse_config({**overrides}).output_dir
+        print(
+            f"fedrec: interrupted; {out}/fedrec.db keeps every task and privacy release recorded so far, and the "
+            f"devices' ledgers are in {out}/devices (the run is marked unfinished, which `fedrec audit {out}` "
+            "reports); a run cannot be resumed yet: start it again with --overwrite",
+            file=sys.stderr,
+        )
+        return 130
     final, privacy = summary["final"], summary["privacy"]
     print(
         json.dumps(

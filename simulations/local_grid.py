@@ -23,6 +23,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from server.stop import stop_requested
+
 log = logging.getLogger("fedrec.simulate")
 
 # Flower's error code for a ClientApp that raised (flwr.common.constant.ErrorCode).
@@ -79,6 +81,8 @@ class LocalGrid(Grid):
         """Run the ClientApp for every requested queued message and return the replies."""
         replies = []
         for mid in list(message_ids):
+            if stop_requested():
+                break  # Ctrl-C: the rest stay queued; the server's next wait stops the run
             msg = self._queued.pop(mid, None)
             if msg is None:
                 continue

@@ -7,11 +7,15 @@ partitions, then starts Flower with one virtual SuperNode per device.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from server.output_dir import claim_output_dir
+from server.stop import RunInterrupted, clear_stop, request_stop, stop_requested
 from shared.config import FedrecConfig, parse_config, to_flat
 from shared.data.partition import history_lengths, prepare_partitions
 from shared.secure_sum.release import check_secure_sum_config
@@ -83,6 +88,33 @@ def quartile_bounds(lengths: np.ndarray) -> tuple[int, ...]:
     return tuple(b for b in bounds if b > int(lengths.min()))
 
 
+@contextlib.contextmanager
+def _stop_on_interrupt() -> Iterator[None]:
+    """Ctrl-C asks the server's loops to stop (``server/stop.py``); a second one exits at once.
+
+    The loops notice within one poll, unwind through the stores (flushing what was
+    recorded) and raise :class:`RunInterrupted`, which the command turns into one line.
+    Only in the main thread (a signal handler cannot be set elsewhere).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if stop_requested():
+            os._exit(130)  # the second Ctrl-C: the user does not want to wait
+        request_stop()
+        print("\n[fedrec] stopping (Ctrl-C again to quit at once) ...", file=sys.stderr, flush=True)
+
+    clear_stop()
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        clear_stop()
+
+
 def simulate(overrides: Mapping[str, Any], num_actors: int | None = None, backend: str = "ray") -> dict[str, Any]:
     """Run one simulation and return its summary (also written to ``output-dir``).
 
@@ -124,6 +156,19 @@ def simulate(overrides: Mapping[str, Any], num_actors: int | None = None, backen
         cfg = replace(cfg, eval=replace(cfg.eval, activity_tiers=quartile_bounds(history_lengths(info))))
     flat = to_flat(cfg)
 
+    from client.app import build_client_app
+    from server.app import run_federation
+
+    with _stop_on_interrupt():
+        if backend == "local":
+            from simulations.local_grid import LocalGrid
+
+            return run_federation(LocalGrid(build_client_app(flat), info.num_devices), cfg, output_claimed=True)
+        return _run_on_ray(cfg, flat, info.num_devices, num_actors)
+
+
+def _run_on_ray(cfg: FedrecConfig, flat: Mapping[str, Any], num_devices: int, num_actors: int | None) -> dict[str, Any]:
+    """Flower's simulation engine: the ServerApp in its thread, ClientApps on Ray actors."""
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
@@ -131,17 +176,16 @@ def simulate(overrides: Mapping[str, Any], num_actors: int | None = None, backen
     from client.app import build_client_app
     from server.app import run_federation
 
-    if backend == "local":
-        from simulations.local_grid import LocalGrid
-
-        return run_federation(LocalGrid(build_client_app(flat), info.num_devices), cfg, output_claimed=True)
-
     result: dict[str, Any] = {}
+    interrupted: list[RunInterrupted] = []
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        result.update(run_federation(grid, cfg, output_claimed=True))
+        try:
+            result.update(run_federation(grid, cfg, output_claimed=True))
+        except RunInterrupted as exc:
+            interrupted.append(exc)  # Flower then shuts its actors down as after any run
 
     cpus = max(1, os.cpu_count() or 1)
     if num_actors is None:
@@ -164,9 +208,11 @@ def simulate(overrides: Mapping[str, Any], num_actors: int | None = None, backen
     run_simulation(
         server_app=server_app,
         client_app=build_client_app(flat),
-        num_supernodes=info.num_devices,
+        num_supernodes=num_devices,
         backend_config=backend_config,  # type: ignore[arg-type]
     )
+    if interrupted:
+        raise interrupted[0]
     if not result:
         raise RuntimeError("the simulation ended without a result; see the log above")
     log.info("simulation finished in %.1f s", time.monotonic() - started)
