@@ -28,6 +28,7 @@ RUN_FILES: tuple[str, ...] = (
     "fedrec.db-wal",
     "fedrec.db-shm",
     "summary.json",
+    "fedrec.log",
     "global_model.pt",
     "top-k-*.csv",
     "plots/accuracy_vs_time.png",

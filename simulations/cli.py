@@ -28,7 +28,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     overrides = _overrides(args)
     try:
-        summary = simulate(overrides, num_actors=args.actors, backend=args.backend)
+        summary = simulate(
+            overrides,
+            num_actors=args.actors,
+            backend=args.backend,
+            console="verbose" if args.verbose else "quiet",
+        )
     except (RunInterrupted, KeyboardInterrupt):
         out = parse_config({**overrides}).output_dir
         print(
@@ -128,6 +133,11 @@ def register(sub: Any) -> None:
         choices=("ray", "local"),
         default="ray",
         help="ray: Flower's simulation runtime (default); local: in-process, same numbers",
+    )
+    sim.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show every library's log lines and warnings on the console (they always go to fedrec.log in the run)",
     )
     sim.set_defaults(func=_cmd_simulate)
 

@@ -115,7 +115,13 @@ def _stop_on_interrupt() -> Iterator[None]:
         clear_stop()
 
 
-def simulate(overrides: Mapping[str, Any], num_actors: int | None = None, backend: str = "ray") -> dict[str, Any]:
+def simulate(
+    overrides: Mapping[str, Any],
+    num_actors: int | None = None,
+    backend: str = "ray",
+    *,
+    console: str | None = None,
+) -> dict[str, Any]:
     """Run one simulation and return its summary (also written to ``output-dir``).
 
     Parameters
@@ -128,6 +134,10 @@ def simulate(overrides: Mapping[str, Any], num_actors: int | None = None, backen
     backend
         ``"ray"``: Flower's simulation runtime. ``"local"``: :class:`LocalGrid`, the same
         ServerApp and ClientApp code in this process (same numbers, no Ray start-up).
+    console
+        ``None`` (library use): logging is left as the caller set it. ``"quiet"`` (the
+        ``fedrec simulate`` command) or ``"verbose"``: every log record goes to ``fedrec.log``
+        in the run directory, and the console shows fedrec's own lines (``"verbose"``: all).
     """
     if backend not in ("ray", "local"):
         raise ValueError(f"backend must be 'ray' or 'local', got {backend!r}")
@@ -151,6 +161,10 @@ def simulate(overrides: Mapping[str, Any], num_actors: int | None = None, backen
     check_secure_sum_config(cfg, info.num_items)
     # Refuse a directory holding files before anything starts (and before any device writes there).
     claim_output_dir(Path(cfg.output_dir), overwrite=cfg.overwrite)
+    if console is not None:
+        from simulations.console import configure_console
+
+        configure_console(Path(cfg.output_dir), verbose=console == "verbose")
     if "activity-tiers" not in overrides:
         # Tier bounds at the data's quartiles, so metrics show the bottom and top quartiles.
         cfg = replace(cfg, eval=replace(cfg.eval, activity_tiers=quartile_bounds(history_lengths(info))))
@@ -164,11 +178,17 @@ def simulate(overrides: Mapping[str, Any], num_actors: int | None = None, backen
             from simulations.local_grid import LocalGrid
 
             return run_federation(LocalGrid(build_client_app(flat), info.num_devices), cfg, output_claimed=True)
-        return _run_on_ray(cfg, flat, info.num_devices, num_actors)
+        return _run_on_ray(cfg, flat, info.num_devices, num_actors, actor_output=console != "quiet")
 
 
-def _run_on_ray(cfg: FedrecConfig, flat: Mapping[str, Any], num_devices: int, num_actors: int | None) -> dict[str, Any]:
-    """Flower's simulation engine: the ServerApp in its thread, ClientApps on Ray actors."""
+def _run_on_ray(
+    cfg: FedrecConfig, flat: Mapping[str, Any], num_devices: int, num_actors: int | None, *, actor_output: bool
+) -> dict[str, Any]:
+    """Flower's simulation engine: the ServerApp in its thread, ClientApps on Ray actors.
+
+    ``actor_output``: stream the actors' own output to this console (Ray's ``log_to_driver``);
+    otherwise it stays in Ray's session logs.
+    """
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
@@ -192,7 +212,7 @@ def _run_on_ray(cfg: FedrecConfig, flat: Mapping[str, Any], num_devices: int, nu
         num_actors = default_actors(cpus)
     backend_config = {
         "client_resources": {"num_cpus": _cpus_per_actor(cpus, num_actors), "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "logging_level": "error", "log_to_driver": True},
+        "init_args": {"num_cpus": cpus, "logging_level": "error", "log_to_driver": actor_output},
     }
     from simulations import message_scan
 

@@ -3,6 +3,10 @@
 The real command runs as a subprocess (in its own session, so the signal reaches only it);
 SIGINT is sent once training is under way. It must exit with 130 within 10 s, print no
 traceback, and leave a run database that ``fedrec audit`` reports as unfinished.
+
+The same runs check the console (issue 15, last point): no line containing ``DEBUG``,
+``DEPRECATED`` or ``Warning`` reaches it by default (Flower's, Ray's and Python's go to
+``fedrec.log`` in the run directory).
 """
 
 from __future__ import annotations
@@ -60,6 +64,13 @@ def test_sigint_stops_within_seconds_with_one_line_and_the_audit_reports_it(tmp_
     lines = [line for line in err.splitlines() if line.startswith("fedrec:")]
     assert len(lines) == 1 and "interrupted" in lines[0] and str(out / "fedrec.db") in lines[0], err
     assert not (out / "summary.json").exists()
+    console = log.read_text(errors="replace") + err
+    noisy = [line for line in console.splitlines() if any(w in line for w in ("DEBUG", "DEPRECATED", "Warning"))]
+    assert noisy == [], noisy[:5]
+    logged = (out / "fedrec.log").read_text(errors="replace")
+    assert " DEBUG " in logged  # the library records are kept in the file
+    if backend == "ray":
+        assert "DEBUG flwr" in logged and "DEPRECATED" in logged  # kept, just not on the console
 
     from shared.entrypoint import main
 
