@@ -3,7 +3,7 @@
 The commands, in the order a server engineer runs them on an empty host::
 
     fedrec server init --dir /srv/fedrec --host fl.example.org --host 203.0.113.5
-    fedrec server start --dir /srv/fedrec --host 0.0.0.0 --port 9093        # foreground; Ctrl-C stops
+    fedrec server start --dir /srv/fedrec --port 9093        # loopback (behind a proxy); Ctrl-C stops
     # in another shell, for each device (its owner sends the two public keys):
     fedrec server register-device --dir /srv/fedrec --device-id 7 \\
         --auth-key device7-supernode-auth.pub --ledger-key=<base64 ledger key>
@@ -80,6 +80,14 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
+    if not superlink.is_loopback(args.host) and not args.expose_control_api:
+        # Flower 1.42 serves its management (Control) and Runtime APIs on the devices' port,
+        # unauthenticated: a public bind must be asked for knowingly (or sit behind a proxy).
+        return _fail(
+            f"--host {args.host} would expose Flower's unauthenticated Control and Runtime APIs (submit runs, "
+            "register nodes) with the devices' Fleet API; bind to 127.0.0.1 behind a proxy that forwards only "
+            "/v1/fleet/ (docs/deploy.md, Threat model), or pass --expose-control-api to accept that"
+        )
     paths = _paths(args)
     paths.check_tls()
     address = f"{_control_host(paths, args.host)}:{args.port}"
@@ -204,7 +212,12 @@ def register(subparsers: Any) -> None:
     init.set_defaults(func=_cmd_init)
 
     start = command("start", "run the SuperLink (TLS, SuperNode auth, persistent state) until Ctrl-C")
-    start.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all interfaces)")
+    start.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this host only)")
+    start.add_argument(
+        "--expose-control-api",
+        action="store_true",
+        help="allow a non-loopback --host although Flower then serves its unauthenticated Control API there too",
+    )
     start.add_argument(
         "--port", type=int, default=superlink.DEFAULT_PORT, help=f"port (default {superlink.DEFAULT_PORT})"
     )

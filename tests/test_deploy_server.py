@@ -161,6 +161,18 @@ def test_only_a_loopback_bind_is_private() -> None:
     assert not superlink.is_loopback("192.168.1.5") and superlink.is_loopback("[::1]")
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.2"])
+def test_start_refuses_a_public_bind_unless_told(tmp_path: Path, host: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # Refused before anything is read or started: not even a server directory is needed.
+    assert _run_cli("server", "start", "--dir", str(tmp_path / "none"), "--host", host) == 1
+    err = capsys.readouterr().err
+    assert "unauthenticated Control" in err and "--expose-control-api" in err
+    assert not (tmp_path / "none").exists()
+    # Told explicitly, it goes on (and here stops at the missing TLS files, naming them).
+    with pytest.raises(FileNotFoundError, match="server init"):
+        _run_cli("server", "start", "--dir", str(tmp_path / "none"), "--host", host, "--expose-control-api")
+
+
 def test_start_refuses_a_port_in_use(server: Server) -> None:
     with pytest.raises(RuntimeError, match="already in use"):
         superlink.start_superlink(server.paths, "127.0.0.1", server.port)
@@ -292,7 +304,7 @@ def test_cli_parses_every_command(tmp_path: Path) -> None:
     args = parser.parse_args(["server", "init", "--dir", d, "--host", "fl.example.org", "--host", "10.0.0.2"])
     assert (args.host, args.days, args.force, args.reissue) == (["fl.example.org", "10.0.0.2"], 825, False, False)
     args = parser.parse_args(["server", "start", "--dir", d])
-    assert (args.host, args.port, args.federation) == ("0.0.0.0", 9093, "fedrec")
+    assert (args.host, args.port, args.federation, args.expose_control_api) == ("127.0.0.1", 9093, "fedrec", False)
     args = parser.parse_args(["server", "start", "--dir", d, "--host", "10.0.0.2", "--port", "9200"])
     assert (args.host, args.port) == ("10.0.0.2", 9200)
     args = parser.parse_args(
