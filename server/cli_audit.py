@@ -12,15 +12,16 @@ from typing import Any
 
 def _audit_device_ledger(args: argparse.Namespace) -> tuple[Any, float | None]:
     from server.audit.checks import AuditInput
-    from shared.privacy.ledger_store import DeviceLedgerStore
+    from server.audit.source import AuditSourceError, read_device_file
     from shared.privacy.user_level import choose_order
 
     path = Path(args.ledger)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such device ledger file")
-    with DeviceLedgerStore(path) as store:
-        entries = store.entries()
-        key = args.public_key or store.identity().public_key
+    _device, entries, stated = read_device_file(path)  # read-only: the audit never writes its input
+    key = args.public_key or stated
+    if key is None:
+        raise AuditSourceError(f"{path}: the file states no public key; give the registered one with --public-key")
     if not args.public_key:
         print(
             "fedrec audit: no --public-key given; verifying against the key stored in the file itself "

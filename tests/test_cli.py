@@ -103,3 +103,14 @@ def test_audit_of_a_device_ledger_whose_key_starts_with_a_dash(tmp_path: Path) -
     with DeviceLedgerStore(other, device_id=4) as ledger:
         other_key = ledger.identity().public_key
     assert main(["audit", "--ledger", str(path), "--public-key", other_key, "--output", str(tmp_path / "o")]) == 1
+
+
+@pytest.mark.parametrize("content", [b"", b"not a database" * 100])
+def test_auditing_a_file_that_is_no_device_ledger_exits_2_and_leaves_it_untouched(
+    tmp_path: Path, content: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "ledger.db"
+    path.write_bytes(content)
+    assert main(["audit", "--ledger", str(path), "--output", str(tmp_path / "out")]) == 2
+    assert "not a readable device ledger" in capsys.readouterr().err
+    assert path.read_bytes() == content

@@ -239,13 +239,37 @@ def _device_store_dir(cfg: FedrecConfig, base: Path) -> Path:
     return Path(named).expanduser() if named else base / "devices"
 
 
+def read_device_file(path: Path) -> tuple[int, list[LedgerEntry], str | None]:
+    """One device ledger file, read-only: its device id, entries in storage order and stated public key.
+
+    Opened through SQLite in read-only mode (not with
+    :class:`~shared.privacy.ledger_store.DeviceLedgerStore`, which creates what is missing);
+    the ledger tables are not encrypted, so no device secret is needed, and the private key
+    column is never read.
+
+    Raises
+    ------
+    AuditSourceError
+        If the file is not a readable device ledger.
+    """
+    try:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as con:
+            row = con.execute("SELECT value FROM meta WHERE key = 'device_id'").fetchone()
+            identity = con.execute("SELECT public_key FROM device_identity ORDER BY id LIMIT 1").fetchone()
+            con.row_factory = sqlite3.Row
+            rows = con.execute(f"SELECT {', '.join(ENTRY_FIELDS)} FROM ledger_entries ORDER BY id").fetchall()
+            device = int(row[0])
+            entries = [LedgerEntry(**{name: r[name] for name in ENTRY_FIELDS}) for r in rows]
+    except (sqlite3.Error, TypeError, ValueError) as exc:
+        raise AuditSourceError(f"{path}: not a readable device ledger ({exc})") from None
+    return device, entries, None if identity is None else str(identity[0])
+
+
 def read_device_files(folder: Path) -> tuple[dict[int, list[LedgerEntry]], dict[int, str], list[str]]:
     """Every device ledger file in ``folder``: entries and stated public key per device, and notes.
 
-    Files are opened read-only through SQLite (not with
-    :class:`~shared.privacy.ledger_store.DeviceLedgerStore`, which creates what is missing);
-    the ledger tables are not encrypted, so no device secret is needed, and the private key
-    column is never read. A file that cannot be read is named in the notes and skipped.
+    Each is read by :func:`read_device_file`; a file that cannot be read is named in the
+    notes and skipped.
     """
     entries: dict[int, list[LedgerEntry]] = {}
     keys: dict[int, str] = {}
@@ -254,24 +278,13 @@ def read_device_files(folder: Path) -> tuple[dict[int, list[LedgerEntry]], dict[
     unreadable = []
     for path in paths:
         try:
-            con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        except sqlite3.Error:
+            device, found, key = read_device_file(path)
+        except AuditSourceError:
             unreadable.append(path.name)
             continue
-        try:
-            row = con.execute("SELECT value FROM meta WHERE key = 'device_id'").fetchone()
-            identity = con.execute("SELECT public_key FROM device_identity ORDER BY id LIMIT 1").fetchone()
-            con.row_factory = sqlite3.Row
-            rows = con.execute(f"SELECT {', '.join(ENTRY_FIELDS)} FROM ledger_entries ORDER BY id").fetchall()
-            device = int(row[0])
-        except (sqlite3.Error, TypeError, ValueError):
-            unreadable.append(path.name)
-            continue
-        finally:
-            con.close()
-        entries[device] = [LedgerEntry(**{name: r[name] for name in ENTRY_FIELDS}) for r in rows]
-        if identity is not None:
-            keys[device] = str(identity[0])
+        entries[device] = found
+        if key is not None:
+            keys[device] = key
     if entries:
         notes.append(f"devices' own ledger files read from {folder}: {len(entries)}")
     else:
