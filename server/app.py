@@ -19,6 +19,7 @@ from server.federation import Federation
 from server.output_dir import claim_output_dir
 from server.privacy_store import PrivacyStore
 from server.reporting import (
+    Catalogue,
     export_top_k,
     print_done,
     run_outputs,
@@ -29,7 +30,7 @@ from server.reporting import (
 )
 from server.run_store import RunStore
 from shared.config import FedrecConfig, parse_config
-from shared.data.partition import prepare_partitions
+from shared.data.partition import load_original_ids, load_titles, prepare_partitions
 from shared.models.factory import build_model, count_parameters
 from shared.secure_sum.release import check_secure_sum_config
 
@@ -92,7 +93,11 @@ def run_federation(grid: Grid, cfg: FedrecConfig, *, output_claimed: bool = Fals
         fed.driver.drain()
         fed.spending.reconcile()
         fed.driver.drain()
-        export = export_top_k(out, final.top_lists, cfg.eval.export_top_k, "test")
+        catalogue = None
+        if not cfg.data.deploy_devices:
+            users, items = load_original_ids(info.path)
+            catalogue = Catalogue(users, items, load_titles(info.path))
+        export = export_top_k(out, final.top_lists, cfg.eval.export_top_k, "test", catalogue)
         plots = write_plots(
             out,
             fed.evaluations,

@@ -12,6 +12,7 @@ import json
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -202,11 +203,38 @@ def write_summary(out_dir: Path, summary: Mapping[str, Any]) -> Path:
     return path
 
 
-def export_top_k(out_dir: Path, tops: Mapping[int, list[int]], fmt: str, split: str) -> Path | None:
-    """Every evaluated user's top-k list, one row per (device, rank, item)."""
+@dataclass(frozen=True)
+class Catalogue:
+    """How the data set itself names devices' users and items (for exports), where it can."""
+
+    users: np.ndarray | None = None  # device index -> the data set's user id
+    items: np.ndarray | None = None  # dense item id -> the data set's item id
+    titles: Sequence[str] | None = None  # dense item id -> title
+
+    def row(self, device: int, item: int) -> list[object]:
+        user = int(self.users[device]) if self.users is not None else ""
+        original = int(self.items[item]) if self.items is not None else ""
+        title = self.titles[item] if self.titles is not None else ""
+        return [user, original, title]
+
+
+def export_top_k(
+    out_dir: Path, tops: Mapping[int, list[int]], fmt: str, split: str, catalogue: Catalogue | None = None
+) -> Path | None:
+    """Every evaluated user's top-k list, one row per (device, rank, item).
+
+    Columns: ``device_id``, ``rank``, ``item_id`` (fedrec's dense ids), then with a
+    ``catalogue`` the data set's own ``user``, ``item`` and the item's ``title`` (empty
+    where the data set has none).
+    """
     if fmt == "none" or not tops:
         return None
-    rows = [(device, rank + 1, item) for device, items in sorted(tops.items()) for rank, item in enumerate(items)]
+    rows: list[list[object]] = [
+        [device, rank + 1, item, *(catalogue.row(device, item) if catalogue is not None else [])]
+        for device, items in sorted(tops.items())
+        for rank, item in enumerate(items)
+    ]
+    header = ["device_id", "rank", "item_id", *(["user", "item", "title"] if catalogue is not None else [])]
     if fmt == "parquet":
         try:
             import pyarrow as pa
@@ -214,15 +242,13 @@ def export_top_k(out_dir: Path, tops: Mapping[int, list[int]], fmt: str, split: 
         except ImportError as exc:  # optional dependency
             raise RuntimeError("export-top-k = 'parquet' needs pyarrow (pip install pyarrow)") from exc
         path = out_dir / f"top-k-{split}.parquet"
-        table = pa.table(
-            {"device_id": [r[0] for r in rows], "rank": [r[1] for r in rows], "item_id": [r[2] for r in rows]}
-        )
+        table = pa.table({name: [r[i] for r in rows] for i, name in enumerate(header)})
         pq.write_table(table, path)
         return path
     path = out_dir / f"top-k-{split}.csv"
-    with path.open("w", newline="") as fh:
+    with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["device_id", "rank", "item_id"])
+        writer.writerow(header)
         writer.writerows(rows)
     return path
 

@@ -635,3 +635,46 @@ def test_users_left_out_by_the_split_are_counted(tmp_path: Path) -> None:
     info = prepare_partitions(make_cfg(dataset="grouplens", data_path=str(data.parent)), tmp_path / "cache")
     assert info.num_devices == 2
     assert "1 users with fewer than 3 interactions left out" in info.source
+
+
+def test_the_data_sets_own_ids_and_titles_reach_the_top_k_export(tmp_path: Path) -> None:
+    from server.reporting import Catalogue, export_top_k
+    from shared.data.partition import load_original_ids, load_titles
+
+    # Users 196, 22, 186 and items 242, 302, 1000, 51 (dense ids follow numeric order).
+    ratings = "".join(
+        f"{u}\t{i}\t3\t{t}\n"
+        for t, (u, i) in enumerate(
+            [
+                (196, 242),
+                (196, 302),
+                (196, 1000),
+                (22, 302),
+                (22, 51),
+                (22, 242),
+                (186, 51),
+                (186, 1000),
+                (186, 302),
+                (186, 242),
+            ]
+        )  # fmt: skip
+    )
+    data = _write(tmp_path / "data" / "u.data", ratings)
+    _write(
+        tmp_path / "data" / "u.item",
+        "51|Legends of the Fall (1994)|x||x|0\n242|Kolya (1996)|x||x|0\n302|L.A. Confidential (1997)|x||x|0\n"
+        "1000|Café Society (1995)|x||x|0\n",
+        encoding="latin-1",
+    )
+    info = prepare_partitions(make_cfg(dataset="grouplens", data_path=str(data.parent)), tmp_path / "cache")
+    users, items = load_original_ids(info.path)
+    assert users is not None and items is not None
+    assert users.tolist() == [22, 186, 196] and items.tolist() == [51, 242, 302, 1000]
+    path = export_top_k(tmp_path, {0: [3, 0], 2: [1]}, "csv", "test", Catalogue(users, items, load_titles(info.path)))
+    assert path is not None
+    assert path.read_text(encoding="utf-8").splitlines() == [
+        "device_id,rank,item_id,user,item,title",
+        "0,1,3,22,1000,Café Society (1995)",
+        "0,2,0,22,51,Legends of the Fall (1994)",
+        "2,1,1,196,242,Kolya (1996)",
+    ]

@@ -62,8 +62,8 @@ def test_real_flower_simulation_async_completes_and_writes_outputs(ray_async) ->
     assert (out / "plots" / "accuracy_vs_time.png").stat().st_size > 1000
     assert (out / "plots" / "epsilon_distribution.png").stat().st_size > 1000
     lines = (out / "top-k-test.csv").read_text().splitlines()
-    assert lines[0] == "device_id,rank,item_id"
-    rows = [tuple(int(x) for x in line.split(",")) for line in lines[1:]]
+    assert lines[0] == "device_id,rank,item_id,user,item,title"
+    rows = [tuple(int(x) for x in line.split(",")[:3]) for line in lines[1:]]
     assert {r[0] for r in rows} == set(range(8))
     for device in range(8):  # ranks 1..n, n <= 10 (fewer only when fewer items are unseen)
         ranks = [r[1] for r in rows if r[0] == device]

@@ -283,6 +283,8 @@ def _dense_log(
         num_items=len(item_values),
         item_titles=item_titles,
         source=f"{source}: {len(users)} interactions, {len(user_values)} users, {len(item_values)} items",
+        user_original=user_values.astype(np.int64, copy=False),
+        item_original=item_values.astype(np.int64, copy=False),
     )
 
 

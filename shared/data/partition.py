@@ -42,6 +42,7 @@ __all__ = [
     "history_lengths",
     "item_popularity",
     "load_device",
+    "load_original_ids",
     "load_titles",
     "prepare_partitions",
     "read_partition_info",
@@ -73,6 +74,9 @@ def write_partitions(
     source: str,
     item_titles: Sequence[str] | None,
     path: Path,
+    *,
+    original_users: np.ndarray | None = None,
+    original_items: np.ndarray | None = None,
 ) -> PartitionInfo:
     """Write the devices' split data as a partition directory, atomically.
 
@@ -91,6 +95,9 @@ def write_partitions(
         Titles by dense item id, or ``None``.
     path
         Directory to create; it must not exist yet.
+    original_users, original_items
+        The data set's own ids by dense user id and dense item id, when it has them
+        (kept for exports that name users and items as the data set does).
 
     Returns
     -------
@@ -133,6 +140,9 @@ def write_partitions(
             np.save(tmp / f"{name}.npy", values, allow_pickle=False)
         if item_titles is not None:
             (tmp / "titles.json").write_text(json.dumps(list(item_titles)), encoding="utf-8")
+        for name, ids in (("original_users", original_users), ("original_items", original_items)):
+            if ids is not None:
+                np.save(tmp / f"{name}.npy", np.asarray(ids, dtype=np.int64), allow_pickle=False)
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -257,6 +267,22 @@ def load_device(path: Path, index: int) -> DeviceData:
     )
 
 
+def load_original_ids(path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The data set's own ids of each device's user and of each item (``None`` where it has none).
+
+    Returns ``(users, items)``: ``users[i]`` is device ``i``'s user id in the data set,
+    ``items[j]`` the data set's id of dense item ``j``.
+    """
+    path = Path(path)
+    users = items = None
+    if (path / "original_users.npy").is_file():
+        by_dense_user = np.load(path / "original_users.npy", allow_pickle=False)
+        users = by_dense_user[_open(path, "device_ids")]
+    if (path / "original_items.npy").is_file():
+        items = np.load(path / "original_items.npy", allow_pickle=False)
+    return users, items
+
+
 def load_titles(path: Path) -> tuple[str, ...] | None:
     """Item titles by dense item id, or ``None`` when the data has none.
 
@@ -314,6 +340,7 @@ def _cache_key(cfg: DataConfig) -> dict[str, Any]:
         "max_devices": cfg.max_devices,
         # Exact duplicates dropped, users too short for the split counted in the source.
         "hygiene": 1,
+        "original-ids": 1,
         "duplicates": cfg.duplicates,
     }
     if cfg.dataset == "ml-100k":
@@ -376,6 +403,14 @@ def prepare_partitions(cfg: DataConfig, cache_dir: Path | None = None) -> Partit
     if cfg.max_devices:
         devices = devices[: cfg.max_devices]
     try:
-        return write_partitions(devices, log.num_items, source, log.item_titles, path)
+        return write_partitions(
+            devices,
+            log.num_items,
+            source,
+            log.item_titles,
+            path,
+            original_users=log.user_original,
+            original_items=log.item_original,
+        )
     except FileExistsError:
         return read_partition_info(path)  # a concurrent process wrote the same content

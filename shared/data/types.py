@@ -26,6 +26,9 @@ class InteractionLog:
     num_items: int
     item_titles: tuple[str, ...] | None  # index = dense item id, when the source has titles
     source: str  # human-readable description of where the data came from
+    # The data set's own ids (index = dense id), when the source has ids of its own.
+    user_original: np.ndarray | None = None
+    item_original: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
