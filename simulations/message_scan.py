@@ -74,7 +74,12 @@ def install() -> bool:
 
     version = getattr(flwr, "__version__", "")
     if not version.startswith(SUPPORTED_FLWR):
-        log.info("flwr %s: keeping Flower's per-node message scan", version)
+        log.warning(
+            "flwr %s: fedrec's message scan was written for flwr %s; keeping Flower's own per-node scan "
+            "(correct, but it keeps a core busy with large fleets)",
+            version,
+            "/".join(v + "x" for v in SUPPORTED_FLWR),
+        )
         return False
     current: Callable[..., None] = vce_api.add_messages_to_queue
     if current is not add_pending_messages_to_queue:

@@ -7,6 +7,7 @@ InMemoryGrid.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -121,9 +122,14 @@ def test_install_replaces_flowers_loop_with_the_same_signature() -> None:
     assert vce_api.add_messages_to_queue is message_scan.add_pending_messages_to_queue
 
 
-def test_install_keeps_flowers_loop_on_another_release(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_install_keeps_flowers_loop_on_another_release(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     import flwr
 
     monkeypatch.setattr(flwr, "__version__", "1.43.0")
-    assert message_scan.install() is False
+    with caplog.at_level(logging.WARNING, logger="fedrec.simulate"):
+        assert message_scan.install() is False
     assert vce_api.add_messages_to_queue is FLOWER_SCAN
+    (record,) = [r for r in caplog.records if r.name == "fedrec.simulate"]
+    assert record.levelno == logging.WARNING and "1.43.0" in record.getMessage() and "1.42.x" in record.getMessage()
