@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from shared.config import parse_config, parse_set_pairs, to_flat
+from shared.config_help import describe_keys
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -120,7 +121,13 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 
 def register(sub: Any) -> None:
     """Add the simulation commands to ``fedrec``'s subparsers."""
-    sim = sub.add_parser("simulate", help="run a federated simulation (one virtual device per user)")
+    keys = describe_keys(to_flat(parse_config({})))
+    sim = sub.add_parser(
+        "simulate",
+        help="run a federated simulation (one virtual device per user)",
+        epilog=keys,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _run_options(sim)
     sim.add_argument(
         "--actors",
@@ -146,7 +153,12 @@ def register(sub: Any) -> None:
     cen.add_argument("--epochs", type=int, default=20)
     cen.set_defaults(func=_cmd_centralized)
 
-    conf = sub.add_parser("config", help="print the resolved configuration")
+    conf = sub.add_parser(
+        "config",
+        help="print the resolved configuration",
+        epilog=keys,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _run_options(conf)
     conf.set_defaults(func=_cmd_config)
 

@@ -17,6 +17,30 @@ def test_pyproject_app_config_equals_the_dataclass_defaults() -> None:
     assert app_config == default_flat_config()
 
 
+def test_every_key_has_one_meaning_shown_by_help_and_in_pyproject(capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    from shared.config_help import KEY_HELP
+    from shared.entrypoint import main
+
+    defaults = default_flat_config()
+    assert list(KEY_HELP) == list(defaults)
+    assert all(text.strip() for text in KEY_HELP.values())
+    section = (ROOT / "pyproject.toml").read_text().split("[tool.flwr.app.config]")[1].split("\n[")[0]
+    comments = {}
+    for line in section.splitlines():
+        match = re.match(r"^([a-z0-9-]+)\s*=\s*.*?\s+#\s*(.*)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2)
+    assert comments == KEY_HELP
+    for command in ("config", "simulate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        shown = capsys.readouterr().out
+        for key, default in defaults.items():
+            assert re.search(rf"^  {re.escape(key)}\s+= {re.escape(repr(default))}", shown, re.M), (command, key)
+
+
 def test_overrides_are_typed_from_strings() -> None:
     cfg = parse_config(
         {
