@@ -145,3 +145,58 @@ def test_private_evaluation_noise_is_fresh_on_every_answer(overrides: dict[str, 
     first = _send(overrides, node, MessageType.EVALUATE, conf).content.metric_records["metrics"]["noisy-sums"]
     second = _send(overrides, node, MessageType.EVALUATE, conf).content.metric_records["metrics"]["noisy-sums"]
     assert first != second  # same model, same data: only the CSPRNG-seeded noise differs
+
+
+def test_the_secure_rounds_send_no_count_rate_metric_or_item_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every reply of every device in a whole secure-sum run (in-process), captured as sent."""
+    from client.wire_log import ENV_VAR, read_wire_log
+    from simulations.runner import simulate
+
+    wire = tmp_path / "wire.jsonl"
+    monkeypatch.setenv(ENV_VAR, str(wire))
+    overrides = {
+        "dataset": "synthetic", "synthetic-users": 12, "synthetic-items": 60, "synthetic-interactions": 25,
+        "cache-dir": str(tmp_path / "cache"), "output-dir": str(tmp_path / "out"),
+        "embedding-dim": 4, "mlp-layers": "4", "num-negatives": 2, "local-steps": 3, "batch-size": 4,
+        "concurrency": 12, "buffer-size": 4, "num-versions": 2, "eval-every": 2, "eval-devices": 4,
+        "secure-aggregation": True, "secure-sum-min-contributors": 3, "secure-sum-cohort-size": 6,
+        "dropout-rate": 0.0, "epsilon-budget": 40.0,
+    }  # fmt: skip
+    simulate(overrides, backend="local")
+    cfg = parse_config(overrides)
+    info = prepare_partitions(cfg.data)
+    lengths = history_lengths(info)
+    replies = [r for r in read_wire_log(wire) if r.content is not None]
+    secure = [r for r in replies if r.content.config_records.get("status", {}).get("status") in  # type: ignore[union-attr]
+              ("advertised", "shared", "masked", "unmasked")]  # fmt: skip
+    kinds = {str(r.content.config_records["status"]["status"]) for r in secure}  # type: ignore[union-attr]
+    assert kinds == {"advertised", "shared", "masked", "unmasked"}, kinds
+    shapes: dict[str, set[tuple[str, ...]]] = {}
+    vector_bytes = set()
+    for reply in secure:
+        content = reply.content
+        assert content is not None and reply.device_id is not None
+        n = int(lengths[reply.device_id])
+        kind = str(content.config_records["status"]["status"])
+        # The same records and keys from every device, whatever its record count.
+        keys = tuple(sorted(f"{name}.{key}" for name, rec in content.config_records.items() for key in rec))
+        shapes.setdefault(kind, set()).add(keys)
+        assert not content.metric_records and not content.array_records, kind
+        numbers = _numbers(content)
+        assert float(n) not in numbers and cfg.train.batch_size / n not in numbers, (kind, n)
+        if kind == "masked":
+            vector_bytes.add(len(bytes(content.config_records["secure-sum"]["masked-vector"])))  # type: ignore[arg-type]
+            for entry in _ledger(content):
+                assert entry["sample_rate"] == opacus_sample_rate(cfg.train), entry
+                assert not {"num_examples", "items", "records"} & set(entry)
+        # Integer lists only where the protocol names devices (share recipients, seed owners).
+        for config in content.config_records.values():
+            for key, value in config.items():
+                if isinstance(value, list) and value and isinstance(value[0], int):
+                    assert key in ("recipients", "seed-owners", "mask-owners"), (kind, key)
+                    assert set(value) <= set(range(info.num_devices)), (kind, key, value)
+    assert all(len(variants) == 1 for variants in shapes.values()), shapes
+    assert len(vector_bytes) == 1  # the masked vector's length is public: the padded model size
+    assert len({int(lengths[r.device_id]) for r in secure if r.device_id is not None}) > 1
