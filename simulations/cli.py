@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from shared.config import parse_config, parse_set_pairs, to_flat
-from shared.config_help import describe_keys
+from simulations.config_help import describe_keys
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

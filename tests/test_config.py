@@ -20,8 +20,8 @@ def test_pyproject_app_config_equals_the_dataclass_defaults() -> None:
 def test_every_key_has_one_meaning_shown_by_help_and_in_pyproject(capsys: pytest.CaptureFixture[str]) -> None:
     import re
 
-    from shared.config_help import KEY_HELP
     from shared.entrypoint import main
+    from simulations.config_help import KEY_HELP
 
     defaults = default_flat_config()
     assert list(KEY_HELP) == list(defaults)

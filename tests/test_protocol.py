@@ -381,6 +381,8 @@ ELSEWHERE: dict[str, frozenset[str]] = {
     "shared/privacy/skellam.py": frozenset({"epsilon"}),
     "simulations/cli.py": frozenset({"config", "delta"}),  # the `fedrec simulate config` command; summary field
     "simulations/runner.py": frozenset({"export-top-k"}),  # the run-config key, set for simulations
+    # Run-config keys that share a wire key's spelling, named in the keys' help text.
+    "simulations/config_help.py": frozenset({"delta", "top-k", "export-top-k"}),
     # Database columns of the run store.
     "server/run_store.py": frozenset({"config", "split", "status", "version"}),
     # The `flwr supernode list` JSON field, and a table header naming it.
