@@ -128,6 +128,7 @@ class Federation:
         self._model_rec: ArrayRecord | None = None
         self._model_rec_version = -1
         self._model_norms: dict[int, float] = {}  # global model norm per version (update bounds)
+        self._model_dim = sum(v.numel() for v in initial.values())  # shapes never change
         # A private metric slot: a value in [0, 1] plus noise of std eval-noise-multiplier x the
         # vector's sensitivity; beyond 10 standard deviations no honest device goes.
         self._private_metric_bound = 1.0 + 10.0 * cfg.eval.eval_noise_multiplier * sensitivity(
@@ -156,8 +157,7 @@ class Federation:
         norm = self._model_norms.get(base_version)
         if norm is None:
             norm = state_norm(self.scheduler.params)
-        dim = sum(v.numel() for v in self.scheduler.params.values())
-        return update_norm_bound(self.cfg, dim, norm)
+        return update_norm_bound(self.cfg, self._model_dim, norm)
 
     def _dispatch(self, task: Task) -> str:
         content = build_train_task(

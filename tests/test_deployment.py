@@ -423,6 +423,20 @@ def _ledger_count(device: Device) -> int:
         return 0
 
 
+def _assert_audit_passes(fleet: Fleet, out: Path) -> None:
+    """``fedrec audit`` on a run directory, as the server operator runs it: exit 0."""
+    done = subprocess.run(
+        [str(BIN / "fedrec"), "audit", str(out)],
+        env=fleet.server_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 # ---------------------------------------------------------------------- runs
 
 
@@ -585,16 +599,7 @@ def test_async_dp_run_trains_and_audits(fleet: Fleet, async_run: RunResult) -> N
             assert registry.public_key(device.index) == device.ledger_key
             assert run_keys.public_key(device.index) == device.ledger_key
 
-    done = subprocess.run(
-        [str(BIN / "fedrec"), "audit", str(out)],
-        env=fleet.server_env(),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    _assert_audit_passes(fleet, out)
 
 
 def test_restarted_device_continues_its_ledger(fleet: Fleet, async_run: RunResult) -> None:
@@ -883,13 +888,4 @@ def test_secure_async_buffer_survives_a_device_killed_mid_buffer(fleet: Fleet, a
         assert [e.mechanism for e in new if e.run.startswith(f"{out.name}#")].count(SKELLAM_MECHANISM) == 1, new
         assert verify_chain(entries, device.ledger_key, device_id=device.index) == []
 
-    done = subprocess.run(
-        [str(BIN / "fedrec"), "audit", str(out)],
-        env=fleet.server_env(),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    _assert_audit_passes(fleet, out)
